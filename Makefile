@@ -1,0 +1,60 @@
+# minivmm: each target is one step; `make test` is what CI runs.
+SHELL := /bin/bash
+CARGO ?= cargo
+CACHE := $(CURDIR)/.cache
+LINUX := $(CACHE)/linux
+export MINIVMM_BIN := $(CURDIR)/target/release/minivmm
+export MINIVMM_KERNEL := $(LINUX)/vmlinuz
+export MINIVMM_VMLINUX := $(LINUX)/vmlinux
+export MINIVMM_INITRAMFS := $(LINUX)/initramfs.cpio.gz
+export MINIVMM_TEST_GUEST := $(CURDIR)/target/release/testguest.elf
+
+.PHONY: all deps build kernel initramfs guest-linux fmt-check clippy doc test-unit test-e2e test bench demo clean
+
+all: build
+
+## Debian packages (QEMU for the comparison tests and benchmarks, busybox for the initramfs).
+deps:
+	@scripts/deps.sh
+
+build: deps
+	$(CARGO) build --release --workspace
+	@cp -f "$$(ls -t target/release/build/guest-*/out/testguest.elf | head -1)" $(MINIVMM_TEST_GUEST)
+
+## The newest Debian cloud kernel (bzImage) and its uncompressed vmlinux, cached in .cache/.
+kernel: deps
+	@scripts/fetch-kernel.sh $(LINUX)
+	@scripts/extract-vmlinux.sh $(LINUX)/vmlinuz $(LINUX)/vmlinux
+
+## busybox-static + our static workload program, as a gzip'd newc initramfs.
+initramfs: deps
+	@scripts/build-initramfs.sh $(MINIVMM_INITRAMFS)
+
+guest-linux: kernel initramfs
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+doc:
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
+
+test-unit:
+	$(CARGO) test --workspace --exclude e2e
+
+test-e2e: build guest-linux
+	$(CARGO) test --release -p e2e -- --test-threads=2
+
+test: fmt-check clippy test-unit test-e2e
+
+bench: build
+	$(CARGO) run --release -p bench -- $(BENCH_ARGS)
+
+## From a fresh machine: packages, build, then boot the test guest until its first VERIFY-OK.
+demo: build
+	@scripts/demo.sh
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install the Debian packages the build, the tests and the benchmarks need. Idempotent: does
+# nothing when everything is already installed, runs `apt-get update` only when something is missing.
+set -euo pipefail
+pkgs=(qemu-system-x86 busybox-static cpio gzip)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "deps: installing ${missing[*]}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -1,0 +1,134 @@
+//! Bad input gets a clear error naming what was wrong, a non-zero exit and no panic.
+
+use std::time::Duration;
+
+use e2e::{control, require_kvm, wait_for_socket, Proc, TempDir};
+
+/// Run minivmm to completion; returns (exit code, stderr).
+fn run_fail(args: &[&str]) -> (i32, String) {
+    let mut p = Proc::minivmm("bad", args);
+    let st = p
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("minivmm {args:?} did not exit: {}", p.stderr()));
+    let err = p.stderr();
+    assert!(!err.contains("panicked"), "minivmm {args:?} panicked: {err}");
+    (st.code().unwrap_or(-1), err)
+}
+
+fn assert_refused(args: &[&str], needle: &str) {
+    let (code, err) = run_fail(args);
+    assert_ne!(code, 0, "minivmm {args:?} must fail");
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "minivmm {args:?}: error should mention {needle:?}, got: {err}"
+    );
+}
+
+#[test]
+fn unknown_flags_and_subcommands() {
+    assert_refused(&["run", "--bogus"], "--bogus");
+    assert_refused(&["frobnicate"], "frobnicate");
+    assert_refused(&["run", "--mem"], "--mem");
+}
+
+#[test]
+fn bad_sizes_and_counts() {
+    let dir = TempDir::new("bad-sizes");
+    let api = dir.join("api.sock");
+    let api = api.to_str().unwrap();
+    assert_refused(&["run", "--mem", "0", "--api-socket", api], "mem");
+    assert_refused(&["run", "--mem", "lots", "--api-socket", api], "lots");
+    assert_refused(&["run", "--cpus", "0", "--api-socket", api], "cpus");
+    assert_refused(&["run", "--cpus", "100000", "--api-socket", api], "cpus");
+}
+
+#[test]
+fn memory_beyond_what_the_host_can_map() {
+    require_kvm!();
+    let dir = TempDir::new("bad-mem");
+    let api = dir.join("api.sock");
+    assert_refused(
+        &["run", "--mem", "1024T", "--api-socket", api.to_str().unwrap()],
+        "mem",
+    );
+}
+
+#[test]
+fn missing_and_garbage_kernel_or_initrd() {
+    let dir = TempDir::new("bad-kernel");
+    let api = dir.join("api.sock");
+    let api = api.to_str().unwrap();
+    let garbage = dir.join("garbage");
+    std::fs::write(&garbage, vec![0x5au8; 64 * 1024]).unwrap();
+    let empty = dir.join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let missing = dir.join("nope");
+    let (g, e, m) = (
+        garbage.to_str().unwrap(),
+        empty.to_str().unwrap(),
+        missing.to_str().unwrap(),
+    );
+    assert_refused(&["run", "--kernel", m, "--api-socket", api], "nope");
+    assert_refused(&["run", "--kernel", g, "--api-socket", api], "kernel");
+    assert_refused(&["run", "--kernel", e, "--api-socket", api], "kernel");
+    assert_refused(&["run", "--initrd", m, "--api-socket", api], "nope");
+    if e2e::kvm_available() {
+        if let Some(k) = e2e::env_file("MINIVMM_KERNEL") {
+            let k = k.to_str().unwrap().to_string();
+            assert_refused(&["run", "--kernel", &k, "--initrd", m, "--api-socket", api], "nope");
+        }
+    }
+}
+
+#[test]
+fn control_socket_rejects_bad_requests_and_live_socket_is_refused() {
+    require_kvm!();
+    let dir = TempDir::new("bad-control");
+    let api = dir.join("api.sock");
+    let mut vm = Proc::minivmm(
+        "vm",
+        &["run", "--cmdline", "touch=8M rate=0", "--api-socket", api.to_str().unwrap()],
+    );
+    wait_for_socket(&mut vm, &api, Duration::from_secs(30));
+
+    let r = control(&api, "this is not json").expect("reply");
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap_or("").to_lowercase().contains("json"), "{r}");
+
+    let r = control(&api, r#"{"cmd":"explode"}"#).expect("reply");
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap_or("").contains("explode"), "{r}");
+
+    let r = control(&api, r#"{"cmd":"status"}"#).expect("reply");
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["state"], "running", "{r}");
+    assert_eq!(r["cpus"], 1, "{r}");
+
+    // A second VMM on the same live socket is refused.
+    assert_refused(&["run", "--api-socket", api.to_str().unwrap()], "socket");
+
+    // pause / resume / shutdown.
+    assert_eq!(control(&api, r#"{"cmd":"pause"}"#).expect("pause")["ok"], true);
+    assert_eq!(control(&api, r#"{"cmd":"status"}"#).expect("status")["state"], "paused");
+    assert_eq!(control(&api, r#"{"cmd":"resume"}"#).expect("resume")["ok"], true);
+    assert_eq!(control(&api, r#"{"cmd":"shutdown"}"#).expect("shutdown")["ok"], true);
+    let st = vm.wait_exit(Duration::from_secs(30));
+    assert!(st.is_some_and(|s| s.success()), "shutdown exits 0: {st:?}");
+}
+
+#[test]
+fn stale_socket_file_is_replaced() {
+    require_kvm!();
+    let dir = TempDir::new("stale");
+    let api = dir.join("api.sock");
+    // A socket file nobody listens on.
+    drop(std::os::unix::net::UnixListener::bind(&api).unwrap());
+    assert!(api.exists());
+    let mut vm = Proc::minivmm(
+        "vm",
+        &["run", "--cmdline", "touch=8M rate=0", "--api-socket", api.to_str().unwrap()],
+    );
+    wait_for_socket(&mut vm, &api, Duration::from_secs(30));
+    let r = control(&api, r#"{"cmd":"status"}"#).expect("status");
+    assert_eq!(r["ok"], true, "{r}");
+}

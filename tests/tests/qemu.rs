@@ -1,0 +1,53 @@
+//! The very same test guest image boots under QEMU (`-kernel` with its PVH note).
+
+use std::time::Duration;
+
+use e2e::guest::{assert_no_failure, wait_rounds};
+use e2e::{require_file, require_kvm, Proc};
+
+#[test]
+fn test_guest_image_boots_under_qemu() {
+    require_kvm!();
+    let Some(image) = require_file("MINIVMM_TEST_GUEST", "test_guest_image_boots_under_qemu") else {
+        return;
+    };
+    let qemu = std::path::Path::new("/usr/bin/qemu-system-x86_64");
+    if !qemu.exists() {
+        if std::env::var("MINIVMM_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("qemu-system-x86_64 missing: `make deps` installs it");
+        }
+        eprintln!("SKIP: qemu-system-x86_64 not installed");
+        return;
+    }
+    let args: Vec<String> = [
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-m",
+        "256M",
+        "-smp",
+        "2",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        image.to_str().unwrap(),
+        "-append",
+        "touch=16M rate=500 seed=9",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut q = Proc::spawn("qemu", qemu, &args);
+    let boot = q.wait_line("boot banner", Duration::from_secs(60), |l| {
+        l.contains("TESTGUEST boot")
+    });
+    assert!(boot.contains("touch=16M"), "cmdline reaches the guest: {boot}");
+    wait_rounds(&mut q, 0, 0, 2, Duration::from_secs(60));
+    wait_rounds(&mut q, 0, 1, 1, Duration::from_secs(60));
+    assert_no_failure(&q);
+}
