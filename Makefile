@@ -7,7 +7,6 @@ export MINIVMM_BIN := $(CURDIR)/target/release/minivmm
 export MINIVMM_KERNEL := $(LINUX)/vmlinuz
 export MINIVMM_VMLINUX := $(LINUX)/vmlinux
 export MINIVMM_INITRAMFS := $(LINUX)/initramfs.cpio.gz
-export MINIVMM_TEST_GUEST := $(CURDIR)/target/release/testguest.elf
 
 .PHONY: all deps build kernel initramfs guest-linux fmt-check clippy doc test-unit test-e2e test bench demo clean
 
@@ -19,7 +18,6 @@ deps:
 
 build: deps
 	$(CARGO) build --release --workspace
-	@cp -f "$$(ls -t target/release/build/guest-*/out/testguest.elf | head -1)" $(MINIVMM_TEST_GUEST)
 
 ## The newest Debian cloud kernel (bzImage) and its uncompressed vmlinux, cached in .cache/.
 kernel: deps

@@ -9,6 +9,5 @@ RUSTFLAGS='-C target-feature=+crt-static' cargo build -q --release \
   --manifest-path "$root/guest/workload/Cargo.toml" \
   --target x86_64-unknown-linux-gnu --target-dir "$root/target/workload"
 wl="$root/target/workload/x86_64-unknown-linux-gnu/release/workload"
-bb=$(command -v busybox || echo /bin/busybox)
-file -L "$bb" 2>/dev/null | grep -q "statically linked" || bb=/bin/busybox
+bb=/bin/busybox # from busybox-static (scripts/deps.sh)
 "$root/guest/mkinitramfs.sh" "$bb" "$wl" "$root/guest/initramfs/init" "$out"

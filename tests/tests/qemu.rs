@@ -3,14 +3,15 @@
 use std::time::Duration;
 
 use e2e::guest::{assert_no_failure, wait_rounds};
-use e2e::{require_file, require_kvm, Proc};
+use e2e::{require_kvm, Proc, TempDir};
 
 #[test]
 fn test_guest_image_boots_under_qemu() {
     require_kvm!();
-    let Some(image) = require_file("MINIVMM_TEST_GUEST", "test_guest_image_boots_under_qemu") else {
-        return;
-    };
+    assert!(!guest::TEST_GUEST_ELF.is_empty(), "the test guest image is empty");
+    let dir = TempDir::new("qemu");
+    let image = dir.join("testguest.elf");
+    std::fs::write(&image, guest::TEST_GUEST_ELF).expect("write image");
     let qemu = std::path::Path::new("/usr/bin/qemu-system-x86_64");
     if !qemu.exists() {
         if std::env::var("MINIVMM_REQUIRE_KVM").as_deref() == Ok("1") {

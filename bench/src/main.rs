@@ -1,0 +1,202 @@
+//! `make bench`: every scenario migrated by minivmm and by QEMU on the same test guest image and
+//! command line, side by side, plus microbenchmarks of the pieces that bound migration speed.
+//!
+//! Usage: `bench [--reps N] [--only NAME[,NAME]] [--downtime-ms N] [--json] [--no-qemu] [--no-micro]`
+
+mod micro;
+mod qmp;
+mod scenario;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use scenario::{Measure, Scenario};
+use serde_json::json;
+
+struct Args {
+    reps: usize,
+    only: Option<Vec<String>>,
+    downtime_ms: u64,
+    json: bool,
+    qemu: bool,
+    micro: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        reps: 3,
+        only: None,
+        downtime_ms: 50,
+        json: false,
+        qemu: true,
+        micro: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        match arg.as_str() {
+            "--reps" => a.reps = val("--reps")?.parse().map_err(|e| format!("--reps: {e}"))?,
+            "--only" => a.only = Some(val("--only")?.split(',').map(String::from).collect()),
+            "--downtime-ms" => {
+                a.downtime_ms = val("--downtime-ms")?
+                    .parse()
+                    .map_err(|e| format!("--downtime-ms: {e}"))?
+            }
+            "--json" => a.json = true,
+            "--no-qemu" => a.qemu = false,
+            "--no-micro" => a.micro = false,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if a.reps == 0 {
+        return Err("--reps must be at least 1".into());
+    }
+    Ok(a)
+}
+
+fn ensure_qemu() -> Option<PathBuf> {
+    if let Some(q) = scenario::qemu_path() {
+        return Some(q);
+    }
+    eprintln!("bench: qemu-system-x86_64 is missing; installing Debian's qemu-system-x86");
+    let ok = Command::new("sh")
+        .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("bench: could not install QEMU; comparing nothing");
+    }
+    scenario::qemu_path()
+}
+
+/// Median, min and max of one metric over the repetitions.
+#[derive(Clone, Copy)]
+struct Summary {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn summarize(v: &[f64]) -> Option<Summary> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(Summary {
+        median: v[v.len() / 2],
+        min: v[0],
+        max: v[v.len() - 1],
+    })
+}
+
+type Metric = (&'static str, fn(&Measure) -> f64);
+
+const METRICS: &[Metric] = &[
+    ("boot to VERIFY-OK ms", |m| m.boot_to_verify_ms),
+    ("total migration ms", |m| m.total_ms),
+    ("downtime ms", |m| m.downtime_ms),
+    ("MiB transferred", |m| m.bytes / (1024.0 * 1024.0)),
+    ("passes", |m| m.passes),
+    ("source RSS MiB", |m| m.src_rss_mib),
+    ("dest RSS MiB", |m| m.dst_rss_mib),
+    ("source CPU ms", |m| m.src_cpu_ms),
+];
+
+fn cell(s: Option<Summary>) -> String {
+    match s {
+        Some(s) if s.min == s.max => format!("{:.1}", s.median),
+        Some(s) => format!("{:.1} [{:.1}-{:.1}]", s.median, s.min, s.max),
+        None => "-".into(),
+    }
+}
+
+fn run_reps(
+    name: &str,
+    reps: usize,
+    mut f: impl FnMut() -> Result<Measure, String>,
+) -> (Vec<Measure>, Vec<String>) {
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    for i in 0..reps {
+        match f() {
+            Ok(m) => ok.push(m),
+            Err(e) => {
+                eprintln!("bench: {name} run {}: FAILED: {e}", i + 1);
+                failed.push(e);
+            }
+        }
+    }
+    (ok, failed)
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let bin = e2e::minivmm_bin();
+    let dir = e2e::TempDir::new("bench-image");
+    let image = dir.join("testguest.elf");
+    if let Err(e) = std::fs::write(&image, guest::TEST_GUEST_ELF) {
+        eprintln!("bench: writing the test guest image: {e}");
+        std::process::exit(1);
+    }
+    let qemu = if args.qemu { ensure_qemu() } else { None };
+    let scenarios: Vec<Scenario> = scenario::all()
+        .into_iter()
+        .filter(|s| args.only.as_ref().is_none_or(|o| o.iter().any(|n| n == s.name)))
+        .collect();
+
+    let mut report = Vec::new();
+    let mut any_failed = false;
+    for s in &scenarios {
+        eprintln!("bench: {} (mem {}, cmdline {:?})", s.name, s.mem, s.cmdline);
+        let (ours, ours_failed) = run_reps(s.name, args.reps, || {
+            scenario::run_minivmm(s, &bin, args.downtime_ms)
+        });
+        let (theirs, theirs_failed) = match &qemu {
+            Some(q) => run_reps(s.name, args.reps, || {
+                scenario::run_qemu(s, q, &image, args.downtime_ms)
+            }),
+            None => (Vec::new(), Vec::new()),
+        };
+        any_failed |= !ours_failed.is_empty();
+        let mut rows = Vec::new();
+        for (label, f) in METRICS {
+            let o = summarize(&ours.iter().map(f).collect::<Vec<_>>());
+            let t = summarize(&theirs.iter().map(f).collect::<Vec<_>>());
+            let ratio = match (o, t) {
+                (Some(o), Some(t)) if o.median > 0.0 => format!("{:.2}", t.median / o.median),
+                _ => "-".into(),
+            };
+            rows.push((label, o, t, ratio));
+        }
+        if !args.json {
+            println!(
+                "\n== {} (mem {}, {} vCPU, \"{}\", downtime limit {} ms, {} reps; ours ok {}/{}, QEMU ok {}/{})",
+                s.name, s.mem, s.cpus, s.cmdline, args.downtime_ms, args.reps,
+                ours.len(), args.reps, theirs.len(), if qemu.is_some() { args.reps } else { 0 }
+            );
+            println!("{:<22} {:>30} {:>30} {:>12}", "metric", "minivmm", "QEMU", "QEMU/ours");
+            for (label, o, t, ratio) in &rows {
+                println!("{:<22} {:>30} {:>30} {:>12}", label, cell(*o), cell(*t), ratio);
+            }
+        }
+        report.push(json!({
+            "scenario": s,
+            "minivmm": ours, "minivmm_failures": ours_failed,
+            "qemu": theirs, "qemu_failures": theirs_failed,
+        }));
+    }
+    let micro = if args.micro { micro::run(!args.json) } else { json!(null) };
+    if args.json {
+        println!("{}", json!({"scenarios": report, "micro": micro}));
+    }
+    if any_failed {
+        eprintln!("bench: some minivmm runs failed (see above)");
+        std::process::exit(1);
+    }
+}

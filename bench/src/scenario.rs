@@ -1,0 +1,225 @@
+//! The migration scenarios and one measured run of each VMM.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use e2e::guest::{assert_no_failure, VerifyOk};
+use e2e::{Proc, TempDir};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::qmp::Qmp;
+
+/// One scenario: the same guest image and command line for both VMMs.
+#[derive(Clone, Debug, Serialize)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub mem: &'static str,
+    pub cpus: u32,
+    pub cmdline: &'static str,
+    /// Extra time the workload runs after its first VERIFY-OK before the migration starts.
+    pub settle: Duration,
+}
+
+pub fn all() -> Vec<Scenario> {
+    let s = |name, mem, cmdline, settle_ms| Scenario {
+        name,
+        mem,
+        cpus: 1,
+        cmdline,
+        settle: Duration::from_millis(settle_ms),
+    };
+    vec![
+        s("idle-1G", "1G", "touch=64M rate=0 seed=1", 0),
+        s("idle-4G", "4G", "touch=64M rate=0 seed=1", 0),
+        s("idle-16G", "16G", "touch=64M rate=0 seed=1", 0),
+        s("scrub-1G", "2G", "touch=1G scrub=1G rate=0 seed=2", 0),
+        s("writer-20k", "1G", "touch=256M rate=20000 seed=3", 1000),
+        s("writer-max", "1G", "touch=256M rate=max seed=4", 1000),
+    ]
+}
+
+/// What one migration cost.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Measure {
+    pub boot_to_verify_ms: f64,
+    pub total_ms: f64,
+    pub downtime_ms: f64,
+    pub bytes: f64,
+    pub passes: f64,
+    pub src_rss_mib: f64,
+    pub dst_rss_mib: f64,
+    pub src_cpu_ms: f64,
+}
+
+const T: Duration = Duration::from_secs(120);
+
+fn cpu_ms(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks * 1000.0 / hz
+}
+
+fn first_verify(p: &mut Proc, started: Instant) -> Result<f64, String> {
+    p.try_wait_line_from(0, T, &|l| VerifyOk::parse(l).is_some())
+        .map_err(|e| format!("{}: no VERIFY-OK: {e}", p.name))?;
+    Ok(started.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// After the migration the destination's guest must verify again, with nothing failed.
+fn verified_after(dst: &mut Proc, from: usize) -> Result<(), String> {
+    for _ in 0..2 {
+        let n = dst.line_count();
+        dst.try_wait_line_from(from.max(n), T, &|l| VerifyOk::parse(l).is_some())
+            .map_err(|e| format!("{}: no VERIFY-OK after migration: {e}", dst.name))?;
+    }
+    if dst.lines().iter().any(|l| l.contains("VERIFY-FAIL") || l.starts_with("EXC ")) {
+        return Err(format!("{}: guest verification failed after migration", dst.name));
+    }
+    Ok(())
+}
+
+fn settle(p: &mut Proc, s: &Scenario) -> Result<(), String> {
+    if s.cmdline.contains("rate=0") {
+        // Idle guests: wait until every CPU has filled its slice and verified once.
+        p.try_wait_line_from(0, T, &|l| l.starts_with("FILL-DONE"))?;
+    }
+    std::thread::sleep(s.settle);
+    if p.lines().iter().any(|l| l.contains("VERIFY-FAIL")) {
+        return Err("guest verification failed before migration".into());
+    }
+    Ok(())
+}
+
+/// Migrate the test guest from one minivmm process to another over a unix socket.
+pub fn run_minivmm(s: &Scenario, bin: &Path, downtime_ms: u64) -> Result<Measure, String> {
+    let dir = TempDir::new(&format!("bench-ours-{}", s.name));
+    let (src_api, dst_api, mig) = (dir.join("src.sock"), dir.join("dst.sock"), dir.join("mig.sock"));
+    let started = Instant::now();
+    let cpus = s.cpus.to_string();
+    let mut src = Proc::spawn(
+        "minivmm-src",
+        bin,
+        &strings(&[
+            "run", "--mem", s.mem, "--cpus", &cpus, "--cmdline", s.cmdline, "--api-socket",
+            p(&src_api),
+        ]),
+    );
+    let boot = first_verify(&mut src, started)?;
+    settle(&mut src, s)?;
+    let mut dst = Proc::spawn(
+        "minivmm-dst",
+        bin,
+        &strings(&[
+            "receive", "--listen", &format!("unix:{}", p(&mig)), "--api-socket", p(&dst_api),
+        ]),
+    );
+    e2e::wait_for_socket(&mut dst, &dst_api, T);
+    let cpu0 = cpu_ms(src.pid());
+    let mut m = Proc::spawn(
+        "minivmm-migrate",
+        bin,
+        &strings(&[
+            "migrate", "--to", &format!("unix:{}", p(&mig)), "--api-socket", p(&src_api),
+            "--downtime-ms", &downtime_ms.to_string(), "--json",
+        ]),
+    );
+    let st = m.wait_exit(T).ok_or("migrate did not finish")?;
+    let src_cpu = cpu_ms(src.pid()) - cpu0;
+    let out = m.lines().join("\n");
+    if !st.success() {
+        return Err(format!("migrate failed: {}\n{}", m.stderr(), out));
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| format!("migrate --json output: {e}: {out}"))?;
+    let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    verified_after(&mut dst, 0)?;
+    assert_no_failure(&dst);
+    Ok(Measure {
+        boot_to_verify_ms: boot,
+        total_ms: num("total_ms"),
+        downtime_ms: num("downtime_ms"),
+        bytes: num("bytes_sent"),
+        passes: num("passes"),
+        src_rss_mib: num("source_rss_kib") / 1024.0,
+        dst_rss_mib: dst.rss_kib() as f64 / 1024.0,
+        src_cpu_ms: src_cpu,
+    })
+}
+
+fn qemu_args(s: &Scenario, image: &Path, qmp: &Path, incoming: Option<&Path>) -> Vec<String> {
+    let mut a = strings(&[
+        "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", s.mem, "-smp",
+        &s.cpus.to_string(), "-display", "none", "-serial", "stdio", "-monitor", "none",
+        "-no-reboot", "-kernel", p(image), "-append", s.cmdline, "-qmp",
+        &format!("unix:{},server=on,wait=off", p(qmp)),
+    ]);
+    if let Some(i) = incoming {
+        a.push("-incoming".into());
+        a.push(format!("unix:{}", p(i)));
+    }
+    a
+}
+
+/// The same migration between two QEMU processes, driven over QMP.
+pub fn run_qemu(s: &Scenario, qemu: &Path, image: &Path, downtime_ms: u64) -> Result<Measure, String> {
+    let dir = TempDir::new(&format!("bench-qemu-{}", s.name));
+    let (qs, qd, mig) = (dir.join("qmp-src"), dir.join("qmp-dst"), dir.join("mig.sock"));
+    let started = Instant::now();
+    let mut src = Proc::spawn("qemu-src", qemu, &qemu_args(s, image, &qs, None));
+    let boot = first_verify(&mut src, started)?;
+    settle(&mut src, s)?;
+    let mut dst = Proc::spawn("qemu-dst", qemu, &qemu_args(s, image, &qd, Some(&mig)));
+    let mut qsrc = Qmp::connect(&qs, T)?;
+    let _qdst = Qmp::connect(&qd, T)?;
+    qsrc.execute(
+        "migrate-set-parameters",
+        json!({"downtime-limit": downtime_ms, "max-bandwidth": 1u64 << 40}),
+    )?;
+    let cpu0 = cpu_ms(src.pid());
+    let from = dst.line_count();
+    qsrc.execute("migrate", json!({"uri": format!("unix:{}", p(&mig))}))?;
+    let deadline = Instant::now() + T;
+    let info = loop {
+        let info = qsrc.execute("query-migrate", json!({}))?;
+        match info["status"].as_str() {
+            Some("completed") => break info,
+            Some("failed") | Some("cancelled") => return Err(format!("QEMU migration: {info}")),
+            _ if Instant::now() > deadline => return Err("QEMU migration timed out".into()),
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let src_cpu = cpu_ms(src.pid()) - cpu0;
+    verified_after(&mut dst, from)?;
+    let n = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    Ok(Measure {
+        boot_to_verify_ms: boot,
+        total_ms: n(&info["total-time"]),
+        downtime_ms: n(&info["downtime"]),
+        bytes: n(&info["ram"]["transferred"]),
+        passes: n(&info["ram"]["dirty-sync-count"]),
+        src_rss_mib: src.rss_kib() as f64 / 1024.0,
+        dst_rss_mib: dst.rss_kib() as f64 / 1024.0,
+        src_cpu_ms: src_cpu,
+    })
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap_or_default()
+}
+
+fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// Where QEMU lives (installed by `make deps`).
+pub fn qemu_path() -> Option<PathBuf> {
+    let q = PathBuf::from("/usr/bin/qemu-system-x86_64");
+    q.exists().then_some(q)
+}
