@@ -8,6 +8,7 @@
 //! otherwise it panics when `MINIVMM_REQUIRE_KVM=1` (CI), else prints `SKIP: …` and returns.
 
 pub mod guest;
+pub mod migrate;
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -390,4 +391,10 @@ pub fn kv(line: &str) -> HashMap<String, String> {
         .filter_map(|w| w.split_once('='))
         .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
         .collect()
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
 }

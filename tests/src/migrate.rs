@@ -1,0 +1,100 @@
+//! Live-migration helpers: start a source VM, a destination, run `minivmm migrate`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::guest::{assert_no_failure, wait_rounds, VerifyOk};
+use crate::{wait_for_socket, Proc, TempDir};
+
+pub const T: Duration = Duration::from_secs(90);
+
+/// A running VMM with its control socket.
+pub struct Vm {
+    pub proc: Proc,
+    pub api: PathBuf,
+}
+
+impl Vm {
+    /// `minivmm run` with the test guest.
+    pub fn run(dir: &TempDir, name: &str, mem: &str, cpus: u32, cmdline: &str) -> Vm {
+        let api = dir.join(&format!("{name}.api"));
+        let cpus = cpus.to_string();
+        let mut proc = Proc::minivmm(
+            name,
+            &[
+                "run", "--mem", mem, "--cpus", &cpus, "--cmdline", cmdline, "--api-socket",
+                api.to_str().unwrap(),
+            ],
+        );
+        wait_for_socket(&mut proc, &api, T);
+        Vm { proc, api }
+    }
+
+    /// `minivmm receive --listen URI` (plus extra flags).
+    pub fn receive(dir: &TempDir, name: &str, uri: &str, extra: &[&str]) -> Vm {
+        let api = dir.join(&format!("{name}.api"));
+        let mut args = vec!["receive", "--listen", uri, "--api-socket", api.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::minivmm(name, &args);
+        wait_for_socket(&mut proc, &api, T);
+        Vm { proc, api }
+    }
+
+    /// Wait for `n` more VERIFY-OK rounds of `cpu`.
+    pub fn rounds(&mut self, cpu: u64, n: usize) -> VerifyOk {
+        let from = self.proc.line_count();
+        wait_rounds(&mut self.proc, from, cpu, n, T)
+    }
+}
+
+/// Result of one `minivmm migrate` run.
+pub struct Migration {
+    pub ok: bool,
+    pub json: serde_json::Value,
+    pub stderr: String,
+}
+
+/// Run `minivmm migrate --to URI --api-socket API --json [extra…]` to completion.
+pub fn migrate(api: &Path, to: &str, extra: &[&str]) -> Migration {
+    let mut args = vec!["migrate", "--to", to, "--api-socket", api.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    let mut m = Proc::minivmm("migrate", &args);
+    let st = m.wait_exit(Duration::from_secs(300)).expect("migrate finished");
+    let out = m.lines().join("\n");
+    let json = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
+    Migration {
+        ok: st.success(),
+        json,
+        stderr: m.stderr(),
+    }
+}
+
+/// Migrate and require success; the source must exit 0 afterwards (its VM moved).
+pub fn migrate_ok(src: &mut Vm, to: &str, extra: &[&str]) -> serde_json::Value {
+    let m = migrate(&src.api, to, extra);
+    assert!(m.ok, "migrate to {to} failed: {}\n{}", m.stderr, m.json);
+    assert_eq!(m.json["ok"], true, "{}", m.json);
+    let st = src.proc.wait_exit(T);
+    assert!(st.is_some_and(|s| s.success()), "source exits 0 after migration: {st:?}");
+    eprintln!(
+        "migrated to {to}: total {} ms, downtime {} ms, passes {}, bytes {}, zero-elided {}, untouched {}",
+        m.json["total_ms"], m.json["downtime_ms"], m.json["passes"], m.json["bytes_sent"],
+        m.json["pages_zero_elided"], m.json["pages_untouched_skipped"]
+    );
+    m.json
+}
+
+/// The memory hashes taken at the source's final pause and on the destination before resume.
+pub fn assert_hashes_match(stats: &serde_json::Value) {
+    let (s, d) = (&stats["mem_hash_source"], &stats["mem_hash_dest"]);
+    assert!(s.is_string() && !s.as_str().unwrap_or("").is_empty(), "no source hash: {stats}");
+    assert_eq!(s, d, "guest memory differs between source and destination");
+}
+
+/// After a migration, the destination's guest keeps verifying with nothing failed.
+pub fn assert_keeps_verifying(dst: &mut Vm, cpus: u64) {
+    for cpu in 0..cpus {
+        dst.rounds(cpu, 2);
+    }
+    assert_no_failure(&dst.proc);
+}

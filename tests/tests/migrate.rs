@@ -1,0 +1,191 @@
+//! Live migration between real minivmm processes under real KVM.
+
+use std::time::Duration;
+
+use e2e::guest::{assert_no_failure, VerifyOk};
+use e2e::migrate::{
+    assert_hashes_match, assert_keeps_verifying, migrate, migrate_ok, Vm, T,
+};
+use e2e::{free_tcp_port, require_kvm, Proc, TempDir};
+
+const WRITER: &str = "touch=64M rate=5000 seed=11";
+
+#[test]
+fn unix_socket_migration_of_a_writing_guest() {
+    require_kvm!();
+    let dir = TempDir::new("mig-unix");
+    let mut src = Vm::run(&dir, "src", "512M", 1, WRITER);
+    src.rounds(0, 1);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
+    let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
+    assert_hashes_match(&stats);
+    assert_keeps_verifying(&mut dst, 1);
+    let r = e2e::control(&dst.api, r#"{"cmd":"status"}"#).expect("status");
+    assert_eq!(r["state"], "running", "{r}");
+}
+
+#[test]
+fn tcp_migration_of_a_writing_guest() {
+    require_kvm!();
+    let dir = TempDir::new("mig-tcp");
+    let mut src = Vm::run(&dir, "src", "512M", 1, WRITER);
+    src.rounds(0, 1);
+    let uri = format!("tcp:127.0.0.1:{}", free_tcp_port());
+    let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
+    let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
+    assert_hashes_match(&stats);
+    assert_keeps_verifying(&mut dst, 1);
+}
+
+#[test]
+fn file_snapshot_and_restore() {
+    require_kvm!();
+    let dir = TempDir::new("mig-file");
+    let mut src = Vm::run(&dir, "src", "2G", 1, "touch=64M rate=2000 seed=12");
+    src.rounds(0, 1);
+    let snap = dir.join("vm.snap");
+    let uri = format!("file:{}", snap.display());
+    let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
+    let meta = std::fs::metadata(&snap).expect("snapshot written");
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+    eprintln!("snapshot: apparent {} MiB, allocated {} MiB", meta.len() >> 20, allocated >> 20);
+    assert!(meta.len() >= 2 << 30, "the file spans guest memory: {}", meta.len());
+    assert!(allocated <= 80 << 20, "zero pages stay holes: {allocated} bytes allocated");
+    let api = dir.join("restored.api");
+    let mut dst = Proc::minivmm(
+        "restored",
+        &["receive", "--from", &uri, "--api-socket", api.to_str().unwrap()],
+    );
+    let v = e2e::guest::wait_rounds(&mut dst, 0, 0, 2, T);
+    assert!(v.round >= 2, "{v:?}");
+    assert_no_failure(&dst);
+    let h = e2e::control(&api, r#"{"cmd":"status"}"#).expect("status");
+    assert_eq!(h["state"], "running", "{h}");
+    assert!(stats["mem_hash_source"].is_string(), "{stats}");
+}
+
+#[test]
+fn two_vcpus_both_writing_keep_running_and_ticking() {
+    require_kvm!();
+    let dir = TempDir::new("mig-smp");
+    let mut src = Vm::run(&dir, "src", "512M", 2, "touch=64M rate=4000 seed=13");
+    let before0 = src.rounds(0, 1);
+    let before1 = src.rounds(1, 1);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
+    let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
+    assert_hashes_match(&stats);
+    let last_src: Vec<VerifyOk> = (0..2)
+        .map(|c| *e2e::guest::verify_oks(&src.proc.lines(), c).last().expect("src reports"))
+        .collect();
+    for (cpu, before) in [(0u64, before0), (1, before1)] {
+        let after = dst.rounds(cpu, 2);
+        let last = last_src[cpu as usize];
+        assert!(after.writes > last.writes, "cpu {cpu} keeps writing: {last:?} -> {after:?}");
+        assert!(after.ticks > last.ticks, "cpu {cpu} timer keeps ticking: {last:?} -> {after:?}");
+        // No jump: guest time across the migration advances like the ticks do.
+        let dt_ms = after.tsc_ms.saturating_sub(last.tsc_ms) as f64;
+        let dticks = (after.ticks - last.ticks) as f64;
+        let hz = (last.ticks - before.ticks) as f64 * 1000.0
+            / (last.tsc_ms.saturating_sub(before.tsc_ms).max(1)) as f64;
+        let expect = dt_ms * hz / 1000.0;
+        assert!(
+            dt_ms < 10_000.0 && (dticks - expect).abs() <= expect * 0.5 + 20.0,
+            "cpu {cpu}: {dticks} ticks over {dt_ms} ms of guest time at {hz:.0} Hz: {last:?} -> {after:?}"
+        );
+    }
+    assert_no_failure(&dst.proc);
+}
+
+#[test]
+fn chain_of_ten_migrations() {
+    require_kvm!();
+    let dir = TempDir::new("mig-chain");
+    let mut vm = Vm::run(&dir, "hop0", "256M", 1, "touch=32M rate=3000 seed=14");
+    vm.rounds(0, 1);
+    for hop in 1..=10 {
+        let uri = format!("unix:{}", dir.join(&format!("hop{hop}.sock")).display());
+        let mut next = Vm::receive(&dir, &format!("hop{hop}"), &uri, &[]);
+        let stats = migrate_ok(&mut vm, &uri, &["--verify-memory"]);
+        assert_hashes_match(&stats);
+        next.rounds(0, 1);
+        assert_no_failure(&next.proc);
+        vm = next;
+    }
+}
+
+#[test]
+fn destination_killed_mid_migration_source_keeps_running() {
+    require_kvm!();
+    let dir = TempDir::new("mig-kill");
+    let mut src = Vm::run(&dir, "src", "1G", 1, "touch=256M rate=20000 seed=15");
+    src.rounds(0, 1);
+    // Slow the stream down so that the kills land inside it.
+    for (i, delay_ms) in [30u64, 250, 700].into_iter().enumerate() {
+        let uri = format!("unix:{}", dir.join(&format!("k{i}.sock")).display());
+        let mut dst = Vm::receive(&dir, &format!("victim{i}"), &uri, &[]);
+        let api = src.api.clone();
+        let uri2 = uri.clone();
+        let mig = std::thread::spawn(move || migrate(&api, &uri2, &["--max-bandwidth", "100M"]));
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        dst.proc.kill();
+        let m = mig.join().expect("migrate thread");
+        assert!(!m.ok, "migration to a killed destination must fail: {}", m.json);
+        assert!(!m.stderr.is_empty() || m.json["error"].is_string(), "the failure is reported");
+        assert!(src.proc.alive(), "the source survives a failed migration");
+        src.rounds(0, 1);
+        assert_no_failure(&src.proc);
+    }
+    let uri = format!("unix:{}", dir.join("final.sock").display());
+    let mut dst = Vm::receive(&dir, "final", &uri, &[]);
+    let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
+    assert_hashes_match(&stats);
+    assert_keeps_verifying(&mut dst, 1);
+}
+
+#[test]
+fn pages_written_after_the_bulk_pass_arrive() {
+    require_kvm!();
+    let dir = TempDir::new("mig-late");
+    // Migrate while the guest is still filling 512 MiB: the bulk pass sees most of it still
+    // zero (elided) and the dirty log must bring every page the fill writes afterwards.
+    let mut src = Vm::run(&dir, "src", "1G", 1, "touch=512M rate=0 seed=16 fill_rate=200000");
+    src.proc.wait_line("boot", T, |l| l.starts_with("TESTGUEST boot"));
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
+    let stats = migrate_ok(&mut src, &uri, &["--verify-memory", "--max-bandwidth", "400M"]);
+    assert_hashes_match(&stats);
+    assert!(
+        stats["pages_zero_elided"].as_u64().unwrap_or(0) > 0,
+        "the bulk pass elided zero pages: {stats}"
+    );
+    assert!(stats["passes"].as_u64().unwrap_or(0) >= 2, "dirty passes ran: {stats}");
+    dst.proc.wait_line("fill done", T, |l| l.starts_with("FILL-DONE"));
+    assert_keeps_verifying(&mut dst, 1);
+}
+
+#[test]
+fn idle_4g_guest_costs_only_its_nonzero_memory() {
+    require_kvm!();
+    let dir = TempDir::new("mig-idle");
+    let mut src = Vm::run(&dir, "src", "4G", 1, "touch=64M rate=0 seed=17");
+    src.rounds(0, 1);
+    let rss_before = src.proc.rss_kib();
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
+    let stats = migrate_ok(&mut src, &uri, &[]);
+    let nonzero = stats["nonzero_bytes"].as_u64().expect("nonzero_bytes");
+    let sent = stats["bytes_sent"].as_u64().expect("bytes_sent");
+    let src_rss = stats["source_rss_kib"].as_u64().expect("source_rss_kib");
+    dst.rounds(0, 1);
+    let dst_rss = dst.proc.rss_kib();
+    eprintln!(
+        "idle 4 GiB, touched 64 MiB: non-zero {} MiB, sent {} MiB, source RSS {} -> {} MiB, destination RSS {} MiB",
+        nonzero >> 20, sent >> 20, rss_before >> 10, src_rss >> 10, dst_rss >> 10
+    );
+    assert!(nonzero >= 64 << 20 && nonzero <= 72 << 20, "non-zero memory {nonzero}");
+    assert!(sent as f64 <= 1.05 * nonzero as f64, "sent {sent} for {nonzero} non-zero bytes");
+    assert!(dst_rss * 1024 <= nonzero + (32 << 20), "destination RSS {dst_rss} KiB");
+    assert!(src_rss <= rss_before + 8 * 1024, "source faulted in memory: {rss_before} -> {src_rss} KiB");
+}
