@@ -147,7 +147,11 @@ fn main() {
     let qemu = if args.qemu { ensure_qemu() } else { None };
     let scenarios: Vec<Scenario> = scenario::all()
         .into_iter()
-        .filter(|s| args.only.as_ref().is_none_or(|o| o.iter().any(|n| n == s.name)))
+        .filter(|s| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| o.iter().any(|n| n == s.name))
+        })
         .collect();
 
     let mut report = Vec::new();
@@ -180,9 +184,18 @@ fn main() {
                 s.name, s.mem, s.cpus, s.cmdline, args.downtime_ms, args.reps,
                 ours.len(), args.reps, theirs.len(), if qemu.is_some() { args.reps } else { 0 }
             );
-            println!("{:<22} {:>30} {:>30} {:>12}", "metric", "minivmm", "QEMU", "QEMU/ours");
+            println!(
+                "{:<22} {:>30} {:>30} {:>12}",
+                "metric", "minivmm", "QEMU", "QEMU/ours"
+            );
             for (label, o, t, ratio) in &rows {
-                println!("{:<22} {:>30} {:>30} {:>12}", label, cell(*o), cell(*t), ratio);
+                println!(
+                    "{:<22} {:>30} {:>30} {:>12}",
+                    label,
+                    cell(*o),
+                    cell(*t),
+                    ratio
+                );
             }
         }
         report.push(json!({
@@ -191,7 +204,11 @@ fn main() {
             "qemu": theirs, "qemu_failures": theirs_failed,
         }));
     }
-    let micro = if args.micro { micro::run(!args.json) } else { json!(null) };
+    let micro = if args.micro {
+        micro::run(!args.json)
+    } else {
+        json!(null)
+    };
     if args.json {
         println!("{}", json!({"scenarios": report, "micro": micro}));
     }

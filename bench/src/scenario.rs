@@ -79,8 +79,15 @@ fn verified_after(dst: &mut Proc, from: usize) -> Result<(), String> {
         dst.try_wait_line_from(from.max(n), T, &|l| VerifyOk::parse(l).is_some())
             .map_err(|e| format!("{}: no VERIFY-OK after migration: {e}", dst.name))?;
     }
-    if dst.lines().iter().any(|l| l.contains("VERIFY-FAIL") || l.starts_with("EXC ")) {
-        return Err(format!("{}: guest verification failed after migration", dst.name));
+    if dst
+        .lines()
+        .iter()
+        .any(|l| l.contains("VERIFY-FAIL") || l.starts_with("EXC "))
+    {
+        return Err(format!(
+            "{}: guest verification failed after migration",
+            dst.name
+        ));
     }
     Ok(())
 }
@@ -100,14 +107,25 @@ fn settle(p: &mut Proc, s: &Scenario) -> Result<(), String> {
 /// Migrate the test guest from one minivmm process to another over a unix socket.
 pub fn run_minivmm(s: &Scenario, bin: &Path, downtime_ms: u64) -> Result<Measure, String> {
     let dir = TempDir::new(&format!("bench-ours-{}", s.name));
-    let (src_api, dst_api, mig) = (dir.join("src.sock"), dir.join("dst.sock"), dir.join("mig.sock"));
+    let (src_api, dst_api, mig) = (
+        dir.join("src.sock"),
+        dir.join("dst.sock"),
+        dir.join("mig.sock"),
+    );
     let started = Instant::now();
     let cpus = s.cpus.to_string();
     let mut src = Proc::spawn(
         "minivmm-src",
         bin,
         &strings(&[
-            "run", "--mem", s.mem, "--cpus", &cpus, "--cmdline", s.cmdline, "--api-socket",
+            "run",
+            "--mem",
+            s.mem,
+            "--cpus",
+            &cpus,
+            "--cmdline",
+            s.cmdline,
+            "--api-socket",
             p(&src_api),
         ]),
     );
@@ -117,7 +135,11 @@ pub fn run_minivmm(s: &Scenario, bin: &Path, downtime_ms: u64) -> Result<Measure
         "minivmm-dst",
         bin,
         &strings(&[
-            "receive", "--listen", &format!("unix:{}", p(&mig)), "--api-socket", p(&dst_api),
+            "receive",
+            "--listen",
+            &format!("unix:{}", p(&mig)),
+            "--api-socket",
+            p(&dst_api),
         ]),
     );
     e2e::wait_for_socket(&mut dst, &dst_api, T);
@@ -126,8 +148,14 @@ pub fn run_minivmm(s: &Scenario, bin: &Path, downtime_ms: u64) -> Result<Measure
         "minivmm-migrate",
         bin,
         &strings(&[
-            "migrate", "--to", &format!("unix:{}", p(&mig)), "--api-socket", p(&src_api),
-            "--downtime-ms", &downtime_ms.to_string(), "--json",
+            "migrate",
+            "--to",
+            &format!("unix:{}", p(&mig)),
+            "--api-socket",
+            p(&src_api),
+            "--downtime-ms",
+            &downtime_ms.to_string(),
+            "--json",
         ]),
     );
     let st = m.wait_exit(T).ok_or("migrate did not finish")?;
@@ -155,9 +183,25 @@ pub fn run_minivmm(s: &Scenario, bin: &Path, downtime_ms: u64) -> Result<Measure
 
 fn qemu_args(s: &Scenario, image: &Path, qmp: &Path, incoming: Option<&Path>) -> Vec<String> {
     let mut a = strings(&[
-        "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", s.mem, "-smp",
-        &s.cpus.to_string(), "-display", "none", "-serial", "stdio", "-monitor", "none",
-        "-no-reboot", "-kernel", p(image), "-append", s.cmdline, "-qmp",
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-m",
+        s.mem,
+        "-smp",
+        &s.cpus.to_string(),
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        p(image),
+        "-append",
+        s.cmdline,
+        "-qmp",
         &format!("unix:{},server=on,wait=off", p(qmp)),
     ]);
     if let Some(i) = incoming {
@@ -168,9 +212,18 @@ fn qemu_args(s: &Scenario, image: &Path, qmp: &Path, incoming: Option<&Path>) ->
 }
 
 /// The same migration between two QEMU processes, driven over QMP.
-pub fn run_qemu(s: &Scenario, qemu: &Path, image: &Path, downtime_ms: u64) -> Result<Measure, String> {
+pub fn run_qemu(
+    s: &Scenario,
+    qemu: &Path,
+    image: &Path,
+    downtime_ms: u64,
+) -> Result<Measure, String> {
     let dir = TempDir::new(&format!("bench-qemu-{}", s.name));
-    let (qs, qd, mig) = (dir.join("qmp-src"), dir.join("qmp-dst"), dir.join("mig.sock"));
+    let (qs, qd, mig) = (
+        dir.join("qmp-src"),
+        dir.join("qmp-dst"),
+        dir.join("mig.sock"),
+    );
     let started = Instant::now();
     let mut src = Proc::spawn("qemu-src", qemu, &qemu_args(s, image, &qs, None));
     let boot = first_verify(&mut src, started)?;

@@ -1,1 +1,83 @@
-//! Migration.
+//! Live migration for minivmm: the stream format, RAM save/load with first-round zero-page
+//! elision, transports, convergence and statistics. No KVM here: guest RAM is seen as
+//! [`RamRegion`]s (from vm-memory's `GuestMemoryMmap` via [`regions_from_guest_memory`]) and the
+//! VM through [`MigrationSource`] / [`MigrationTarget`], which the vmm implements. Everything
+//! runs in tests against [`fake::FakeVm`].
+//!
+//! # Zero-page elision, done so it cannot break
+//!
+//! QEMU 1.5.0 skipped zero pages in the first pass and 1.5.3 reverted it: the destination had
+//! written its own firmware into guest memory, so "not sent" did not mean "zero there". Here
+//! the destination proves its memory is zero before the stream starts (pagemap: never-touched
+//! pages; the rest is read), or resets it (`MADV_DONTNEED`), and says so in its `Ready` reply.
+//! The source elides zero pages from the bulk pass only after that, marks the pass as eliding,
+//! and the loader refuses an eliding pass into memory it cannot vouch for. Later passes send
+//! zero pages as zero records (no data); the loader frees previously written pages for them.
+//!
+//! # Protocol
+//!
+//! ```text
+//!  source (send_migration)                        destination (receive_migration)
+//!  ───────────────────────                        ───────────────────────────────
+//!  header, Config, MemoryLayout  ───────────────▶ validate_config, compare layout,
+//!                                                 prove memory zero or reset it
+//!                                ◀─────────────── Ready { pristine }
+//!  start_dirty_log
+//!  PassBegin 0 (elided iff pristine)
+//!  RamPages … (bulk: every page)  ──────────────▶ bounds-check runs, read into guest RAM
+//!  loop: fetch dirty log; policy(pass stats)
+//!     PassBegin n, RamPages …     ──────────────▶
+//!  pause; fetch dirty log
+//!  PassBegin n+1 (final), RamPages … ───────────▶
+//!  stop_dirty_log; save_state
+//!  DeviceState …, End { count, bytes, chain } ──▶ verify End, restore_state, resume
+//!                                ◀─────────────── Running        (or Error { message })
+//!  Ok(stats): caller stops the source VM
+//! ```
+//!
+//! Any error on the source before `Running` stops dirty logging and resumes the guest there.
+//! Any error on the destination returns `Err` without resuming and sends `Error` back.
+//! A `file:` snapshot is the same stream with no replies; the loader makes its memory
+//! pristine itself. The byte layout is in `migration/FORMAT.md`.
+//!
+//! # Example (vmm side)
+//!
+//! ```no_run
+//! use migration::{fake::FakeVm, send_migration, Endpoint, SendOptions};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut vm = FakeVm::new(&[(0, 64 << 20)]); // the vmm passes its own VM here
+//! let mut conn = Endpoint::parse("unix:/tmp/m.sock")?.connect()?;
+//! let stats = send_migration(&mut vm, &mut conn, SendOptions::default())?;
+//! println!("{stats}");
+//! # Ok(()) }
+//! ```
+
+pub mod destination;
+pub mod dirty;
+pub mod fake;
+pub mod memory;
+pub mod pagemap;
+pub mod precopy;
+pub mod ram_recv;
+pub mod ram_send;
+pub mod records;
+pub mod source;
+pub mod stats;
+pub mod stream;
+pub mod transport;
+pub mod wire;
+pub mod zero;
+
+#[cfg(test)]
+mod roundtrip_tests;
+
+pub use destination::{receive_migration, DestinationError, MigrationTarget, ReceiveOptions};
+pub use dirty::{DirtyBitmap, DirtyLog, VmError};
+pub use memory::{
+    regions_from_guest_memory, AnonMapping, Backing, GuestRam, MemoryError, RamRegion,
+};
+pub use precopy::{Decision, Limits, StopReason};
+pub use source::{send_migration, MigrationSource, Progress, SendOptions, SourceError};
+pub use stats::{MigrationStats, PassKind, PassStats, ReceiveStats};
+pub use transport::{Connection, Endpoint, EndpointError, Listener, Transport, TransportError};
+pub use wire::{StateBlob, WireError, FORMAT_VERSION, PAGE_SIZE};

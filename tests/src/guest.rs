@@ -45,7 +45,11 @@ pub fn assert_no_failure(p: &Proc) {
         .iter()
         .find(|l| l.contains("VERIFY-FAIL") || l.starts_with("EXC "))
     {
-        panic!("{}: guest reported a failure: {bad}\n{}", p.name, crate::tail(&lines, 30));
+        panic!(
+            "{}: guest reported a failure: {bad}\n{}",
+            p.name,
+            crate::tail(&lines, 30)
+        );
     }
 }
 

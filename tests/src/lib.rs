@@ -219,7 +219,12 @@ impl Proc {
     }
 
     /// Wait for a stdout line satisfying `pred`; panics with the log tail on timeout or exit.
-    pub fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+    pub fn wait_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
         self.wait_line_from(0, what, timeout, pred)
     }
 
@@ -358,7 +363,8 @@ pub fn tail(lines: &[String], n: usize) -> String {
 
 /// Send one newline-delimited JSON request to a control socket and read one reply line.
 pub fn control(socket: &Path, request: &str) -> Result<serde_json::Value, String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("connect {}: {e}", socket.display()))?;
+    let mut s =
+        UnixStream::connect(socket).map_err(|e| format!("connect {}: {e}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(600)))
         .map_err(|e| e.to_string())?;
     s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
@@ -378,11 +384,19 @@ pub fn wait_for_socket(p: &mut Proc, socket: &Path, timeout: Duration) {
             return;
         }
         if !p.alive() {
-            panic!("{} exited before its control socket appeared: {}", p.name, p.stderr());
+            panic!(
+                "{} exited before its control socket appeared: {}",
+                p.name,
+                p.stderr()
+            );
         }
         thread::sleep(Duration::from_millis(20));
     }
-    panic!("{}: control socket {} did not appear", p.name, socket.display());
+    panic!(
+        "{}: control socket {} did not appear",
+        p.name,
+        socket.display()
+    );
 }
 
 /// Parse `key=value` words of a line into a map (values keep their text).

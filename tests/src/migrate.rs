@@ -22,7 +22,14 @@ impl Vm {
         let mut proc = Proc::minivmm(
             name,
             &[
-                "run", "--mem", mem, "--cpus", &cpus, "--cmdline", cmdline, "--api-socket",
+                "run",
+                "--mem",
+                mem,
+                "--cpus",
+                &cpus,
+                "--cmdline",
+                cmdline,
+                "--api-socket",
                 api.to_str().unwrap(),
             ],
         );
@@ -33,7 +40,13 @@ impl Vm {
     /// `minivmm receive --listen URI` (plus extra flags).
     pub fn receive(dir: &TempDir, name: &str, uri: &str, extra: &[&str]) -> Vm {
         let api = dir.join(&format!("{name}.api"));
-        let mut args = vec!["receive", "--listen", uri, "--api-socket", api.to_str().unwrap()];
+        let mut args = vec![
+            "receive",
+            "--listen",
+            uri,
+            "--api-socket",
+            api.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         let mut proc = Proc::minivmm(name, &args);
         wait_for_socket(&mut proc, &api, T);
@@ -56,10 +69,19 @@ pub struct Migration {
 
 /// Run `minivmm migrate --to URI --api-socket API --json [extra…]` to completion.
 pub fn migrate(api: &Path, to: &str, extra: &[&str]) -> Migration {
-    let mut args = vec!["migrate", "--to", to, "--api-socket", api.to_str().unwrap(), "--json"];
+    let mut args = vec![
+        "migrate",
+        "--to",
+        to,
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--json",
+    ];
     args.extend_from_slice(extra);
     let mut m = Proc::minivmm("migrate", &args);
-    let st = m.wait_exit(Duration::from_secs(300)).expect("migrate finished");
+    let st = m
+        .wait_exit(Duration::from_secs(300))
+        .expect("migrate finished");
     let out = m.lines().join("\n");
     let json = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
     Migration {
@@ -75,7 +97,10 @@ pub fn migrate_ok(src: &mut Vm, to: &str, extra: &[&str]) -> serde_json::Value {
     assert!(m.ok, "migrate to {to} failed: {}\n{}", m.stderr, m.json);
     assert_eq!(m.json["ok"], true, "{}", m.json);
     let st = src.proc.wait_exit(T);
-    assert!(st.is_some_and(|s| s.success()), "source exits 0 after migration: {st:?}");
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "source exits 0 after migration: {st:?}"
+    );
     eprintln!(
         "migrated to {to}: total {} ms, downtime {} ms, passes {}, bytes {}, zero-elided {}, untouched {}",
         m.json["total_ms"], m.json["downtime_ms"], m.json["passes"], m.json["bytes_sent"],
@@ -87,7 +112,10 @@ pub fn migrate_ok(src: &mut Vm, to: &str, extra: &[&str]) -> serde_json::Value {
 /// The memory hashes taken at the source's final pause and on the destination before resume.
 pub fn assert_hashes_match(stats: &serde_json::Value) {
     let (s, d) = (&stats["mem_hash_source"], &stats["mem_hash_dest"]);
-    assert!(s.is_string() && !s.as_str().unwrap_or("").is_empty(), "no source hash: {stats}");
+    assert!(
+        s.is_string() && !s.as_str().unwrap_or("").is_empty(),
+        "no source hash: {stats}"
+    );
     assert_eq!(s, d, "guest memory differs between source and destination");
 }
 

@@ -11,7 +11,10 @@ fn run_fail(args: &[&str]) -> (i32, String) {
         .wait_exit(Duration::from_secs(30))
         .unwrap_or_else(|| panic!("minivmm {args:?} did not exit: {}", p.stderr()));
     let err = p.stderr();
-    assert!(!err.contains("panicked"), "minivmm {args:?} panicked: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "minivmm {args:?} panicked: {err}"
+    );
     (st.code().unwrap_or(-1), err)
 }
 
@@ -48,7 +51,13 @@ fn memory_beyond_what_the_host_can_map() {
     let dir = TempDir::new("bad-mem");
     let api = dir.join("api.sock");
     assert_refused(
-        &["run", "--mem", "1024T", "--api-socket", api.to_str().unwrap()],
+        &[
+            "run",
+            "--mem",
+            "1024T",
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
         "mem",
     );
 }
@@ -75,7 +84,10 @@ fn missing_and_garbage_kernel_or_initrd() {
     if e2e::kvm_available() {
         if let Some(k) = e2e::env_file("MINIVMM_KERNEL") {
             let k = k.to_str().unwrap().to_string();
-            assert_refused(&["run", "--kernel", &k, "--initrd", m, "--api-socket", api], "nope");
+            assert_refused(
+                &["run", "--kernel", &k, "--initrd", m, "--api-socket", api],
+                "nope",
+            );
         }
     }
 }
@@ -87,13 +99,26 @@ fn control_socket_rejects_bad_requests_and_live_socket_is_refused() {
     let api = dir.join("api.sock");
     let mut vm = Proc::minivmm(
         "vm",
-        &["run", "--cmdline", "touch=8M rate=0", "--api-socket", api.to_str().unwrap()],
+        &[
+            "run",
+            "--cmdline",
+            "touch=8M rate=0",
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
     );
     wait_for_socket(&mut vm, &api, Duration::from_secs(30));
 
     let r = control(&api, "this is not json").expect("reply");
     assert_eq!(r["ok"], false, "{r}");
-    assert!(r["error"].as_str().unwrap_or("").to_lowercase().contains("json"), "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or("")
+            .to_lowercase()
+            .contains("json"),
+        "{r}"
+    );
 
     let r = control(&api, r#"{"cmd":"explode"}"#).expect("reply");
     assert_eq!(r["ok"], false, "{r}");
@@ -108,10 +133,22 @@ fn control_socket_rejects_bad_requests_and_live_socket_is_refused() {
     assert_refused(&["run", "--api-socket", api.to_str().unwrap()], "socket");
 
     // pause / resume / shutdown.
-    assert_eq!(control(&api, r#"{"cmd":"pause"}"#).expect("pause")["ok"], true);
-    assert_eq!(control(&api, r#"{"cmd":"status"}"#).expect("status")["state"], "paused");
-    assert_eq!(control(&api, r#"{"cmd":"resume"}"#).expect("resume")["ok"], true);
-    assert_eq!(control(&api, r#"{"cmd":"shutdown"}"#).expect("shutdown")["ok"], true);
+    assert_eq!(
+        control(&api, r#"{"cmd":"pause"}"#).expect("pause")["ok"],
+        true
+    );
+    assert_eq!(
+        control(&api, r#"{"cmd":"status"}"#).expect("status")["state"],
+        "paused"
+    );
+    assert_eq!(
+        control(&api, r#"{"cmd":"resume"}"#).expect("resume")["ok"],
+        true
+    );
+    assert_eq!(
+        control(&api, r#"{"cmd":"shutdown"}"#).expect("shutdown")["ok"],
+        true
+    );
     let st = vm.wait_exit(Duration::from_secs(30));
     assert!(st.is_some_and(|s| s.success()), "shutdown exits 0: {st:?}");
 }
@@ -126,7 +163,13 @@ fn stale_socket_file_is_replaced() {
     assert!(api.exists());
     let mut vm = Proc::minivmm(
         "vm",
-        &["run", "--cmdline", "touch=8M rate=0", "--api-socket", api.to_str().unwrap()],
+        &[
+            "run",
+            "--cmdline",
+            "touch=8M rate=0",
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
     );
     wait_for_socket(&mut vm, &api, Duration::from_secs(30));
     let r = control(&api, r#"{"cmd":"status"}"#).expect("status");

@@ -22,7 +22,10 @@ fn garbage_on_the_migration_socket_is_refused() {
     let err = dst.proc.stderr();
     assert!(err.contains("error"), "clear error: {err}");
     assert!(!err.contains("panicked"), "{err}");
-    assert!(!dst.proc.lines().iter().any(|l| l.contains("VERIFY")), "no guest ran");
+    assert!(
+        !dst.proc.lines().iter().any(|l| l.contains("VERIFY")),
+        "no guest ran"
+    );
 }
 
 #[test]
@@ -35,19 +38,33 @@ fn truncated_snapshot_is_refused() {
     migrate_ok(&mut src, &format!("file:{}", snap.display()), &[]);
     let len = std::fs::metadata(&snap).expect("snapshot").len();
     for cut in [16, len / 2, len - 8] {
-        let f = std::fs::OpenOptions::new().write(true).open(&snap).expect("open");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&snap)
+            .expect("open");
         f.set_len(cut).expect("truncate");
         drop(f);
         let mut p = e2e::Proc::minivmm(
             "restore-truncated",
-            &["receive", "--from", &format!("file:{}", snap.display()), "--api-socket",
-              dir.join("r.api").to_str().unwrap()],
+            &[
+                "receive",
+                "--from",
+                &format!("file:{}", snap.display()),
+                "--api-socket",
+                dir.join("r.api").to_str().unwrap(),
+            ],
         );
         let st = p.wait_exit(T).expect("exits");
         assert!(!st.success(), "truncated at {cut}: must fail");
         let err = p.stderr();
-        assert!(err.contains("error") && !err.contains("panicked"), "cut {cut}: {err}");
-        assert!(!p.lines().iter().any(|l| l.contains("VERIFY")), "no guest ran");
+        assert!(
+            err.contains("error") && !err.contains("panicked"),
+            "cut {cut}: {err}"
+        );
+        assert!(
+            !p.lines().iter().any(|l| l.contains("VERIFY")),
+            "no guest ran"
+        );
     }
 }
 
@@ -66,7 +83,11 @@ fn retry_into_the_same_destination_after_a_broken_attempt() {
     assert!(src.proc.alive(), "source survives");
     src.rounds(0, 1);
     std::thread::sleep(Duration::from_millis(200));
-    assert!(dst.proc.alive(), "destination waits for the retry: {}", dst.proc.stderr());
+    assert!(
+        dst.proc.alive(),
+        "destination waits for the retry: {}",
+        dst.proc.stderr()
+    );
     let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
     assert_hashes_match(&stats);
     assert_keeps_verifying(&mut dst, 1);

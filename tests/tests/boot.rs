@@ -17,8 +17,14 @@ fn test_guest_boots_from_embedded_default_and_verifies() {
     vm.wait_line("boot banner", T, |l| l.starts_with("TESTGUEST boot"));
     let first = wait_verify(&mut vm, 0, 0, T);
     let later = wait_rounds(&mut vm, 0, 0, 3, T);
-    assert!(later.round > first.round, "rounds advance: {first:?} -> {later:?}");
-    assert!(later.ticks > first.ticks, "timer ticks advance: {first:?} -> {later:?}");
+    assert!(
+        later.round > first.round,
+        "rounds advance: {first:?} -> {later:?}"
+    );
+    assert!(
+        later.ticks > first.ticks,
+        "timer ticks advance: {first:?} -> {later:?}"
+    );
     assert_no_failure(&vm);
 }
 
@@ -42,7 +48,10 @@ fn big_idle_guest_costs_only_what_it_touched() {
     wait_rounds(&mut vm, 0, 0, 2, T);
     let rss_mib = vm.rss_kib() / 1024;
     eprintln!("16 GiB guest, touch=64M: host RSS {rss_mib} MiB");
-    assert!(rss_mib >= 64, "RSS {rss_mib} MiB below the touched 64 MiB: not measured?");
+    assert!(
+        rss_mib >= 64,
+        "RSS {rss_mib} MiB below the touched 64 MiB: not measured?"
+    );
     assert!(
         rss_mib <= 64 + 48,
         "RSS {rss_mib} MiB: a 16 GiB guest that touched 64 MiB should cost about 64 MiB"
@@ -71,7 +80,10 @@ fn two_vcpus_each_run_their_own_writer() {
     assert!(boot.contains("cpus=2"), "guest should see 2 CPUs: {boot}");
     let a = wait_rounds(&mut vm, 0, 0, 2, T);
     let b = wait_rounds(&mut vm, 0, 1, 2, T);
-    assert!(a.writes > 0 && b.writes > 0, "both writers write: {a:?} {b:?}");
+    assert!(
+        a.writes > 0 && b.writes > 0,
+        "both writers write: {a:?} {b:?}"
+    );
     assert!(b.ticks > 0, "cpu 1 has its own timer: {b:?}");
     assert_no_failure(&vm);
 }

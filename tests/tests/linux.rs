@@ -78,7 +78,9 @@ fn cloud_bzimage_enters_kernel_code() {
         });
         return;
     }
-    match vm.try_wait_line_from(0, Duration::from_secs(120), &|l| l.contains("Linux version")) {
+    match vm.try_wait_line_from(0, Duration::from_secs(120), &|l| {
+        l.contains("Linux version")
+    }) {
         Ok(_) => {} // hardware-backed KVM: the decompressor ran.
         Err(_) => {
             let st = vm.wait_exit(Duration::from_secs(5));
@@ -144,10 +146,16 @@ fn linux_boots_to_shell_and_powers_off() {
             return;
         };
         let out = shell(&mut vm, "grep -c ^processor /proc/cpuinfo", "CPUS");
-        assert!(out.lines().any(|l| l.trim() == cpus), "guest sees {cpus} CPUs: {out}");
+        assert!(
+            out.lines().any(|l| l.trim() == cpus),
+            "guest sees {cpus} CPUs: {out}"
+        );
         vm.type_text("poweroff -f\n");
         let st = vm.wait_exit(Duration::from_secs(60));
-        assert!(st.is_some_and(|s| s.success()), "poweroff ends minivmm with 0: {st:?}");
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "poweroff ends minivmm with 0: {st:?}"
+        );
     }
 }
 
@@ -163,8 +171,15 @@ fn linux_sees_4g() {
     let out = shell(&mut vm, "grep MemTotal /proc/meminfo", "MEM");
     let kib: u64 = out
         .lines()
-        .find_map(|l| l.split_whitespace().nth(1).filter(|_| l.contains("MemTotal")))
+        .find_map(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .filter(|_| l.contains("MemTotal"))
+        })
         .and_then(|v| v.parse().ok())
         .expect("MemTotal");
-    assert!(kib > 3_600_000 && kib <= 4 * 1024 * 1024, "MemTotal {kib} kB");
+    assert!(
+        kib > 3_600_000 && kib <= 4 * 1024 * 1024,
+        "MemTotal {kib} kB"
+    );
 }

@@ -31,8 +31,14 @@ fn linux_boot_log_continues_on_destination() {
     let mut src = Proc::minivmm(
         "linux-src",
         &[
-            "run", "--kernel", vmlinux.to_str().unwrap(), "--cmdline",
-            "console=ttyS0 earlyprintk=ttyS0", "--mem", "512M", "--api-socket",
+            "run",
+            "--kernel",
+            vmlinux.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0 earlyprintk=ttyS0",
+            "--mem",
+            "512M",
+            "--api-socket",
             api.to_str().unwrap(),
         ],
     );
@@ -55,10 +61,23 @@ fn linux_boot_log_continues_on_destination() {
     // A line cut by the migration continues on the destination: join the two consoles.
     let all = format!("{src_text}{dst_text}");
     let ts = timestamps(&all);
-    assert!(ts.len() > timestamps(&src_text).len(), "the destination printed more log");
+    assert!(
+        ts.len() > timestamps(&src_text).len(),
+        "the destination printed more log"
+    );
     for w in ts.windows(2) {
-        assert!(w[1] >= w[0], "kernel time goes backwards: {} then {}", w[0], w[1]);
-        assert!(w[1] - w[0] < 30.0, "kernel time jumps: {} then {}", w[0], w[1]);
+        assert!(
+            w[1] >= w[0],
+            "kernel time goes backwards: {} then {}",
+            w[0],
+            w[1]
+        );
+        assert!(
+            w[1] - w[0] < 30.0,
+            "kernel time jumps: {} then {}",
+            w[0],
+            w[1]
+        );
     }
     let lines: Vec<&str> = all.lines().filter(|l| !timestamps(l).is_empty()).collect();
     for (i, l) in lines.iter().enumerate() {
@@ -85,9 +104,19 @@ fn linux_workload_migrates_and_shell_answers() {
     let mut src = Proc::minivmm(
         "linux-wl-src",
         &[
-            "run", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(),
-            "--cmdline", "console=ttyS0 minivmm.workload=1 touch=256M rate=20000",
-            "--mem", "1G", "--cpus", "2", "--api-socket", api.to_str().unwrap(),
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0 minivmm.workload=1 touch=256M rate=20000",
+            "--mem",
+            "1G",
+            "--cpus",
+            "2",
+            "--api-socket",
+            api.to_str().unwrap(),
         ],
     );
     wait_for_socket(&mut src, &api, T);
@@ -97,8 +126,12 @@ fn linux_workload_migrates_and_shell_answers() {
     let mut dst = Vm::receive(&dir, "linux-wl-dst", &uri, &[]);
     migrate_ok(&mut src_vm, &uri, &["--verify-memory"]);
     let from = dst.proc.line_count();
-    dst.proc.wait_line_from(from, "VERIFY-OK on destination", T, |l| l.contains("VERIFY-OK"));
+    dst.proc
+        .wait_line_from(from, "VERIFY-OK on destination", T, |l| {
+            l.contains("VERIFY-OK")
+        });
     dst.proc.type_text("echo HELLO-$((6*7))\n");
-    dst.proc.wait_line_from(from, "shell answer", T, |l| l.contains("HELLO-42"));
+    dst.proc
+        .wait_line_from(from, "shell answer", T, |l| l.contains("HELLO-42"));
     assert!(!dst.proc.lines().iter().any(|l| l.contains("VERIFY-FAIL")));
 }

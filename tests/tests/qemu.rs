@@ -8,7 +8,10 @@ use e2e::{require_kvm, Proc, TempDir};
 #[test]
 fn test_guest_image_boots_under_qemu() {
     require_kvm!();
-    assert!(!guest::TEST_GUEST_ELF.is_empty(), "the test guest image is empty");
+    assert!(
+        !guest::TEST_GUEST_ELF.is_empty(),
+        "the test guest image is empty"
+    );
     let dir = TempDir::new("qemu");
     let image = dir.join("testguest.elf");
     std::fs::write(&image, guest::TEST_GUEST_ELF).expect("write image");
@@ -47,7 +50,10 @@ fn test_guest_image_boots_under_qemu() {
     let boot = q.wait_line("boot banner", Duration::from_secs(60), |l| {
         l.contains("TESTGUEST boot")
     });
-    assert!(boot.contains("touch=16M"), "cmdline reaches the guest: {boot}");
+    assert!(
+        boot.contains("touch=16M"),
+        "cmdline reaches the guest: {boot}"
+    );
     wait_rounds(&mut q, 0, 0, 2, Duration::from_secs(60));
     wait_rounds(&mut q, 0, 1, 1, Duration::from_secs(60));
     assert_no_failure(&q);

@@ -1,0 +1,283 @@
+//! The destination side: [`MigrationTarget`] (implemented by the vmm) and
+//! [`receive_migration`].
+//!
+//! Receiver states:
+//!
+//! ```text
+//! Header ─▶ Config ─▶ Layout ─▶ (prove or reset pristine memory, reply Ready)
+//!   ─▶ { PassBegin RamPages* }+  (last pass flagged final)
+//!   ─▶ DeviceState* ─▶ End (counts + checksum chain verified)
+//!   ─▶ restore_state ─▶ resume ─▶ reply Running
+//! ```
+//!
+//! Any error, in any state, returns `Err` without resuming (a half-restored guest never runs)
+//! and, when there is a peer, tells the source why.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use crate::dirty::VmError;
+use crate::memory::{layout_of, GuestRam, MemoryError};
+use crate::ram_recv::{RamLoadError, RamReceiver};
+use crate::stats::ReceiveStats;
+use crate::stream::{send_reply, RecordReader};
+use crate::transport::Transport;
+use crate::wire::{
+    decode_layout, encode_message, EndRecord, PassBegin, Ready, RecordHeader, RecordKind,
+    StateBlob, WireError, FORMAT_VERSION, PASS_FINAL, PASS_ZERO_ELIDED,
+};
+
+/// What the vmm provides on the destination.
+///
+/// Contract: between `validate_config` and `resume` nothing but this crate writes guest
+/// memory (no vCPU runs, no firmware is loaded); that is what makes zero-page elision safe.
+pub trait MigrationTarget: GuestRam {
+    /// Checks the source's configuration; the vmm may create the guest memory from it here.
+    /// Called before [`GuestRam::ram_regions`].
+    fn validate_config(&mut self, config: &[u8]) -> Result<(), VmError>;
+    /// Restores every device and vCPU state (in stream order). Called only after the whole
+    /// stream arrived and its end checksum matched.
+    fn restore_state(&mut self, states: Vec<StateBlob>) -> Result<(), VmError>;
+    /// Starts the restored guest.
+    fn resume(&mut self) -> Result<(), VmError>;
+}
+
+/// Options of [`receive_migration`].
+#[derive(Clone, Debug)]
+pub struct ReceiveOptions {
+    /// When guest memory is not provably zero: reset it (`MADV_DONTNEED` everything) so the
+    /// source may elide zero pages; if false, declare it not pristine and receive every page.
+    pub reset_if_not_pristine: bool,
+    /// Longest wait for stream bytes (sockets).
+    pub read_timeout: Option<Duration>,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        ReceiveOptions {
+            reset_if_not_pristine: true,
+            read_timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Errors of the destination side; the guest was not resumed.
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationError {
+    #[error("Invalid migration stream")]
+    Wire(#[from] WireError),
+    #[error("Loading guest RAM failed")]
+    Ram(#[from] RamLoadError),
+    #[error("Unexpected {kind} record at offset {offset}: expected {expected}")]
+    Unexpected {
+        offset: u64,
+        kind: RecordKind,
+        expected: &'static str,
+    },
+    #[error("Pass {found} at offset {offset} out of order: expected pass {expected}")]
+    PassOrder {
+        offset: u64,
+        found: u32,
+        expected: u32,
+    },
+    #[error("Pass {pass} at offset {offset} elides zero pages, only the bulk pass may")]
+    LateElision { offset: u64, pass: u32 },
+    #[error("Duplicate device state {id:?} at offset {offset}")]
+    DuplicateState { offset: u64, id: String },
+    #[error("Configuration rejected")]
+    Config(#[source] VmError),
+    #[error("Memory layout differs: {0}")]
+    Layout(String),
+    #[error("Resetting guest memory failed")]
+    Reset(#[source] MemoryError),
+    #[error("Sending a reply to the source failed")]
+    Reply(#[source] std::io::Error),
+    #[error("Restoring device state failed")]
+    Restore(#[source] VmError),
+    #[error("Resuming the guest failed")]
+    Resume(#[source] VmError),
+}
+
+/// Receives a migration (or loads a snapshot) into `target`, then resumes it.
+pub fn receive_migration<T: MigrationTarget + ?Sized>(
+    target: &mut T,
+    transport: &mut dyn Transport,
+    options: &ReceiveOptions,
+) -> Result<ReceiveStats, DestinationError> {
+    let peer = transport.has_peer();
+    if peer {
+        transport
+            .set_read_timeout(options.read_timeout)
+            .map_err(DestinationError::Reply)?;
+    }
+    let mut reader = RecordReader::new(transport);
+    let result = receive(target, &mut reader, options);
+    if let Err(e) = &result {
+        log::error!("Receiving the migration failed: {e}");
+        if peer {
+            let _ = send_reply(
+                reader.transport(),
+                RecordKind::Error,
+                &encode_message(&chain(e)),
+            );
+        }
+    }
+    result
+}
+
+fn receive<T: MigrationTarget + ?Sized>(
+    target: &mut T,
+    reader: &mut RecordReader<'_>,
+    options: &ReceiveOptions,
+) -> Result<ReceiveStats, DestinationError> {
+    let started = Instant::now();
+    reader.read_stream_header()?;
+    let config = expect(reader, RecordKind::Config, "Config")?;
+    target
+        .validate_config(&config)
+        .map_err(DestinationError::Config)?;
+    let (layout, offset) = expect_at(reader, RecordKind::MemoryLayout, "MemoryLayout")?;
+    let layout = decode_layout(&layout, offset)?;
+    let regions = target.ram_regions();
+    let ours = layout_of(&regions);
+    if ours != layout {
+        return Err(DestinationError::Layout(format!(
+            "stream has {layout:x?}, guest has {ours:x?}"
+        )));
+    }
+
+    let mut rx = RamReceiver::new(regions);
+    if !rx.is_pristine() && options.reset_if_not_pristine {
+        log::info!("Guest memory is not pristine: resetting it before loading");
+        rx.reset().map_err(DestinationError::Reset)?;
+    }
+    let pristine = rx.is_pristine();
+    if reader.transport().has_peer() {
+        let ready = Ready {
+            version: FORMAT_VERSION,
+            pristine,
+        };
+        send_reply(reader.transport(), RecordKind::Ready, &ready.encode())
+            .map_err(DestinationError::Reply)?;
+    }
+
+    let states = load_body(reader, &mut rx)?;
+    let mut stats = rx.stats().clone();
+    stats.pristine = pristine;
+    stats.device_states = states.len() as u32;
+    stats.bytes = reader.offset();
+    stats.records = reader.records() + 1;
+
+    target
+        .restore_state(states)
+        .map_err(DestinationError::Restore)?;
+    target.resume().map_err(DestinationError::Resume)?;
+    if reader.transport().has_peer() {
+        // If this fails the source resumes its copy; failing here makes the vmm exit.
+        send_reply(reader.transport(), RecordKind::Running, &[])
+            .map_err(DestinationError::Reply)?;
+    }
+    stats.duration_us = started.elapsed().as_micros() as u64;
+    log::info!("{stats}");
+    Ok(stats)
+}
+
+/// RAM passes, device states and `End`; returns the states once `End` checked out.
+fn load_body(
+    reader: &mut RecordReader<'_>,
+    rx: &mut RamReceiver,
+) -> Result<Vec<StateBlob>, DestinationError> {
+    let mut next_pass = 0u32;
+    let mut in_pass = false;
+    let mut final_seen = false;
+    let mut states: Vec<StateBlob> = Vec::new();
+    let mut ids = HashSet::new();
+    loop {
+        let (h, offset) = reader.next_header()?;
+        let unexpected = |expected| DestinationError::Unexpected {
+            offset,
+            kind: h.kind,
+            expected,
+        };
+        match h.kind {
+            RecordKind::PassBegin => {
+                if final_seen {
+                    return Err(unexpected("device state or End after the final pass"));
+                }
+                let p = PassBegin::decode(&reader.read_payload(&h, offset)?, offset)?;
+                if p.pass != next_pass {
+                    return Err(DestinationError::PassOrder {
+                        offset,
+                        found: p.pass,
+                        expected: next_pass,
+                    });
+                }
+                if p.pass != 0 && p.flags & PASS_ZERO_ELIDED != 0 {
+                    return Err(DestinationError::LateElision {
+                        offset,
+                        pass: p.pass,
+                    });
+                }
+                rx.begin_pass(&p, offset)?;
+                next_pass += 1;
+                in_pass = true;
+                final_seen = p.flags & PASS_FINAL != 0;
+            }
+            RecordKind::RamPages if in_pass && states.is_empty() => {
+                rx.load_batch(reader, &h, offset)?;
+            }
+            RecordKind::RamPages => return Err(unexpected("PassBegin before RAM pages")),
+            RecordKind::DeviceState if final_seen => {
+                let s = StateBlob::decode(&reader.read_payload(&h, offset)?, offset)?;
+                if !ids.insert(s.id.clone()) {
+                    return Err(DestinationError::DuplicateState { offset, id: s.id });
+                }
+                states.push(s);
+            }
+            RecordKind::DeviceState => return Err(unexpected("the final RAM pass first")),
+            RecordKind::End if final_seen => {
+                let end = EndRecord::decode(&reader.read_payload(&h, offset)?, offset)?;
+                reader.check_end(&end, offset)?;
+                log::debug!("End at offset {offset} after {} records", reader.records());
+                return Ok(states);
+            }
+            _ => return Err(unexpected("a RAM pass, device state or End")),
+        }
+    }
+}
+
+fn expect(
+    reader: &mut RecordReader<'_>,
+    kind: RecordKind,
+    what: &'static str,
+) -> Result<Vec<u8>, DestinationError> {
+    Ok(expect_at(reader, kind, what)?.0)
+}
+
+fn expect_at(
+    reader: &mut RecordReader<'_>,
+    kind: RecordKind,
+    what: &'static str,
+) -> Result<(Vec<u8>, u64), DestinationError> {
+    let (h, offset): (RecordHeader, u64) = reader.next_header()?;
+    if h.kind != kind {
+        return Err(DestinationError::Unexpected {
+            offset,
+            kind: h.kind,
+            expected: what,
+        });
+    }
+    Ok((reader.read_payload(&h, offset)?, offset))
+}
+
+/// The error and its sources on one line, for the reply to the source.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,352 @@
+//! An in-memory VM for tests, benchmarks and fuzzing: guest RAM in private anonymous mappings
+//! (so pagemap and `MADV_DONTNEED` paths are the real ones) with an inaccessible guard page on
+//! each side (a stray write faults instead of going unnoticed), a dirty log that records every
+//! write made through its [`GuestWriter`] (the test's "vCPU"), scripted failures, and both
+//! [`MigrationSource`] and [`MigrationTarget`].
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+
+use crate::destination::MigrationTarget;
+use crate::dirty::{DirtyBitmap, DirtyLog, VmError};
+use crate::memory::{AnonMapping, GuestRam, RamRegion};
+use crate::source::MigrationSource;
+use crate::stats::PassStats;
+use crate::wire::{StateBlob, PAGE_SIZE, PAGE_SIZE_U64};
+
+/// A step of the fake that can be made to fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailAt {
+    StartDirtyLog,
+    FetchDirtyLog,
+    Pause,
+    SaveState,
+    ValidateConfig,
+    Restore,
+    Resume,
+}
+
+struct Shared {
+    maps: Vec<Arc<AnonMapping>>,
+    layout: Vec<(u64, usize)>,
+    logging: AtomicBool,
+    paused: AtomicBool,
+    /// One bit per page per region.
+    log: Vec<Vec<AtomicU64>>,
+    /// Writers hold it shared; switching logging on takes it exclusively, so a write is
+    /// either wholly before logging started or logged.
+    gate: RwLock<()>,
+}
+
+/// Writes guest memory like a vCPU: data first, then the dirty bit (when logging).
+#[derive(Clone)]
+pub struct GuestWriter(Arc<Shared>);
+
+impl GuestWriter {
+    fn locate(&self, gpa: u64, len: usize) -> (usize, usize) {
+        for (i, &(start, size)) in self.0.layout.iter().enumerate() {
+            if gpa >= start && gpa + len as u64 <= start + size as u64 {
+                return (i, (gpa - start) as usize);
+            }
+        }
+        panic!("guest write {gpa:#x}+{len} outside guest memory");
+    }
+
+    /// Writes `data` at guest address `gpa` (one region).
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let (r, off) = self.locate(gpa, data.len());
+        let _gate = self.0.gate.read().unwrap_or_else(|e| e.into_inner());
+        self.0.maps[r].write(off, data);
+        if self.0.logging.load(Ordering::SeqCst) {
+            let (first, last) = (off / PAGE_SIZE, (off + data.len() - 1) / PAGE_SIZE);
+            for p in first..=last {
+                self.0.log[r][p / 64].fetch_or(1 << (p % 64), Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Whether the VM is paused (a paused guest must not write).
+    pub fn paused(&self) -> bool {
+        self.0.paused.load(Ordering::SeqCst)
+    }
+
+    /// Fills `len` bytes at `gpa` with `byte`.
+    pub fn fill(&self, gpa: u64, len: usize, byte: u8) {
+        self.write(gpa, &vec![byte; len]);
+    }
+
+    /// Reads `out.len()` bytes at `gpa`.
+    pub fn read(&self, gpa: u64, out: &mut [u8]) {
+        let (r, off) = self.locate(gpa, out.len());
+        self.0.maps[r].read(off, out);
+    }
+}
+
+/// Guest activity run between passes.
+pub type PassHook = Box<dyn FnMut(&GuestWriter, &PassStats) + Send>;
+
+/// The fake VM.
+pub struct FakeVm {
+    shared: Arc<Shared>,
+    /// Returned by `save_state` (source), replaced by `restore_state` (target).
+    pub states: Vec<StateBlob>,
+    /// vCPU count, part of the configuration blob.
+    pub vcpus: u32,
+    pub fail_at: Option<FailAt>,
+    /// Every trait call, in order ("pause", "resume", ...).
+    pub calls: Vec<&'static str>,
+    pub paused: bool,
+    pub running: bool,
+    /// Runs between passes with the guest writer (deterministic guest activity).
+    pub between_passes: Option<PassHook>,
+    vcpu: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+}
+
+impl FakeVm {
+    /// A VM with RAM regions `(guest_addr, bytes)`, all fresh (untouched) memory.
+    pub fn new(layout: &[(u64, usize)]) -> FakeVm {
+        let maps = layout
+            .iter()
+            .map(|&(_, len)| Arc::new(AnonMapping::new_guarded(len).expect("mmap for fake VM")))
+            .collect();
+        let log = layout
+            .iter()
+            .map(|&(_, len)| {
+                (0..(len / PAGE_SIZE).div_ceil(64))
+                    .map(|_| AtomicU64::new(0))
+                    .collect()
+            })
+            .collect();
+        FakeVm {
+            shared: Arc::new(Shared {
+                maps,
+                layout: layout.to_vec(),
+                logging: AtomicBool::new(false),
+                paused: AtomicBool::new(false),
+                log,
+                gate: RwLock::new(()),
+            }),
+            states: Vec::new(),
+            vcpus: 1,
+            fail_at: None,
+            calls: Vec::new(),
+            paused: false,
+            running: true,
+            between_passes: None,
+            vcpu: None,
+        }
+    }
+
+    /// The guest's hands.
+    pub fn writer(&self) -> GuestWriter {
+        GuestWriter(self.shared.clone())
+    }
+
+    /// All of guest RAM, regions concatenated.
+    pub fn image(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in &self.shared.maps {
+            let at = out.len();
+            out.resize(at + m.len(), 0);
+            m.read(0, &mut out[at..]);
+        }
+        out
+    }
+
+    /// First differing guest address against `other` (same layout), if any. Compares 1 MiB
+    /// at a time, so large sparse guests need no big buffers.
+    pub fn first_difference(&self, other: &FakeVm) -> Option<u64> {
+        if self.shared.layout != other.shared.layout {
+            return Some(0);
+        }
+        const CHUNK: usize = 1 << 20;
+        let (mut a, mut b) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+        for (r, &(start, len)) in self.shared.layout.iter().enumerate() {
+            let mut off = 0;
+            while off < len {
+                let n = CHUNK.min(len - off);
+                self.shared.maps[r].read(off, &mut a[..n]);
+                other.shared.maps[r].read(off, &mut b[..n]);
+                if a[..n] != b[..n] {
+                    let i = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y)?;
+                    return Some(start + (off + i) as u64);
+                }
+                off += n;
+            }
+        }
+        None
+    }
+
+    /// Whether dirty logging is on.
+    pub fn logging(&self) -> bool {
+        self.shared.logging.load(Ordering::SeqCst)
+    }
+
+    /// Starts a "vCPU" thread calling `step` with the guest writer until `pause` (or drop).
+    pub fn run_guest(&mut self, mut step: impl FnMut(&GuestWriter) + Send + 'static) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = self.writer();
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                step(&writer);
+            }
+        });
+        self.vcpu = Some((stop, handle));
+    }
+
+    fn stop_guest(&mut self) {
+        if let Some((stop, handle)) = self.vcpu.take() {
+            stop.store(true, Ordering::SeqCst);
+            let _ = handle.join();
+        }
+    }
+
+    fn step(&mut self, call: &'static str, fail: FailAt) -> Result<(), VmError> {
+        self.calls.push(call);
+        if self.fail_at == Some(fail) {
+            return Err(format!("injected failure in {call}").into());
+        }
+        Ok(())
+    }
+
+    fn config(&self) -> String {
+        let regions: Vec<_> = self
+            .shared
+            .layout
+            .iter()
+            .map(|&(a, l)| [a, l as u64])
+            .collect();
+        serde_json::json!({ "regions": regions, "vcpus": self.vcpus }).to_string()
+    }
+}
+
+impl Drop for FakeVm {
+    fn drop(&mut self) {
+        self.stop_guest();
+    }
+}
+
+impl GuestRam for FakeVm {
+    fn ram_regions(&self) -> Vec<RamRegion> {
+        self.shared
+            .layout
+            .iter()
+            .zip(&self.shared.maps)
+            .map(|(&(gpa, _), m)| {
+                RamRegion::from_anon(gpa, m.clone()).expect("aligned fake layout")
+            })
+            .collect()
+    }
+}
+
+impl DirtyLog for FakeVm {
+    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+        self.step("start_dirty_log", FailAt::StartDirtyLog)?;
+        let _gate = self.shared.gate.write().unwrap_or_else(|e| e.into_inner());
+        for words in &self.shared.log {
+            for w in words {
+                w.store(0, Ordering::SeqCst);
+            }
+        }
+        self.shared.logging.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn stop_dirty_log(&mut self) -> Result<(), VmError> {
+        self.calls.push("stop_dirty_log");
+        self.shared.logging.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn fetch_dirty_log(&mut self, region: usize, bitmap: &mut DirtyBitmap) -> Result<(), VmError> {
+        if self.fail_at == Some(FailAt::FetchDirtyLog) {
+            return Err("injected failure in fetch_dirty_log".into());
+        }
+        let words: Vec<u64> = self.shared.log[region]
+            .iter()
+            .map(|w| w.swap(0, Ordering::SeqCst))
+            .collect();
+        bitmap.merge_words(&words)?;
+        Ok(())
+    }
+}
+
+impl MigrationSource for FakeVm {
+    fn config_blob(&self) -> Result<Vec<u8>, VmError> {
+        Ok(self.config().into_bytes())
+    }
+
+    fn pause(&mut self) -> Result<(), VmError> {
+        self.step("pause", FailAt::Pause)?;
+        self.stop_guest();
+        self.shared.paused.store(true, Ordering::SeqCst);
+        self.paused = true;
+        self.running = false;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.step("resume", FailAt::Resume)?;
+        self.shared.paused.store(false, Ordering::SeqCst);
+        self.paused = false;
+        self.running = true;
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<Vec<StateBlob>, VmError> {
+        self.step("save_state", FailAt::SaveState)?;
+        Ok(self.states.clone())
+    }
+
+    fn between_passes(&mut self, last: &PassStats) -> Result<(), VmError> {
+        let writer = self.writer();
+        if let Some(hook) = self.between_passes.as_mut() {
+            hook(&writer, last);
+        }
+        Ok(())
+    }
+}
+
+impl MigrationTarget for FakeVm {
+    fn validate_config(&mut self, config: &[u8]) -> Result<(), VmError> {
+        self.step("validate_config", FailAt::ValidateConfig)?;
+        if config != self.config().as_bytes() {
+            return Err(format!(
+                "configuration {} does not match this VM ({})",
+                String::from_utf8_lossy(config),
+                self.config()
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    fn restore_state(&mut self, states: Vec<StateBlob>) -> Result<(), VmError> {
+        self.step("restore_state", FailAt::Restore)?;
+        self.states = states;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.step("resume", FailAt::Resume)?;
+        self.running = true;
+        Ok(())
+    }
+}
+
+/// A destination-side fake: same layout, not running.
+pub fn fake_target(layout: &[(u64, usize)]) -> FakeVm {
+    let mut vm = FakeVm::new(layout);
+    vm.running = false;
+    vm
+}
+
+/// Guest address of page `page` of region `region` in `layout`.
+pub fn page_addr(layout: &[(u64, usize)], region: usize, page: usize) -> u64 {
+    layout[region].0 + page as u64 * PAGE_SIZE_U64
+}

@@ -1,0 +1,398 @@
+//! The view of guest RAM the migration code works on: page-aligned regions of host memory with
+//! their guest-physical ranges.
+//!
+//! Guest memory is shared with running vCPUs, so this crate never forms Rust references to it:
+//! it reads and writes through raw pointers (zero checks, `writev`, `read`), the same way KVM
+//! and the kernel see it. A read that races with a guest write may see either value; the dirty
+//! log (switched on before the first read) makes the page go out again in a later pass.
+
+use std::any::Any;
+use std::io;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
+
+use crate::wire::{LayoutRegion, PAGE_SIZE, PAGE_SIZE_U64};
+
+/// Errors about guest memory regions and their host mappings.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error(
+        "Region at guest address {guest_addr:#x} ({len:#x} bytes) is empty or not page-aligned"
+    )]
+    Misaligned { guest_addr: u64, len: u64 },
+    #[error("Region at guest address {guest_addr:#x} wraps the address space")]
+    Wraps { guest_addr: u64 },
+    #[error("Mapping anonymous memory failed")]
+    Mmap(#[source] io::Error),
+    #[error("Discarding guest pages failed")]
+    Madvise(#[source] io::Error),
+}
+
+/// How a region's host memory is backed; decides what "not present" means and how pages are
+/// given back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// `MAP_PRIVATE | MAP_ANONYMOUS` (no hugetlbfs): a page the process never touched, or gave
+    /// back with `MADV_DONTNEED`, reads as zero.
+    PrivateAnonymous,
+    /// Shared, file-backed or hugetlbfs memory: pages are always read, zeroed by writing.
+    Other,
+}
+
+/// One page-aligned guest-physical RAM range and the host memory behind it.
+///
+/// Cloning is cheap; a region may hold a reference that keeps its mapping alive.
+#[derive(Clone)]
+pub struct RamRegion {
+    guest_addr: u64,
+    host: NonNull<u8>,
+    len: usize,
+    backing: Backing,
+    _keep_alive: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+// SAFETY: the region is a pointer to process-wide memory that may be accessed from any thread;
+// every access goes through raw pointers and tolerates concurrent guest writes.
+unsafe impl Send for RamRegion {}
+// SAFETY: as above, shared access never creates Rust references to the memory.
+unsafe impl Sync for RamRegion {}
+
+impl std::fmt::Debug for RamRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RamRegion")
+            .field("guest_addr", &format_args!("{:#x}", self.guest_addr))
+            .field("len", &format_args!("{:#x}", self.len))
+            .field("host", &self.host)
+            .field("backing", &self.backing)
+            .finish()
+    }
+}
+
+impl RamRegion {
+    /// A region over raw host memory.
+    ///
+    /// # Safety
+    ///
+    /// `host..host + len` must be one readable and writable mapping that stays mapped for as
+    /// long as this region or any clone of it exists, and `backing` must describe it truthfully
+    /// (a wrong `PrivateAnonymous` claim makes untouched-page detection and `MADV_DONTNEED`
+    /// zeroing wrong). Only the guest and this crate may write it during a migration.
+    pub unsafe fn from_raw(
+        guest_addr: u64,
+        host: *mut u8,
+        len: usize,
+        backing: Backing,
+    ) -> Result<Self, MemoryError> {
+        Self::checked(guest_addr, host, len, backing, None)
+    }
+
+    fn checked(
+        guest_addr: u64,
+        host: *mut u8,
+        len: usize,
+        backing: Backing,
+        keep: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Result<Self, MemoryError> {
+        let misaligned = MemoryError::Misaligned {
+            guest_addr,
+            len: len as u64,
+        };
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) || !guest_addr.is_multiple_of(PAGE_SIZE_U64) {
+            return Err(misaligned);
+        }
+        if !(host as usize).is_multiple_of(PAGE_SIZE) {
+            return Err(misaligned);
+        }
+        if guest_addr.checked_add(len as u64).is_none() {
+            return Err(MemoryError::Wraps { guest_addr });
+        }
+        let host = NonNull::new(host).ok_or(misaligned)?;
+        Ok(RamRegion {
+            guest_addr,
+            host,
+            len,
+            backing,
+            _keep_alive: keep,
+        })
+    }
+
+    /// A region over a vm-memory mapping; the region keeps the mapping alive.
+    pub fn from_mmap<B>(guest_addr: u64, mmap: Arc<MmapRegion<B>>) -> Result<Self, MemoryError>
+    where
+        B: Bitmap + Send + Sync + 'static,
+    {
+        let flags = mmap.flags();
+        let anonymous = mmap.file_offset().is_none()
+            && flags & libc::MAP_ANONYMOUS != 0
+            && flags & libc::MAP_PRIVATE != 0
+            && flags & libc::MAP_HUGETLB == 0
+            && mmap.is_hugetlbfs() != Some(true);
+        let backing = if anonymous {
+            Backing::PrivateAnonymous
+        } else {
+            Backing::Other
+        };
+        let (host, len) = (mmap.as_ptr(), mmap.size());
+        Self::checked(guest_addr, host, len, backing, Some(mmap))
+    }
+
+    /// A region over an [`AnonMapping`]; the region keeps the mapping alive.
+    pub fn from_anon(guest_addr: u64, map: Arc<AnonMapping>) -> Result<Self, MemoryError> {
+        let (host, len) = (map.ptr.as_ptr(), map.len);
+        Self::checked(guest_addr, host, len, Backing::PrivateAnonymous, Some(map))
+    }
+
+    pub fn guest_addr(&self) -> u64 {
+        self.guest_addr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn pages(&self) -> usize {
+        self.len / PAGE_SIZE
+    }
+
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// Host address of the first byte (for logging and pagemap look-ups).
+    pub fn host_addr(&self) -> usize {
+        self.host.as_ptr() as usize
+    }
+
+    /// The layout entry for this region.
+    pub fn layout(&self) -> LayoutRegion {
+        LayoutRegion {
+            guest_addr: self.guest_addr,
+            size: self.len as u64,
+        }
+    }
+
+    /// Pointer to page `page`; `page + pages` must be within the region.
+    pub(crate) fn page_ptr(&self, page: usize, pages: usize) -> *mut u8 {
+        assert!(page
+            .checked_add(pages)
+            .is_some_and(|end| end <= self.pages()));
+        // SAFETY: the offset is within the mapping, checked just above.
+        unsafe { self.host.as_ptr().add(page * PAGE_SIZE) }
+    }
+
+    /// Makes pages `page..page + pages` read as zero without writing them where possible:
+    /// `MADV_DONTNEED` for private anonymous memory (frees the pages), writing zeros otherwise.
+    pub(crate) fn zero_pages(&self, page: usize, pages: usize) -> Result<(), MemoryError> {
+        let ptr = self.page_ptr(page, pages);
+        let len = pages * PAGE_SIZE;
+        match self.backing {
+            Backing::PrivateAnonymous => {
+                // SAFETY: the range is page-aligned and inside our private anonymous mapping;
+                // MADV_DONTNEED replaces it with zero-fill-on-demand pages, nothing else changes.
+                let rc = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTNEED) };
+                if rc != 0 {
+                    return Err(MemoryError::Madvise(io::Error::last_os_error()));
+                }
+            }
+            Backing::Other => {
+                // SAFETY: the range is inside the writable mapping (checked by page_ptr).
+                unsafe { std::ptr::write_bytes(ptr, 0, len) };
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Something that owns guest RAM and lists it as regions (index = region number in the
+/// stream and in dirty-log calls). The list must not change during a migration.
+pub trait GuestRam {
+    fn ram_regions(&self) -> Vec<RamRegion>;
+}
+
+/// The regions of a vm-memory `GuestMemoryMmap`, in address order, each keeping its mapping
+/// alive. This is how the vmm turns its guest memory into migration regions.
+pub fn regions_from_guest_memory<B>(mem: &GuestMemoryMmap<B>) -> Result<Vec<RamRegion>, MemoryError>
+where
+    B: Bitmap + Send + Sync + 'static,
+{
+    let mut regions = mem
+        .iter()
+        .map(|r| RamRegion::from_mmap(r.start_addr().0, r.get_mmap()))
+        .collect::<Result<Vec<_>, _>>()?;
+    regions.sort_by_key(|r| r.guest_addr);
+    Ok(regions)
+}
+
+/// The layout of a list of regions, as written to the stream.
+pub fn layout_of(regions: &[RamRegion]) -> Vec<LayoutRegion> {
+    regions.iter().map(RamRegion::layout).collect()
+}
+
+/// A private anonymous mapping (`MAP_NORESERVE`): guest RAM for tests, benchmarks and the fake
+/// VM; the real vmm uses vm-memory's `GuestMemoryMmap`, which maps the same way.
+pub struct AnonMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    /// Inaccessible pages on each side (tests: a stray access faults).
+    guard: usize,
+}
+
+// SAFETY: the mapping is plain process memory; accesses go through raw pointers.
+unsafe impl Send for AnonMapping {}
+// SAFETY: as above.
+unsafe impl Sync for AnonMapping {}
+
+impl AnonMapping {
+    /// Maps `len` bytes (rounded up to a page) of fresh, untouched memory.
+    pub fn new(len: usize) -> Result<Self, MemoryError> {
+        Self::map(len, 0)
+    }
+
+    /// Like [`new`](Self::new), with an inaccessible page just before and just after the
+    /// usable range, so any access outside it faults.
+    pub fn new_guarded(len: usize) -> Result<Self, MemoryError> {
+        Self::map(len, PAGE_SIZE)
+    }
+
+    fn map(len: usize, guard: usize) -> Result<Self, MemoryError> {
+        let len = len.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
+        let total = len + 2 * guard;
+        // SAFETY: a new anonymous mapping at an address of the kernel's choosing; the result
+        // is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MemoryError::Mmap(io::Error::last_os_error()));
+        }
+        let base: *mut u8 = ptr.cast();
+        if guard > 0 {
+            // SAFETY: both guard pages lie inside the mapping just created; PROT_NONE on them
+            // changes nothing we hold references to.
+            let rc = unsafe {
+                libc::mprotect(base.cast(), guard, libc::PROT_NONE)
+                    | libc::mprotect(base.add(guard + len).cast(), guard, libc::PROT_NONE)
+            };
+            if rc != 0 {
+                let e = io::Error::last_os_error();
+                // SAFETY: unmapping the mapping we just created and nobody else knows.
+                unsafe { libc::munmap(ptr, total) };
+                return Err(MemoryError::Mmap(e));
+            }
+        }
+        // SAFETY: `guard` bytes into a mapping of `len + 2 * guard` bytes.
+        let usable = unsafe { base.add(guard) };
+        let ptr = NonNull::new(usable).ok_or(MemoryError::Mmap(io::Error::other("null")))?;
+        Ok(AnonMapping { ptr, len, guard })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Copies `data` into the mapping at `offset` (bounds-checked).
+    pub fn write(&self, offset: usize, data: &[u8]) {
+        assert!(offset
+            .checked_add(data.len())
+            .is_some_and(|end| end <= self.len));
+        // SAFETY: the range was bounds-checked above; raw copy, no reference to the mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len())
+        };
+    }
+
+    /// Copies `out.len()` bytes at `offset` out of the mapping (bounds-checked).
+    pub fn read(&self, offset: usize, out: &mut [u8]) {
+        assert!(offset
+            .checked_add(out.len())
+            .is_some_and(|end| end <= self.len));
+        // SAFETY: the range was bounds-checked above; raw copy out of the mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), out.as_mut_ptr(), out.len())
+        };
+    }
+}
+
+impl Drop for AnonMapping {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping (guards included) and nobody else holds it (regions keep
+        // an Arc to us).
+        unsafe {
+            libc::munmap(
+                self.ptr.as_ptr().sub(self.guard).cast(),
+                self.len + 2 * self.guard,
+            )
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn regions_are_validated() {
+        let map = Arc::new(AnonMapping::new(3 * PAGE_SIZE).unwrap());
+        assert!(RamRegion::from_anon(0x1000, map.clone()).is_ok());
+        assert!(matches!(
+            RamRegion::from_anon(0x800, map.clone()),
+            Err(MemoryError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            RamRegion::from_anon(u64::MAX - 0xfff, map),
+            Err(MemoryError::Wraps { .. })
+        ));
+    }
+
+    #[test]
+    fn zero_pages_frees_private_anonymous_memory() {
+        let map = Arc::new(AnonMapping::new(4 * PAGE_SIZE).unwrap());
+        let region = RamRegion::from_anon(0, map.clone()).unwrap();
+        map.write(PAGE_SIZE, &[0xaa; PAGE_SIZE * 2]);
+        region.zero_pages(1, 1).unwrap();
+        let mut page = vec![0u8; PAGE_SIZE * 2];
+        map.read(PAGE_SIZE, &mut page);
+        assert!(page[..PAGE_SIZE].iter().all(|&b| b == 0));
+        assert!(page[PAGE_SIZE..].iter().all(|&b| b == 0xaa));
+    }
+
+    #[test]
+    fn vm_memory_regions_are_private_anonymous() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x2000),
+            (GuestAddress(0x10_0000), 0x4000),
+        ])
+        .unwrap();
+        let regions = regions_from_guest_memory(&mem).unwrap();
+        assert_eq!(regions.len(), 2);
+        assert_eq!(regions[0].guest_addr(), 0);
+        assert_eq!(regions[1].pages(), 4);
+        assert_eq!(regions[1].backing(), Backing::PrivateAnonymous);
+        drop(mem);
+        // The regions keep the mappings alive after the GuestMemoryMmap is gone.
+        regions[1].zero_pages(0, 4).unwrap();
+    }
+}

@@ -1,0 +1,138 @@
+//! The convergence policy: a pure function from the last pass's statistics to "another pass"
+//! or "stop and copy".
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::stats::PassStats;
+
+/// Default downtime limit.
+pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(50);
+/// Default most passes (bulk included) before stop-and-copy.
+pub const DEFAULT_MAX_PASSES: u32 = 30;
+
+/// What the policy is allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest acceptable pause for the final pass.
+    pub downtime: Duration,
+    /// Passes (bulk included) after which the guest is paused whatever remains.
+    pub max_passes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            downtime: DEFAULT_DOWNTIME,
+            max_passes: DEFAULT_MAX_PASSES,
+        }
+    }
+}
+
+/// Why pre-copy stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The remaining dirty memory is expected to go out within the downtime limit.
+    #[default]
+    Converged,
+    /// The pass limit was reached first: the guest is paused anyway, downtime may be longer.
+    MaxPasses,
+}
+
+/// The policy's answer after a pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Send the dirty pages with the guest running.
+    Continue,
+    /// Pause the guest and send the rest.
+    StopAndCopy(StopReason),
+}
+
+/// Time to send `bytes` at `bandwidth_bps` (infinite for an unmeasured bandwidth).
+pub fn expected_time(bytes: u64, bandwidth_bps: u64) -> Duration {
+    if bytes == 0 {
+        Duration::ZERO
+    } else if bandwidth_bps == 0 {
+        Duration::MAX
+    } else {
+        Duration::from_secs_f64(bytes as f64 / bandwidth_bps as f64)
+    }
+}
+
+/// Stop when the dirty bytes left after `last` go out within the downtime at the bandwidth
+/// the pass achieved, or when `last` was pass number `max_passes - 1`.
+pub fn decide(last: &PassStats, limits: &Limits) -> Decision {
+    if expected_time(last.remaining_bytes(), last.bandwidth_bps) <= limits.downtime {
+        Decision::StopAndCopy(StopReason::Converged)
+    } else if last.pass + 1 >= limits.max_passes {
+        Decision::StopAndCopy(StopReason::MaxPasses)
+    } else {
+        Decision::Continue
+    }
+}
+
+/// True when the guest dirties memory at least as fast as it can be sent: more passes will
+/// not shrink the remainder (reported in progress and logs).
+pub fn diverging(last: &PassStats) -> bool {
+    last.dirty_pages > 0 && last.dirty_rate_bps >= last.bandwidth_bps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pass(pass: u32, dirty_pages: u64, bandwidth_bps: u64) -> PassStats {
+        PassStats {
+            pass,
+            dirty_pages,
+            bandwidth_bps,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn converges_when_remainder_fits_downtime() {
+        let l = Limits::default();
+        // 100 pages = 400 KiB at 1 GB/s is 0.4 ms.
+        assert_eq!(
+            decide(&pass(1, 100, 1_000_000_000), &l),
+            Decision::StopAndCopy(StopReason::Converged)
+        );
+        // 1 GiB at 1 GB/s is ~1 s: go on.
+        assert_eq!(
+            decide(&pass(1, 262_144, 1_000_000_000), &l),
+            Decision::Continue
+        );
+        // Nothing dirty: done even with no bandwidth measured.
+        assert_eq!(
+            decide(&pass(0, 0, 0), &l),
+            Decision::StopAndCopy(StopReason::Converged)
+        );
+        // Unmeasured bandwidth with work left: continue.
+        assert_eq!(decide(&pass(0, 1, 0), &l), Decision::Continue);
+    }
+
+    #[test]
+    fn stops_at_max_passes() {
+        let l = Limits {
+            downtime: Duration::from_millis(1),
+            max_passes: 3,
+        };
+        assert_eq!(decide(&pass(1, 1 << 20, 1000), &l), Decision::Continue);
+        assert_eq!(
+            decide(&pass(2, 1 << 20, 1000), &l),
+            Decision::StopAndCopy(StopReason::MaxPasses)
+        );
+    }
+
+    #[test]
+    fn divergence() {
+        let mut p = pass(1, 10, 100);
+        p.dirty_rate_bps = 200;
+        assert!(diverging(&p));
+        p.dirty_rate_bps = 50;
+        assert!(!diverging(&p));
+    }
+}

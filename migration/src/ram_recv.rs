@@ -1,0 +1,443 @@
+//! The RAM side of the destination: applies `RamPages` batches to guest memory after checking
+//! every run against the declared layout, and keeps the zero guarantee that zero-page
+//! elision relies on.
+//!
+//! The receiver tracks, per page, whether the page may be non-zero (`maybe_nonzero`). At
+//! creation it proves the memory zero (pagemap: untouched pages need no reading; the rest is
+//! read) or marks everything as possibly non-zero. Data runs set bits, zero runs give the set
+//! pages back (`MADV_DONTNEED`, nothing allocated) and clear them, [`RamReceiver::reset`]
+//! clears all. The memory is *pristine* when no bit is set; only then is a pass that elides
+//! zero pages accepted. This is the check QEMU 1.5 lacked.
+
+use crate::dirty::DirtyBitmap;
+use crate::memory::{Backing, MemoryError, RamRegion};
+use crate::pagemap::Pagemap;
+use crate::stats::ReceiveStats;
+use crate::stream::RecordReader;
+use crate::wire::{
+    decode_batch_prefix, decode_run_table, PassBegin, RecordHeader, RecordKind, WireError,
+    BATCH_PREFIX_LEN, PAGE_SIZE, PAGE_SIZE_U64, PASS_ZERO_ELIDED, RUN_DESC_LEN,
+};
+use crate::zero::is_zero_raw;
+
+/// Errors applying RAM records. Offsets are stream offsets of the record.
+#[derive(Debug, thiserror::Error)]
+pub enum RamLoadError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(
+        "Run {run} of the batch at offset {offset}: address {guest_addr:#x} is not page-aligned"
+    )]
+    Misaligned {
+        offset: u64,
+        run: usize,
+        guest_addr: u64,
+    },
+    #[error("Run {run} of the batch at offset {offset} has no pages")]
+    EmptyRun { offset: u64, run: usize },
+    #[error("Run {run} of the batch at offset {offset}: {pages} pages at {guest_addr:#x} are outside guest memory")]
+    OutOfRange {
+        offset: u64,
+        run: usize,
+        guest_addr: u64,
+        pages: u32,
+    },
+    #[error("Run {run} of the batch at offset {offset}: address {guest_addr:#x} overlaps or precedes the previous run")]
+    Overlap {
+        offset: u64,
+        run: usize,
+        guest_addr: u64,
+    },
+    #[error("Batch at offset {offset} announces {announced} data pages, its runs hold {found}")]
+    DataPages {
+        offset: u64,
+        announced: usize,
+        found: usize,
+    },
+    #[error("Pass at offset {offset} elides zero pages but destination memory is not pristine")]
+    ElisionIntoDirtyMemory { offset: u64 },
+    #[error("Zeroing guest pages failed")]
+    Zero(#[source] MemoryError),
+}
+
+/// Applies RAM records to the destination's guest memory.
+pub struct RamReceiver {
+    regions: Vec<RamRegion>,
+    maybe_nonzero: Vec<DirtyBitmap>,
+    stats: ReceiveStats,
+}
+
+impl RamReceiver {
+    /// A receiver for `regions` (sorted, non-overlapping: the layout already checked). The
+    /// memory is inspected: all-zero memory starts pristine, anything else does not.
+    pub fn new(regions: Vec<RamRegion>) -> Self {
+        let zero = memory_is_zero(&regions);
+        let maybe_nonzero = regions
+            .iter()
+            .map(|r| {
+                let mut b = DirtyBitmap::new(r.pages());
+                if !zero {
+                    b.set_range(0, r.pages());
+                }
+                b
+            })
+            .collect();
+        RamReceiver {
+            regions,
+            maybe_nonzero,
+            stats: ReceiveStats::default(),
+        }
+    }
+
+    /// All guest memory is zero and only this receiver wrote it since it was proven so.
+    pub fn is_pristine(&self) -> bool {
+        self.maybe_nonzero.iter().all(DirtyBitmap::is_clear)
+    }
+
+    /// Makes the memory pristine again: every page given back (`MADV_DONTNEED`; written with
+    /// zeros for memory that is not private anonymous).
+    pub fn reset(&mut self) -> Result<(), MemoryError> {
+        for (region, map) in self.regions.iter().zip(&mut self.maybe_nonzero) {
+            match region.backing() {
+                Backing::PrivateAnonymous => region.zero_pages(0, region.pages())?,
+                Backing::Other => {
+                    for (start, len) in map.runs() {
+                        region.zero_pages(start, len)?;
+                    }
+                }
+            }
+            map.clear();
+        }
+        self.stats.reset = true;
+        Ok(())
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self) -> &ReceiveStats {
+        &self.stats
+    }
+
+    /// Starts a pass; refuses an eliding pass unless the memory is pristine.
+    pub fn begin_pass(&mut self, pass: &PassBegin, offset: u64) -> Result<(), RamLoadError> {
+        if pass.flags & PASS_ZERO_ELIDED != 0 && !self.is_pristine() {
+            return Err(RamLoadError::ElisionIntoDirtyMemory { offset });
+        }
+        self.stats.passes += 1;
+        Ok(())
+    }
+
+    /// Reads the payload of the `RamPages` record `h` (at `offset`) and applies it. Nothing
+    /// is written before the whole run table is validated; data is read straight into guest
+    /// memory and its checksum verified there.
+    pub fn load_batch(
+        &mut self,
+        reader: &mut RecordReader<'_>,
+        h: &RecordHeader,
+        offset: u64,
+    ) -> Result<(), RamLoadError> {
+        let mut prefix = [0u8; BATCH_PREFIX_LEN];
+        reader.read_exact(&mut prefix, "batch prefix")?;
+        let (run_count, data_pages) = decode_batch_prefix(&prefix, h.len, offset)?;
+        let mut table = vec![0u8; run_count * RUN_DESC_LEN];
+        reader.read_exact(&mut table, "run table")?;
+        let runs = decode_run_table(&table, offset)?;
+        let placed = self.place_runs(&runs, data_pages, offset)?;
+
+        let mut crc = crc32c::crc32c_append(crc32c::crc32c(&prefix), &table);
+        for p in &placed {
+            let region = &self.regions[p.region];
+            if p.zero {
+                self.stats.zero_pages += p.pages as u64;
+                self.zero_run(p.region, p.page, p.pages)?;
+                continue;
+            }
+            // Mark first: if the read fails half-way the pages are already possibly non-zero.
+            self.maybe_nonzero[p.region].set_range(p.page, p.pages);
+            let ptr = region.page_ptr(p.page, p.pages);
+            // SAFETY: the run was checked to lie inside this region's live mapping, and the
+            // destination guest does not run while the stream is loaded, so this is the only
+            // access to these bytes while the slice lives.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr, p.pages * PAGE_SIZE) };
+            reader.read_exact(dst, "page data")?;
+            crc = crc32c::crc32c_append(crc, dst);
+            self.stats.pages_written += p.pages as u64;
+        }
+        if crc != h.payload_crc {
+            return Err(WireError::PayloadChecksum {
+                offset,
+                kind: RecordKind::RamPages,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Checks every run against the layout and the previous run; returns them placed.
+    fn place_runs(
+        &self,
+        runs: &[crate::wire::RunDesc],
+        data_pages: usize,
+        offset: u64,
+    ) -> Result<Vec<Placed>, RamLoadError> {
+        let mut placed = Vec::with_capacity(runs.len());
+        let mut prev_end: Option<u64> = None;
+        let mut found_data = 0usize;
+        for (i, run) in runs.iter().enumerate() {
+            let gpa = run.guest_addr;
+            if !gpa.is_multiple_of(PAGE_SIZE_U64) {
+                return Err(RamLoadError::Misaligned {
+                    offset,
+                    run: i,
+                    guest_addr: gpa,
+                });
+            }
+            if run.pages == 0 {
+                return Err(RamLoadError::EmptyRun { offset, run: i });
+            }
+            let out_of_range = || RamLoadError::OutOfRange {
+                offset,
+                run: i,
+                guest_addr: gpa,
+                pages: run.pages,
+            };
+            let end = (run.pages as u64)
+                .checked_mul(PAGE_SIZE_U64)
+                .and_then(|len| gpa.checked_add(len))
+                .ok_or_else(out_of_range)?;
+            if prev_end.is_some_and(|p| gpa < p) {
+                return Err(RamLoadError::Overlap {
+                    offset,
+                    run: i,
+                    guest_addr: gpa,
+                });
+            }
+            let region = self
+                .regions
+                .iter()
+                .position(|r| gpa >= r.guest_addr() && end <= r.guest_addr() + r.len() as u64)
+                .ok_or_else(out_of_range)?;
+            if !run.zero {
+                found_data += run.pages as usize;
+            }
+            prev_end = Some(end);
+            placed.push(Placed {
+                region,
+                page: ((gpa - self.regions[region].guest_addr()) / PAGE_SIZE_U64) as usize,
+                pages: run.pages as usize,
+                zero: run.zero,
+            });
+        }
+        if found_data != data_pages {
+            return Err(RamLoadError::DataPages {
+                offset,
+                announced: data_pages,
+                found: found_data,
+            });
+        }
+        Ok(placed)
+    }
+
+    /// Makes a zero run read as zero: pages never written are left alone (no allocation),
+    /// written ones are given back.
+    fn zero_run(&mut self, r: usize, page: usize, pages: usize) -> Result<(), RamLoadError> {
+        let region = &self.regions[r];
+        let map = &mut self.maybe_nonzero[r];
+        let mut dirty = Vec::new();
+        let mut i = page;
+        while i < page + pages {
+            if map.get(i) {
+                let start = i;
+                while i < page + pages && map.get(i) {
+                    i += 1;
+                }
+                dirty.push((start, i - start));
+            } else {
+                i += 1;
+            }
+        }
+        for (start, len) in dirty {
+            region.zero_pages(start, len).map_err(RamLoadError::Zero)?;
+            map.clear_range(start, len);
+            self.stats.zero_pages_freed += len as u64;
+        }
+        Ok(())
+    }
+}
+
+struct Placed {
+    region: usize,
+    page: usize,
+    pages: usize,
+    zero: bool,
+}
+
+/// True if every byte of every region is zero: pagemap says which private anonymous pages
+/// were never touched (no reading needed), the rest is read.
+pub fn memory_is_zero(regions: &[RamRegion]) -> bool {
+    let mut pagemap = Pagemap::open();
+    let mut states = Vec::new();
+    for region in regions {
+        let pages = region.pages();
+        let mut start = 0;
+        while start < pages {
+            let n = (pages - start).min(crate::pagemap::BATCH_PAGES);
+            let classified = region.backing() == Backing::PrivateAnonymous
+                && pagemap.as_mut().is_some_and(|pm| {
+                    pm.classify(region.host_addr() + start * PAGE_SIZE, n, &mut states)
+                        .is_ok()
+                });
+            for i in 0..n {
+                if classified && states.get(i).is_some_and(|s| s.is_known_zero()) {
+                    continue;
+                }
+                let ptr = region.page_ptr(start + i, 1);
+                // SAFETY: one page inside the region's live mapping.
+                if !unsafe { is_zero_raw(ptr, PAGE_SIZE) } {
+                    return false;
+                }
+            }
+            start += n;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::AnonMapping;
+    use crate::transport::Connection;
+    use crate::wire::{encode_batch_prefix, RunDesc};
+    use std::sync::Arc;
+
+    fn setup(pages: usize) -> (Arc<AnonMapping>, RamReceiver) {
+        let map = Arc::new(AnonMapping::new(pages * PAGE_SIZE).unwrap());
+        let region = RamRegion::from_anon(0x10_0000, map.clone()).unwrap();
+        (map, RamReceiver::new(vec![region]))
+    }
+
+    /// A RamPages record (header included) for `runs` with data byte `fill`.
+    fn batch(runs: &[RunDesc], fill: u8) -> Vec<u8> {
+        let data_pages: u32 = runs.iter().filter(|r| !r.zero).map(|r| r.pages).sum();
+        let mut payload = Vec::new();
+        encode_batch_prefix(runs.len() as u32, data_pages, &mut payload);
+        for r in runs {
+            r.encode_into(&mut payload);
+        }
+        payload.resize(payload.len() + data_pages as usize * PAGE_SIZE, fill);
+        let h = RecordHeader {
+            kind: RecordKind::RamPages,
+            len: payload.len() as u32,
+            payload_crc: crc32c::crc32c(&payload),
+        };
+        let mut out = h.encode().to_vec();
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    fn apply(rx: &mut RamReceiver, bytes: Vec<u8>) -> Result<(), RamLoadError> {
+        let mut c = Connection::from_bytes(bytes);
+        let mut reader = RecordReader::new(&mut c);
+        let (h, off) = reader.next_header()?;
+        rx.load_batch(&mut reader, &h, off)
+    }
+
+    fn run(guest_addr: u64, pages: u32, zero: bool) -> RunDesc {
+        RunDesc {
+            guest_addr,
+            pages,
+            zero,
+        }
+    }
+
+    #[test]
+    fn fresh_memory_is_pristine_and_data_makes_it_dirty() {
+        let (map, mut rx) = setup(8);
+        assert!(rx.is_pristine());
+        apply(
+            &mut rx,
+            batch(&[run(0x10_1000, 2, false), run(0x10_5000, 1, true)], 0xab),
+        )
+        .unwrap();
+        assert!(!rx.is_pristine());
+        let mut b = [0u8; 1];
+        map.read(PAGE_SIZE, &mut b);
+        assert_eq!(b[0], 0xab);
+        assert_eq!(
+            rx.stats().zero_pages_freed,
+            0,
+            "zero run on pristine pages frees nothing"
+        );
+        // Zeroing the written pages makes the memory pristine again.
+        apply(&mut rx, batch(&[run(0x10_1000, 2, true)], 0)).unwrap();
+        assert!(rx.is_pristine());
+        assert_eq!(rx.stats().zero_pages_freed, 2);
+        map.read(PAGE_SIZE, &mut b);
+        assert_eq!(b[0], 0);
+    }
+
+    #[test]
+    fn written_memory_is_not_pristine_until_reset() {
+        let map = Arc::new(AnonMapping::new(4 * PAGE_SIZE).unwrap());
+        map.write(3 * PAGE_SIZE + 9, &[1]); // "firmware" loaded by the destination itself
+        let region = RamRegion::from_anon(0, map.clone()).unwrap();
+        let mut rx = RamReceiver::new(vec![region]);
+        assert!(!rx.is_pristine());
+        let elided = PassBegin {
+            pass: 0,
+            flags: PASS_ZERO_ELIDED,
+        };
+        assert!(matches!(
+            rx.begin_pass(&elided, 40),
+            Err(RamLoadError::ElisionIntoDirtyMemory { offset: 40 })
+        ));
+        rx.reset().unwrap();
+        assert!(rx.is_pristine());
+        assert!(memory_is_zero(rx.regions.as_slice()));
+        rx.begin_pass(&elided, 40).unwrap();
+    }
+
+    #[test]
+    fn bad_runs_are_refused_before_any_write() {
+        let (map, mut rx) = setup(8);
+        let cases: Vec<(Vec<RunDesc>, &str)> = vec![
+            (vec![run(0x10_0800, 1, false)], "not page-aligned"),
+            (vec![run(0x10_0000, 0, true)], "no pages"),
+            (vec![run(0x10_7000, 2, false)], "outside guest memory"),
+            (vec![run(0x0, 1, true)], "outside guest memory"),
+            (vec![run(u64::MAX - 0xfff, 2, true)], "outside guest memory"),
+            (
+                vec![run(0x10_2000, 2, false), run(0x10_3000, 1, true)],
+                "overlaps",
+            ),
+            (
+                vec![run(0x10_4000, 1, true), run(0x10_0000, 1, false)],
+                "overlaps",
+            ),
+        ];
+        for (runs, what) in cases {
+            let err = apply(&mut rx, batch(&runs, 0xcd)).unwrap_err();
+            assert!(err.to_string().contains(what), "{err} should say {what}");
+            assert!(err.to_string().contains("offset 0"), "{err}");
+        }
+        assert!(rx.is_pristine());
+        assert!(memory_is_zero(&[RamRegion::from_anon(0, map).unwrap()]));
+    }
+
+    #[test]
+    fn corrupt_data_is_detected() {
+        let (_map, mut rx) = setup(4);
+        let mut bytes = batch(&[run(0x10_0000, 1, false)], 7);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let err = apply(&mut rx, bytes).unwrap_err();
+        assert!(
+            matches!(err, RamLoadError::Wire(WireError::PayloadChecksum { .. })),
+            "{err}"
+        );
+        assert!(
+            !rx.is_pristine(),
+            "pages written before the check stay tracked"
+        );
+    }
+}

@@ -1,0 +1,362 @@
+//! The RAM side of the source: the bulk pass over every page and the passes over the dirty
+//! bitmap, batched into `RamPages` records.
+//!
+//! Invariant that makes the result correct: the dirty log is on before the first byte is
+//! read, and each page's fate (data, zero record, elided) is decided from one reading of the
+//! page, whose bytes are what is sent. A write after that reading is in the dirty log and the
+//! page goes out again in a later pass, the final one with the guest paused.
+//!
+//! While the guest runs, data pages are copied into a staging buffer at the moment they are
+//! found non-zero, so the record checksum describes exactly the bytes sent. With the guest
+//! paused (final pass), runs are written straight from guest memory with one vectored write
+//! per batch.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use crate::dirty::DirtyBitmap;
+use crate::memory::{Backing, RamRegion};
+use crate::pagemap::{PageState, Pagemap, BATCH_PAGES};
+use crate::stats::{PassKind, PassStats};
+use crate::stream::RecordWriter;
+use crate::wire::{
+    encode_batch_prefix, PassBegin, RecordKind, RunDesc, MAX_BATCH_DATA_PAGES, MAX_BATCH_RUNS,
+    PAGE_SIZE, PAGE_SIZE_U64, PASS_FINAL, PASS_ZERO_ELIDED,
+};
+use crate::zero::is_zero_raw;
+
+/// RAM sender tuning.
+#[derive(Clone, Copy, Debug)]
+pub struct RamSendConfig {
+    /// Most data pages per record (1..=1024).
+    pub batch_pages: usize,
+    /// Most stream bytes per second, `None` for no limit.
+    pub max_bandwidth: Option<u64>,
+    /// Use pagemap to skip untouched pages without reading them.
+    pub use_pagemap: bool,
+}
+
+impl Default for RamSendConfig {
+    fn default() -> Self {
+        RamSendConfig {
+            batch_pages: MAX_BATCH_DATA_PAGES,
+            max_bandwidth: None,
+            use_pagemap: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    region: usize,
+    page: usize,
+    pages: usize,
+    zero: bool,
+}
+
+/// Pages decided but not written yet.
+struct Batch {
+    runs: Vec<Run>,
+    data_pages: usize,
+    /// Data of the runs, copied at decision time (guest running).
+    staging: Vec<u8>,
+    table: Vec<u8>,
+}
+
+/// Sends RAM passes for a fixed list of regions.
+pub struct RamSender {
+    regions: Vec<RamRegion>,
+    pending: Vec<DirtyBitmap>,
+    pagemap: Option<Pagemap>,
+    states: Vec<PageState>,
+    batch: Batch,
+    cfg: RamSendConfig,
+    /// Guest paused: no staging copy, vectored writes from guest memory.
+    paused: bool,
+    pass_start: Instant,
+    pass_bytes: u64,
+    #[cfg(test)]
+    pub(crate) scan_hook: Option<Box<dyn FnMut(usize, usize) + Send>>,
+}
+
+impl RamSender {
+    pub fn new(regions: Vec<RamRegion>, cfg: RamSendConfig) -> Self {
+        let pending = regions
+            .iter()
+            .map(|r| DirtyBitmap::new(r.pages()))
+            .collect();
+        let batch_pages = cfg.batch_pages.clamp(1, MAX_BATCH_DATA_PAGES);
+        RamSender {
+            regions,
+            pending,
+            pagemap: if cfg.use_pagemap {
+                Pagemap::open()
+            } else {
+                None
+            },
+            states: Vec::new(),
+            batch: Batch {
+                runs: Vec::new(),
+                data_pages: 0,
+                staging: Vec::with_capacity(batch_pages * PAGE_SIZE),
+                table: Vec::new(),
+            },
+            cfg: RamSendConfig { batch_pages, ..cfg },
+            paused: false,
+            pass_start: Instant::now(),
+            pass_bytes: 0,
+            #[cfg(test)]
+            scan_hook: None,
+        }
+    }
+
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    /// The pages of region `region` still to send; the dirty log is ORed in here.
+    pub fn pending_mut(&mut self, region: usize) -> &mut DirtyBitmap {
+        &mut self.pending[region]
+    }
+
+    /// Pages still to send over all regions.
+    pub fn pending_pages(&self) -> u64 {
+        self.pending.iter().map(|b| b.count() as u64).sum()
+    }
+
+    /// Declares the guest paused (final pass): data goes straight from guest memory.
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+    }
+
+    /// Pass 0: every page. Zero pages (read, or known untouched from pagemap) are elided if
+    /// `elide`, else sent as zero runs.
+    pub fn bulk_pass(&mut self, w: &mut RecordWriter<'_>, elide: bool) -> io::Result<PassStats> {
+        let mut stats = self.begin_pass(
+            w,
+            0,
+            PassKind::Bulk,
+            if elide { PASS_ZERO_ELIDED } else { 0 },
+        )?;
+        for r in 0..self.regions.len() {
+            let pages = self.regions[r].pages();
+            let mut start = 0;
+            while start < pages {
+                let n = (pages - start).min(BATCH_PAGES);
+                self.classify(r, start, n);
+                for i in 0..n {
+                    let known_zero = self.states[i].is_known_zero();
+                    stats.untouched_skipped += known_zero as u64;
+                    self.scan_page(w, &mut stats, r, start + i, known_zero, elide)?;
+                }
+                start += n;
+            }
+        }
+        self.flush(w)?;
+        stats.bytes = self.pass_bytes;
+        Ok(stats)
+    }
+
+    /// Pass `pass` (> 0): the pending dirty pages, zero pages as zero runs. `final_pass`
+    /// only marks the record; call [`set_paused`](Self::set_paused) first for the final pass.
+    pub fn dirty_pass(
+        &mut self,
+        w: &mut RecordWriter<'_>,
+        pass: u32,
+        final_pass: bool,
+    ) -> io::Result<PassStats> {
+        let (kind, flags) = if final_pass {
+            (PassKind::Final, PASS_FINAL)
+        } else {
+            (PassKind::Iterative, 0)
+        };
+        let mut stats = self.begin_pass(w, pass, kind, flags)?;
+        for r in 0..self.regions.len() {
+            let pages = self.pending[r].pages();
+            let dirty = std::mem::replace(&mut self.pending[r], DirtyBitmap::new(pages));
+            for (start, len) in dirty.runs() {
+                for page in start..start + len {
+                    self.scan_page(w, &mut stats, r, page, false, false)?;
+                }
+            }
+        }
+        self.flush(w)?;
+        stats.bytes = self.pass_bytes;
+        Ok(stats)
+    }
+
+    fn begin_pass(
+        &mut self,
+        w: &mut RecordWriter<'_>,
+        pass: u32,
+        kind: PassKind,
+        flags: u32,
+    ) -> io::Result<PassStats> {
+        self.pass_start = Instant::now();
+        self.pass_bytes = w.write_record(
+            RecordKind::PassBegin,
+            &[&PassBegin { pass, flags }.encode()],
+        )?;
+        Ok(PassStats {
+            pass,
+            kind,
+            ..Default::default()
+        })
+    }
+
+    /// Fills `self.states` for pages `start..start + n` of region `r`.
+    fn classify(&mut self, r: usize, start: usize, n: usize) {
+        let region = &self.regions[r];
+        if region.backing() == Backing::PrivateAnonymous {
+            if let Some(pm) = self.pagemap.as_mut() {
+                let addr = region.host_addr() + start * PAGE_SIZE;
+                match pm.classify(addr, n, &mut self.states) {
+                    Ok(()) => return,
+                    Err(e) => {
+                        log::warn!("Reading pagemap failed, reading pages instead: {e}");
+                        self.pagemap = None;
+                    }
+                }
+            }
+        }
+        self.states.clear();
+        self.states.resize(n, PageState::Resident);
+    }
+
+    /// Decides one page from one reading of it and queues it.
+    fn scan_page(
+        &mut self,
+        w: &mut RecordWriter<'_>,
+        stats: &mut PassStats,
+        r: usize,
+        page: usize,
+        known_zero: bool,
+        elide: bool,
+    ) -> io::Result<()> {
+        stats.pages_scanned += 1;
+        let ptr = self.regions[r].page_ptr(page, 1);
+        // SAFETY: the page is inside the region's live mapping (page_ptr checks bounds).
+        let zero = known_zero || unsafe { is_zero_raw(ptr, PAGE_SIZE) };
+        #[cfg(test)]
+        if let Some(hook) = self.scan_hook.as_mut() {
+            hook(r, page);
+        }
+        if zero {
+            if elide {
+                stats.zero_elided += 1;
+                return Ok(());
+            }
+            stats.zero_sent += 1;
+        } else {
+            stats.pages_sent += 1;
+        }
+        self.push(w, r, page, zero)
+    }
+
+    /// Queues one page, merging it into the last run when contiguous; flushes full batches.
+    fn push(
+        &mut self,
+        w: &mut RecordWriter<'_>,
+        r: usize,
+        page: usize,
+        zero: bool,
+    ) -> io::Result<()> {
+        if !zero && self.batch.data_pages == self.cfg.batch_pages {
+            self.flush(w)?;
+        }
+        let extend = self.batch.runs.last().is_some_and(|last| {
+            last.region == r
+                && last.zero == zero
+                && last.page + last.pages == page
+                && last.pages < u32::MAX as usize
+        });
+        if !extend && self.batch.runs.len() == MAX_BATCH_RUNS {
+            self.flush(w)?;
+        }
+        if !zero {
+            self.batch.data_pages += 1;
+            if !self.paused {
+                self.stage(r, page);
+            }
+        }
+        match self.batch.runs.last_mut() {
+            Some(last) if extend => last.pages += 1,
+            _ => self.batch.runs.push(Run {
+                region: r,
+                page,
+                pages: 1,
+                zero,
+            }),
+        }
+        Ok(())
+    }
+
+    /// Copies one page into the staging buffer; this copy is what gets sent and checksummed.
+    fn stage(&mut self, r: usize, page: usize) {
+        let src = self.regions[r].page_ptr(page, 1);
+        let staging = &mut self.batch.staging;
+        staging.reserve(PAGE_SIZE);
+        let len = staging.len();
+        // SAFETY: `src` is one page of the live mapping; the destination has PAGE_SIZE spare
+        // capacity (reserved above) and the bytes become initialised by the copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, staging.as_mut_ptr().add(len), PAGE_SIZE);
+            staging.set_len(len + PAGE_SIZE);
+        }
+    }
+
+    /// Writes the queued runs as one `RamPages` record.
+    fn flush(&mut self, w: &mut RecordWriter<'_>) -> io::Result<()> {
+        let b = &mut self.batch;
+        if b.runs.is_empty() {
+            return Ok(());
+        }
+        b.table.clear();
+        encode_batch_prefix(b.runs.len() as u32, b.data_pages as u32, &mut b.table);
+        for run in &b.runs {
+            let gpa = self.regions[run.region].guest_addr() + run.page as u64 * PAGE_SIZE_U64;
+            RunDesc {
+                guest_addr: gpa,
+                pages: run.pages as u32,
+                zero: run.zero,
+            }
+            .encode_into(&mut b.table);
+        }
+        let written = if self.paused {
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(b.runs.len() + 1);
+            parts.push(&b.table);
+            for run in b.runs.iter().filter(|r| !r.zero) {
+                let ptr = self.regions[run.region].page_ptr(run.page, run.pages);
+                // SAFETY: the range is inside the region's live mapping (page_ptr checks) and
+                // the guest is paused, so nothing writes it while this slice exists.
+                parts.push(unsafe { std::slice::from_raw_parts(ptr, run.pages * PAGE_SIZE) });
+            }
+            w.write_record(RecordKind::RamPages, &parts)?
+        } else {
+            w.write_record(RecordKind::RamPages, &[&b.table, &b.staging])?
+        };
+        b.runs.clear();
+        b.staging.clear();
+        b.data_pages = 0;
+        self.pass_bytes += written;
+        self.throttle();
+        Ok(())
+    }
+
+    /// Sleeps as needed to stay under the bandwidth limit.
+    fn throttle(&self) {
+        let Some(limit) = self.cfg.max_bandwidth.filter(|&l| l > 0) else {
+            return;
+        };
+        let due = Duration::from_secs_f64(self.pass_bytes as f64 / limit as f64);
+        let elapsed = self.pass_start.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+    }
+
+    /// Seconds since the current pass began.
+    pub fn pass_elapsed(&self) -> Duration {
+        self.pass_start.elapsed()
+    }
+}

@@ -1,0 +1,399 @@
+//! Payload codecs of the record kinds (layout, pass, run table, device state, end, replies).
+//! Pure: bytes in, checked values out, every error naming the record's stream offset.
+
+use crate::wire::{
+    PayloadReader, RecordKind, WireError, BATCH_PREFIX_LEN, FORMAT_VERSION, MAX_BATCH_DATA_PAGES,
+    MAX_BATCH_RUNS, MAX_MESSAGE_LEN, MAX_REGIONS, MAX_STATE_ID_LEN, MAX_STATE_LEN, PAGE_SIZE,
+    PAGE_SIZE_U64, PASS_FINAL, PASS_ZERO_ELIDED, READY_PRISTINE, RUN_DESC_LEN, RUN_ZERO,
+};
+
+/// One guest-physical RAM region as declared in the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayoutRegion {
+    pub guest_addr: u64,
+    pub size: u64,
+}
+
+/// Encodes a `MemoryLayout` payload.
+pub fn encode_layout(regions: &[LayoutRegion]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + regions.len() * 16);
+    out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+    out.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+    for r in regions {
+        out.extend_from_slice(&r.guest_addr.to_le_bytes());
+        out.extend_from_slice(&r.size.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes and validates a `MemoryLayout` payload: page size 4096, 1..=64 regions, each
+/// page-aligned, non-empty, not wrapping, sorted and not overlapping.
+pub fn decode_layout(payload: &[u8], offset: u64) -> Result<Vec<LayoutRegion>, WireError> {
+    let mut r = PayloadReader::new(payload, offset, RecordKind::MemoryLayout);
+    let page_size = r.u32("page size")?;
+    if page_size as usize != PAGE_SIZE {
+        return Err(r.error(format!("page size {page_size}, expected {PAGE_SIZE}")));
+    }
+    let count = r.u32("region count")? as usize;
+    if count == 0 || count > MAX_REGIONS {
+        return Err(r.error(format!("{count} regions, expected 1..={MAX_REGIONS}")));
+    }
+    let mut regions: Vec<LayoutRegion> = Vec::with_capacity(count);
+    for i in 0..count {
+        let guest_addr = r.u64("region address")?;
+        let size = r.u64("region size")?;
+        if !guest_addr.is_multiple_of(PAGE_SIZE_U64)
+            || !size.is_multiple_of(PAGE_SIZE_U64)
+            || size == 0
+        {
+            return Err(r.error(format!(
+                "region {i} ({guest_addr:#x}, {size:#x} bytes) is empty or not page-aligned"
+            )));
+        }
+        if guest_addr.checked_add(size).is_none() {
+            return Err(r.error(format!("region {i} wraps the address space")));
+        }
+        if let Some(prev) = regions.last() {
+            if guest_addr < prev.guest_addr + prev.size {
+                return Err(r.error(format!("region {i} overlaps or precedes region {}", i - 1)));
+            }
+        }
+        regions.push(LayoutRegion { guest_addr, size });
+    }
+    r.finish()?;
+    Ok(regions)
+}
+
+/// A `PassBegin` payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassBegin {
+    pub pass: u32,
+    pub flags: u32,
+}
+
+impl PassBegin {
+    pub fn encode(&self) -> [u8; 8] {
+        let mut out = [0u8; 8];
+        out[..4].copy_from_slice(&self.pass.to_le_bytes());
+        out[4..].copy_from_slice(&self.flags.to_le_bytes());
+        out
+    }
+
+    pub fn decode(payload: &[u8], offset: u64) -> Result<Self, WireError> {
+        let mut r = PayloadReader::new(payload, offset, RecordKind::PassBegin);
+        let pass = r.u32("pass number")?;
+        let flags = r.u32("pass flags")?;
+        r.finish()?;
+        if flags & !(PASS_ZERO_ELIDED | PASS_FINAL) != 0 {
+            return Err(r.error(format!("unknown pass flags {flags:#x}")));
+        }
+        Ok(PassBegin { pass, flags })
+    }
+}
+
+/// One run descriptor of a `RamPages` batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunDesc {
+    pub guest_addr: u64,
+    pub pages: u32,
+    pub zero: bool,
+}
+
+impl RunDesc {
+    /// Appends the 16-byte encoding.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.guest_addr.to_le_bytes());
+        out.extend_from_slice(&self.pages.to_le_bytes());
+        let flags = if self.zero { RUN_ZERO } else { 0 };
+        out.extend_from_slice(&flags.to_le_bytes());
+    }
+}
+
+/// Encodes the batch prefix: run count and data page count.
+pub fn encode_batch_prefix(runs: u32, data_pages: u32, out: &mut Vec<u8>) {
+    out.extend_from_slice(&runs.to_le_bytes());
+    out.extend_from_slice(&data_pages.to_le_bytes());
+}
+
+/// Decodes the batch prefix and checks it against the payload length.
+/// Returns (run count, data page count).
+pub fn decode_batch_prefix(
+    prefix: &[u8; BATCH_PREFIX_LEN],
+    payload_len: u32,
+    offset: u64,
+) -> Result<(usize, usize), WireError> {
+    let mut r = PayloadReader::new(prefix, offset, RecordKind::RamPages);
+    let runs = r.u32("run count")? as usize;
+    let data_pages = r.u32("data page count")? as usize;
+    if runs == 0 || runs > MAX_BATCH_RUNS {
+        return Err(r.error(format!("{runs} runs, expected 1..={MAX_BATCH_RUNS}")));
+    }
+    if data_pages > MAX_BATCH_DATA_PAGES {
+        return Err(r.error(format!(
+            "{data_pages} data pages, limit is {MAX_BATCH_DATA_PAGES}"
+        )));
+    }
+    let expected = BATCH_PREFIX_LEN + runs * RUN_DESC_LEN + data_pages * PAGE_SIZE;
+    if expected != payload_len as usize {
+        return Err(r.error(format!(
+            "length {payload_len} does not match {runs} runs and {data_pages} data pages ({expected})"
+        )));
+    }
+    Ok((runs, data_pages))
+}
+
+/// Decodes the run table (syntax only; the loader checks it against the layout).
+pub fn decode_run_table(table: &[u8], offset: u64) -> Result<Vec<RunDesc>, WireError> {
+    let mut r = PayloadReader::new(table, offset, RecordKind::RamPages);
+    let mut runs = Vec::with_capacity(table.len() / RUN_DESC_LEN);
+    while !r.at_end() {
+        let guest_addr = r.u64("run address")?;
+        let pages = r.u32("run page count")?;
+        let flags = r.u32("run flags")?;
+        if flags & !RUN_ZERO != 0 {
+            return Err(r.error(format!("run {} has unknown flags {flags:#x}", runs.len())));
+        }
+        runs.push(RunDesc {
+            guest_addr,
+            pages,
+            zero: flags & RUN_ZERO != 0,
+        });
+    }
+    Ok(runs)
+}
+
+/// An opaque device or vCPU state blob with its id and the component's own version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateBlob {
+    /// Names the component, e.g. `"vcpu0"`, `"pic"`; 1..=64 printable ASCII bytes, unique.
+    pub id: String,
+    /// The component's state version, for the component to check on restore.
+    pub version: u32,
+    pub data: Vec<u8>,
+}
+
+impl StateBlob {
+    /// Encodes the `DeviceState` payload header (id length, id, version); data follows.
+    pub fn encode_head(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(6 + self.id.len());
+        out.extend_from_slice(&(self.id.len() as u16).to_le_bytes());
+        out.extend_from_slice(self.id.as_bytes());
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out
+    }
+
+    /// Checks the id rules and the size cap (used by the sender before writing).
+    pub fn check(&self) -> Result<(), String> {
+        if !valid_state_id(self.id.as_bytes()) {
+            return Err(format!("invalid state id {:?}", self.id));
+        }
+        let len = 6 + self.id.len() + self.data.len();
+        if len > MAX_STATE_LEN {
+            return Err(format!(
+                "state {:?} is {len} bytes, limit {MAX_STATE_LEN}",
+                self.id
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn decode(payload: &[u8], offset: u64) -> Result<Self, WireError> {
+        let mut r = PayloadReader::new(payload, offset, RecordKind::DeviceState);
+        let id_len = r.u16("state id length")? as usize;
+        let id = r.bytes(id_len, "state id")?;
+        if !valid_state_id(id) {
+            return Err(r.error("state id is empty, too long or not printable ASCII"));
+        }
+        let id = String::from_utf8_lossy(id).into_owned();
+        let version = r.u32("state version")?;
+        let data = r.rest().to_vec();
+        Ok(StateBlob { id, version, data })
+    }
+}
+
+fn valid_state_id(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= MAX_STATE_ID_LEN && id.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// The `End` payload: what the reader must have seen before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndRecord {
+    /// Records before `End` (the stream header is not a record).
+    pub records: u64,
+    /// Stream bytes before `End`, stream header included.
+    pub bytes: u64,
+    /// CRC32C over the concatenated headers of those records (each holds its payload CRC).
+    pub chain_crc: u32,
+}
+
+impl EndRecord {
+    pub fn encode(&self) -> [u8; 20] {
+        let mut out = [0u8; 20];
+        out[..8].copy_from_slice(&self.records.to_le_bytes());
+        out[8..16].copy_from_slice(&self.bytes.to_le_bytes());
+        out[16..].copy_from_slice(&self.chain_crc.to_le_bytes());
+        out
+    }
+
+    pub fn decode(payload: &[u8], offset: u64) -> Result<Self, WireError> {
+        let mut r = PayloadReader::new(payload, offset, RecordKind::End);
+        let out = EndRecord {
+            records: r.u64("record count")?,
+            bytes: r.u64("byte count")?,
+            chain_crc: r.u32("checksum chain")?,
+        };
+        r.finish()?;
+        Ok(out)
+    }
+}
+
+/// The destination's `Ready` reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ready {
+    pub version: u32,
+    pub pristine: bool,
+}
+
+impl Ready {
+    pub fn encode(&self) -> [u8; 8] {
+        let mut out = [0u8; 8];
+        out[..4].copy_from_slice(&self.version.to_le_bytes());
+        let flags = if self.pristine { READY_PRISTINE } else { 0 };
+        out[4..].copy_from_slice(&flags.to_le_bytes());
+        out
+    }
+
+    pub fn decode(payload: &[u8], offset: u64) -> Result<Self, WireError> {
+        let mut r = PayloadReader::new(payload, offset, RecordKind::Ready);
+        let version = r.u32("version")?;
+        let flags = r.u32("ready flags")?;
+        r.finish()?;
+        if version != FORMAT_VERSION {
+            return Err(WireError::UnsupportedVersion { offset, version });
+        }
+        if flags & !READY_PRISTINE != 0 {
+            return Err(r.error(format!("unknown ready flags {flags:#x}")));
+        }
+        Ok(Ready {
+            version,
+            pristine: flags & READY_PRISTINE != 0,
+        })
+    }
+}
+
+/// Truncates an error message to the cap on a character boundary.
+pub fn encode_message(msg: &str) -> Vec<u8> {
+    let mut end = msg.len().min(MAX_MESSAGE_LEN);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    msg.as_bytes()[..end].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_round_trip_and_validation() {
+        let regions = vec![
+            LayoutRegion {
+                guest_addr: 0,
+                size: 0x10_0000,
+            },
+            LayoutRegion {
+                guest_addr: 0x1_0000_0000,
+                size: 0x2000,
+            },
+        ];
+        assert_eq!(decode_layout(&encode_layout(&regions), 0).unwrap(), regions);
+
+        let overlapping = [regions[0], regions[0]];
+        let err = decode_layout(&encode_layout(&overlapping), 0).unwrap_err();
+        assert!(err.to_string().contains("overlaps"), "{err}");
+
+        let misaligned = [LayoutRegion {
+            guest_addr: 0x800,
+            size: 0x1000,
+        }];
+        assert!(decode_layout(&encode_layout(&misaligned), 0).is_err());
+        let wrapping = [LayoutRegion {
+            guest_addr: u64::MAX - 0xfff,
+            size: 0x2000,
+        }];
+        assert!(decode_layout(&encode_layout(&wrapping), 0).is_err());
+        assert!(decode_layout(&encode_layout(&[]), 0).is_err());
+        let mut trailing = encode_layout(&regions);
+        trailing.push(0);
+        assert!(decode_layout(&trailing, 0).is_err());
+    }
+
+    #[test]
+    fn batch_prefix_checks_length() {
+        let mut p = Vec::new();
+        encode_batch_prefix(2, 1, &mut p);
+        let prefix: [u8; 8] = p.as_slice().try_into().unwrap();
+        let len = (8 + 32 + 4096) as u32;
+        assert_eq!(decode_batch_prefix(&prefix, len, 0).unwrap(), (2, 1));
+        assert!(decode_batch_prefix(&prefix, len + 1, 0).is_err());
+        let mut p = Vec::new();
+        encode_batch_prefix(0, 0, &mut p);
+        assert!(decode_batch_prefix(&p.as_slice().try_into().unwrap(), 8, 0).is_err());
+    }
+
+    #[test]
+    fn run_table_rejects_unknown_flags() {
+        let mut t = Vec::new();
+        RunDesc {
+            guest_addr: 0x1000,
+            pages: 3,
+            zero: true,
+        }
+        .encode_into(&mut t);
+        let runs = decode_run_table(&t, 0).unwrap();
+        assert_eq!(runs.len(), 1);
+        assert!(runs[0].zero);
+        t[12] |= 4;
+        assert!(decode_run_table(&t, 0).is_err());
+    }
+
+    #[test]
+    fn state_blob_and_end_and_ready_round_trip() {
+        let blob = StateBlob {
+            id: "vcpu0".into(),
+            version: 3,
+            data: vec![1, 2, 3],
+        };
+        let mut payload = blob.encode_head();
+        payload.extend_from_slice(&blob.data);
+        assert_eq!(StateBlob::decode(&payload, 0).unwrap(), blob);
+        let bad = StateBlob {
+            id: "bad id".into(),
+            ..blob.clone()
+        };
+        assert!(bad.check().is_err());
+        assert!(StateBlob::decode(&bad.encode_head(), 0).is_err());
+
+        let end = EndRecord {
+            records: 9,
+            bytes: 1234,
+            chain_crc: 42,
+        };
+        assert_eq!(EndRecord::decode(&end.encode(), 0).unwrap(), end);
+        assert!(EndRecord::decode(&end.encode()[..19], 0).is_err());
+
+        let ready = Ready {
+            version: FORMAT_VERSION,
+            pristine: true,
+        };
+        assert_eq!(Ready::decode(&ready.encode(), 0).unwrap(), ready);
+    }
+
+    #[test]
+    fn message_truncates_on_char_boundary() {
+        let long = "é".repeat(MAX_MESSAGE_LEN);
+        let enc = encode_message(&long);
+        assert!(enc.len() <= MAX_MESSAGE_LEN);
+        assert!(std::str::from_utf8(&enc).is_ok());
+    }
+}

@@ -1,0 +1,390 @@
+//! The source side of a migration: [`MigrationSource`] (implemented by the vmm) and
+//! [`send_migration`], which reads like the algorithm:
+//!
+//! handshake → dirty log on → bulk pass → dirty passes until the policy stops → pause →
+//! final pass → device state → `End` → wait for the destination's `Running` → `Ok`.
+//!
+//! On any error before `Running` arrives, dirty logging is switched off and a paused guest is
+//! resumed: the source VM keeps running and nothing is lost.
+
+use std::collections::HashSet;
+use std::io;
+use std::time::{Duration, Instant};
+
+use crate::dirty::{DirtyLog, VmError};
+use crate::memory::{layout_of, GuestRam, RamRegion};
+use crate::precopy::{self, Decision, Limits, StopReason};
+use crate::ram_send::{RamSendConfig, RamSender};
+use crate::stats::{MigrationStats, PassStats};
+use crate::stream::{read_reply, RecordWriter};
+use crate::transport::Transport;
+use crate::wire::{self, encode_layout, Ready, RecordKind, StateBlob, WireError, MAX_REGIONS};
+
+/// What the vmm provides on the source. Region indices are positions in `ram_regions()`.
+pub trait MigrationSource: GuestRam + DirtyLog {
+    /// Configuration the destination validates before any RAM is sent (memory layout, vCPU
+    /// count, CPUID...; opaque here, e.g. JSON).
+    fn config_blob(&self) -> Result<Vec<u8>, VmError>;
+    /// Stops every vCPU and device that could write guest memory.
+    fn pause(&mut self) -> Result<(), VmError>;
+    /// Lets the guest run again after [`pause`](Self::pause).
+    fn resume(&mut self) -> Result<(), VmError>;
+    /// With the guest paused: every device and vCPU state, in restore order.
+    fn save_state(&mut self) -> Result<Vec<StateBlob>, VmError>;
+    /// Called after each pre-copy pass with its statistics: the place to throttle vCPUs
+    /// (auto-converge). An error aborts the migration.
+    fn between_passes(&mut self, _last: &PassStats) -> Result<(), VmError> {
+        Ok(())
+    }
+}
+
+/// Progress after each pass.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    pub pass: u32,
+    pub remaining_bytes: u64,
+    pub bandwidth_bps: u64,
+    pub dirty_rate_bps: u64,
+    pub expected_downtime: Duration,
+    /// The guest dirties memory at least as fast as it is sent.
+    pub diverging: bool,
+}
+
+/// Progress callback.
+pub type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
+
+/// Options of [`send_migration`].
+pub struct SendOptions {
+    pub limits: Limits,
+    /// Stream bytes per second, `None` for unlimited.
+    pub max_bandwidth: Option<u64>,
+    /// Elide zero pages from the bulk pass when the destination is pristine (`--no-zero-elision`
+    /// turns it off).
+    pub zero_elision: bool,
+    /// How long to wait for each destination reply, and for a destination that stopped
+    /// reading the stream.
+    pub reply_timeout: Duration,
+    /// Called after each pass.
+    pub progress: Option<ProgressFn>,
+    /// Use pagemap to skip never-touched pages without reading them.
+    pub use_pagemap: bool,
+    /// Most data pages per record (1..=1024).
+    pub batch_pages: usize,
+    /// Test hook run after each page's zero check, before the page is queued.
+    #[cfg(test)]
+    pub(crate) scan_hook: Option<Box<dyn FnMut(usize, usize) + Send>>,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            limits: Limits::default(),
+            max_bandwidth: None,
+            zero_elision: true,
+            reply_timeout: Duration::from_secs(60),
+            progress: None,
+            use_pagemap: true,
+            batch_pages: wire::MAX_BATCH_DATA_PAGES,
+            #[cfg(test)]
+            scan_hook: None,
+        }
+    }
+}
+
+/// Errors of the source side. After any of them the guest runs on the source.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("Invalid guest memory layout: {0}")]
+    Layout(String),
+    #[error("Getting the configuration blob failed")]
+    Config(#[source] VmError),
+    #[error("Writing the migration stream failed")]
+    Send(#[source] io::Error),
+    #[error("Reading the destination's reply failed")]
+    Reply(#[source] WireError),
+    #[error("Unexpected {0} reply from the destination")]
+    UnexpectedReply(RecordKind),
+    #[error("Destination failed: {0}")]
+    Destination(String),
+    #[error("Starting dirty logging failed")]
+    StartDirtyLog(#[source] VmError),
+    #[error("Fetching the dirty log of region {region} failed")]
+    FetchDirtyLog {
+        region: usize,
+        #[source]
+        source: VmError,
+    },
+    #[error("Stopping dirty logging failed")]
+    StopDirtyLog(#[source] VmError),
+    #[error("Between-passes hook failed")]
+    BetweenPasses(#[source] VmError),
+    #[error("Pausing the guest failed")]
+    Pause(#[source] VmError),
+    #[error("Saving device state failed")]
+    SaveState(#[source] VmError),
+    #[error("Invalid device state: {0}")]
+    InvalidState(String),
+    #[error("Migration failed ({failure}) and resuming the guest failed")]
+    Resume {
+        failure: Box<SourceError>,
+        #[source]
+        source: VmError,
+    },
+}
+
+/// What must be undone if the migration fails.
+#[derive(Default)]
+struct Undo {
+    logging: bool,
+    paused: bool,
+}
+
+/// Migrates the VM behind `source` over `transport`. Returns once the destination reported
+/// the guest running (for a snapshot file: once the stream is sealed); the caller then stops
+/// the source VM. On error the source guest is running again.
+pub fn send_migration<S: MigrationSource + ?Sized>(
+    source: &mut S,
+    transport: &mut dyn Transport,
+    mut options: SendOptions,
+) -> Result<MigrationStats, SourceError> {
+    let mut undo = Undo::default();
+    let result = run(source, transport, &mut options, &mut undo);
+    let _ = transport.set_read_timeout(None);
+    let _ = transport.set_write_timeout(None);
+    let Err(failure) = result else {
+        return result;
+    };
+    log::error!("Migration failed: {failure}");
+    if undo.logging {
+        if let Err(e) = source.stop_dirty_log() {
+            log::warn!("Stopping dirty logging after the failure failed: {e}");
+        }
+    }
+    if undo.paused {
+        if let Err(source) = source.resume() {
+            return Err(SourceError::Resume {
+                failure: Box::new(failure),
+                source,
+            });
+        }
+        log::info!("Guest resumed on the source");
+    }
+    Err(failure)
+}
+
+fn run<S: MigrationSource + ?Sized>(
+    source: &mut S,
+    transport: &mut dyn Transport,
+    options: &mut SendOptions,
+    undo: &mut Undo,
+) -> Result<MigrationStats, SourceError> {
+    let started = Instant::now();
+    let regions = source.ram_regions();
+    check_layout(&regions)?;
+    let config = source.config_blob().map_err(SourceError::Config)?;
+    if config.len() > wire::MAX_CONFIG_LEN {
+        return Err(SourceError::Layout(format!(
+            "configuration blob is {} bytes",
+            config.len()
+        )));
+    }
+    let peer = transport.has_peer();
+    if peer {
+        transport
+            .set_read_timeout(Some(options.reply_timeout))
+            .and_then(|_| transport.set_write_timeout(Some(options.reply_timeout)))
+            .map_err(SourceError::Send)?;
+    }
+    let mut w = RecordWriter::start(transport).map_err(SourceError::Send)?;
+    let layout = encode_layout(&layout_of(&regions));
+    w.write_record(RecordKind::Config, &[&config])
+        .and_then(|_| w.write_record(RecordKind::MemoryLayout, &[&layout]))
+        .map_err(SourceError::Send)?;
+
+    // Without a peer (snapshot file) the loader proves or makes its memory pristine itself.
+    let pristine = if peer {
+        let ready = expect_reply(w.transport(), RecordKind::Ready)?;
+        Ready::decode(&ready, 0)
+            .map_err(SourceError::Reply)?
+            .pristine
+    } else {
+        true
+    };
+    let elide = options.zero_elision && pristine;
+    log::info!(
+        "Migrating {} regions, destination pristine: {pristine}, zero elision: {elide}",
+        regions.len()
+    );
+
+    // Dirty logging goes on before the first byte of guest memory is read.
+    source
+        .start_dirty_log()
+        .map_err(SourceError::StartDirtyLog)?;
+    undo.logging = true;
+    let mut sender = RamSender::new(
+        regions,
+        RamSendConfig {
+            batch_pages: options.batch_pages,
+            max_bandwidth: options.max_bandwidth,
+            use_pagemap: options.use_pagemap,
+        },
+    );
+    #[cfg(test)]
+    {
+        sender.scan_hook = options.scan_hook.take();
+    }
+    let mut stats = MigrationStats {
+        zero_elision: elide,
+        ..Default::default()
+    };
+
+    let mut pass = sender
+        .bulk_pass(&mut w, elide)
+        .map_err(|e| send_error(&mut w, e))?;
+    let reason = loop {
+        let dirty = collect_dirty(source, &mut sender)?;
+        pass.close(sender.pass_elapsed(), dirty);
+        report(options, &pass);
+        source
+            .between_passes(&pass)
+            .map_err(SourceError::BetweenPasses)?;
+        let decision = precopy::decide(&pass, &options.limits);
+        let next = pass.pass + 1;
+        stats.expected_downtime_us = expected_downtime(&pass).as_micros() as u64;
+        stats.push(std::mem::take(&mut pass));
+        match decision {
+            Decision::Continue => {
+                pass = sender
+                    .dirty_pass(&mut w, next, false)
+                    .map_err(|e| send_error(&mut w, e))?
+            }
+            Decision::StopAndCopy(reason) => break reason,
+        }
+    };
+    stats.stop_reason = reason;
+    stats.converged = reason == StopReason::Converged;
+    if !stats.converged {
+        log::warn!(
+            "Pre-copy did not converge in {} passes; expected downtime {} ms",
+            stats.passes.len(),
+            stats.expected_downtime_us / 1000
+        );
+    }
+
+    // Stop and copy.
+    let paused_at = Instant::now();
+    // A pause that fails half-way may have stopped some vCPUs: resume on error either way.
+    undo.paused = true;
+    source.pause().map_err(SourceError::Pause)?;
+    collect_dirty(source, &mut sender)?;
+    sender.set_paused(true);
+    let mut last = sender
+        .dirty_pass(&mut w, stats.passes.len() as u32, true)
+        .map_err(|e| send_error(&mut w, e))?;
+    last.close(sender.pass_elapsed(), 0);
+    stats.push(last);
+    source.stop_dirty_log().map_err(SourceError::StopDirtyLog)?;
+    undo.logging = false;
+
+    let states = source.save_state().map_err(SourceError::SaveState)?;
+    check_states(&states)?;
+    for s in &states {
+        stats.state_bytes += w
+            .write_record(RecordKind::DeviceState, &[&s.encode_head(), &s.data])
+            .map_err(|e| send_error(&mut w, e))?;
+    }
+    w.finish().map_err(|e| send_error(&mut w, e))?;
+    if peer {
+        expect_reply(w.transport(), RecordKind::Running)?;
+    }
+    stats.downtime_us = paused_at.elapsed().as_micros() as u64;
+    stats.total_duration_us = started.elapsed().as_micros() as u64;
+    log::info!("Migration complete: {stats}");
+    Ok(stats)
+}
+
+fn check_layout(regions: &[RamRegion]) -> Result<(), SourceError> {
+    if regions.is_empty() || regions.len() > MAX_REGIONS {
+        return Err(SourceError::Layout(format!(
+            "{} regions, expected 1..={MAX_REGIONS}",
+            regions.len()
+        )));
+    }
+    for pair in regions.windows(2) {
+        if pair[1].guest_addr() < pair[0].guest_addr() + pair[0].len() as u64 {
+            return Err(SourceError::Layout(format!(
+                "region at {:#x} overlaps or precedes the one at {:#x}",
+                pair[1].guest_addr(),
+                pair[0].guest_addr()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_states(states: &[StateBlob]) -> Result<(), SourceError> {
+    let mut ids = HashSet::new();
+    for s in states {
+        s.check().map_err(SourceError::InvalidState)?;
+        if !ids.insert(s.id.as_str()) {
+            return Err(SourceError::InvalidState(format!(
+                "duplicate state id {:?}",
+                s.id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// ORs the dirty log of every region into the sender's pending set; returns the total.
+fn collect_dirty<S: MigrationSource + ?Sized>(
+    source: &mut S,
+    sender: &mut RamSender,
+) -> Result<u64, SourceError> {
+    for region in 0..sender.regions().len() {
+        source
+            .fetch_dirty_log(region, sender.pending_mut(region))
+            .map_err(|source| SourceError::FetchDirtyLog { region, source })?;
+    }
+    Ok(sender.pending_pages())
+}
+
+fn expected_downtime(p: &PassStats) -> Duration {
+    precopy::expected_time(p.remaining_bytes(), p.bandwidth_bps).min(Duration::from_secs(86_400))
+}
+
+fn report(options: &mut SendOptions, p: &PassStats) {
+    log::debug!("{p}");
+    if let Some(cb) = options.progress.as_mut() {
+        cb(&Progress {
+            pass: p.pass,
+            remaining_bytes: p.remaining_bytes(),
+            bandwidth_bps: p.bandwidth_bps,
+            dirty_rate_bps: p.dirty_rate_bps,
+            expected_downtime: expected_downtime(p),
+            diverging: precopy::diverging(p),
+        });
+    }
+}
+
+/// Reads one reply and insists on `kind`; an `Error` reply becomes the destination's message.
+fn expect_reply(t: &mut dyn Transport, kind: RecordKind) -> Result<Vec<u8>, SourceError> {
+    match read_reply(t).map_err(SourceError::Reply)? {
+        (k, payload) if k == kind => Ok(payload),
+        (RecordKind::Error, msg) => Err(SourceError::Destination(
+            String::from_utf8_lossy(&msg).into_owned(),
+        )),
+        (k, _) => Err(SourceError::UnexpectedReply(k)),
+    }
+}
+
+/// A failed write often means the destination gave up: report its message if it sent one.
+fn send_error(w: &mut RecordWriter<'_>, e: io::Error) -> SourceError {
+    let t = w.transport();
+    if t.has_peer() && t.set_read_timeout(Some(Duration::from_secs(2))).is_ok() {
+        if let Ok((RecordKind::Error, msg)) = read_reply(t) {
+            return SourceError::Destination(String::from_utf8_lossy(&msg).into_owned());
+        }
+    }
+    SourceError::Send(e)
+}

@@ -1,0 +1,258 @@
+//! Per-pass and total migration statistics, serialisable to JSON and printable.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::precopy::StopReason;
+use crate::wire::PAGE_SIZE_U64;
+
+/// Which pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PassKind {
+    /// Every page, guest running; zero pages elided when the destination is pristine.
+    #[default]
+    Bulk,
+    /// Pages dirtied during the previous pass, guest running.
+    Iterative,
+    /// Pages dirtied during the last pass, guest paused.
+    Final,
+}
+
+/// What one pass did. Every scanned page is exactly one of sent, zero-elided or zero-sent;
+/// `untouched_skipped` counts the zero pages found without reading them (pagemap).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PassStats {
+    pub pass: u32,
+    pub kind: PassKind,
+    pub pages_scanned: u64,
+    /// Pages sent with their data.
+    pub pages_sent: u64,
+    /// Zero pages left out (bulk pass into a pristine destination only).
+    pub zero_elided: u64,
+    /// Zero pages sent as zero records (no data).
+    pub zero_sent: u64,
+    /// Zero pages known from pagemap without being read.
+    pub untouched_skipped: u64,
+    /// Stream bytes written during the pass.
+    pub bytes: u64,
+    pub duration_us: u64,
+    /// Pages the dirty log reported right after the pass (to send next).
+    pub dirty_pages: u64,
+    /// Dirtying rate during the pass, bytes per second.
+    pub dirty_rate_bps: u64,
+    /// Stream bytes per second during the pass.
+    pub bandwidth_bps: u64,
+}
+
+impl PassStats {
+    /// Bytes still to send after this pass.
+    pub fn remaining_bytes(&self) -> u64 {
+        self.dirty_pages * PAGE_SIZE_U64
+    }
+
+    /// Fills duration, rates and `dirty_pages` once the pass is over.
+    pub fn close(&mut self, duration: Duration, dirty_pages: u64) {
+        let secs = duration.as_secs_f64().max(1e-6);
+        self.duration_us = duration.as_micros() as u64;
+        self.dirty_pages = dirty_pages;
+        self.dirty_rate_bps = ((dirty_pages * PAGE_SIZE_U64) as f64 / secs) as u64;
+        self.bandwidth_bps = (self.bytes as f64 / secs) as u64;
+    }
+}
+
+impl fmt::Display for PassStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pass {} ({:?}): {} pages scanned, {} sent, {} zero elided, {} zero sent, \
+             {} untouched; {} in {:.1} ms ({}/s); {} pages dirtied ({}/s)",
+            self.pass,
+            self.kind,
+            self.pages_scanned,
+            self.pages_sent,
+            self.zero_elided,
+            self.zero_sent,
+            self.untouched_skipped,
+            Bytes(self.bytes),
+            self.duration_us as f64 / 1000.0,
+            Bytes(self.bandwidth_bps),
+            self.dirty_pages,
+            Bytes(self.dirty_rate_bps),
+        )
+    }
+}
+
+/// Sums over all passes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    pub pages_scanned: u64,
+    pub pages_sent: u64,
+    pub zero_elided: u64,
+    pub zero_sent: u64,
+    pub untouched_skipped: u64,
+    pub bytes: u64,
+}
+
+/// The result of a successful send.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MigrationStats {
+    pub passes: Vec<PassStats>,
+    pub totals: Totals,
+    /// Whether the bulk pass elided zero pages (destination declared pristine memory).
+    pub zero_elision: bool,
+    /// Whether the remaining dirty memory fit the downtime limit when pre-copy stopped.
+    pub converged: bool,
+    pub stop_reason: StopReason,
+    /// Predicted downtime when pre-copy stopped.
+    pub expected_downtime_us: u64,
+    /// Guest paused until the destination reported it running (or the stream was sealed,
+    /// for a snapshot file).
+    pub downtime_us: u64,
+    pub total_duration_us: u64,
+    /// Device and vCPU state bytes.
+    pub state_bytes: u64,
+}
+
+impl MigrationStats {
+    /// Adds a finished pass to the list and the totals.
+    pub fn push(&mut self, p: PassStats) {
+        let t = &mut self.totals;
+        t.pages_scanned += p.pages_scanned;
+        t.pages_sent += p.pages_sent;
+        t.zero_elided += p.zero_elided;
+        t.zero_sent += p.zero_sent;
+        t.untouched_skipped += p.untouched_skipped;
+        t.bytes += p.bytes;
+        self.passes.push(p);
+    }
+
+    /// JSON text of the whole structure.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for MigrationStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for p in &self.passes {
+            writeln!(f, "{p}")?;
+        }
+        let t = &self.totals;
+        write!(
+            f,
+            "total: {} passes, {} sent, {} pages with data, {} zero elided, {} zero sent, \
+             {} untouched; zero elision {}; stopped: {:?} (converged: {}); downtime {:.1} ms \
+             (expected {:.1} ms); {:.1} ms overall",
+            self.passes.len(),
+            Bytes(t.bytes),
+            t.pages_sent,
+            t.zero_elided,
+            t.zero_sent,
+            t.untouched_skipped,
+            if self.zero_elision { "on" } else { "off" },
+            self.stop_reason,
+            self.converged,
+            self.downtime_us as f64 / 1000.0,
+            self.expected_downtime_us as f64 / 1000.0,
+            self.total_duration_us as f64 / 1000.0,
+        )
+    }
+}
+
+/// What the destination did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ReceiveStats {
+    pub records: u64,
+    pub bytes: u64,
+    pub passes: u32,
+    /// Pages written from data runs.
+    pub pages_written: u64,
+    /// Pages covered by zero runs.
+    pub zero_pages: u64,
+    /// Of those, pages that had been written and were given back (`MADV_DONTNEED`).
+    pub zero_pages_freed: u64,
+    /// Memory was all zero when loading began (after a reset, if one was needed).
+    pub pristine: bool,
+    /// Memory was not pristine and was reset before loading.
+    pub reset: bool,
+    pub device_states: u32,
+    pub duration_us: u64,
+}
+
+impl ReceiveStats {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for ReceiveStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "received {} in {} records over {} passes: {} pages written, {} zero pages \
+             ({} freed), {} device states; pristine {}, reset {}; {:.1} ms",
+            Bytes(self.bytes),
+            self.records,
+            self.passes,
+            self.pages_written,
+            self.zero_pages,
+            self.zero_pages_freed,
+            self.device_states,
+            self.pristine,
+            self.reset,
+            self.duration_us as f64 / 1000.0
+        )
+    }
+}
+
+/// A byte count printed with a binary unit.
+pub struct Bytes(pub u64);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut v = self.0 as f64;
+        let mut u = 0;
+        while v >= 1024.0 && u < UNITS.len() - 1 {
+            v /= 1024.0;
+            u += 1;
+        }
+        if u == 0 {
+            write!(f, "{} B", self.0)
+        } else {
+            write!(f, "{v:.1} {}", UNITS[u])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_json_and_display() {
+        let mut s = MigrationStats::default();
+        let mut p = PassStats {
+            pages_scanned: 10,
+            pages_sent: 4,
+            zero_elided: 6,
+            untouched_skipped: 5,
+            bytes: 4 * 4096 + 100,
+            ..Default::default()
+        };
+        p.close(Duration::from_millis(2), 3);
+        assert_eq!(p.remaining_bytes(), 3 * 4096);
+        assert_eq!(p.dirty_rate_bps, 3 * 4096 * 500);
+        s.push(p.clone());
+        s.push(p);
+        assert_eq!(s.totals.pages_sent, 8);
+        let v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+        assert_eq!(v["totals"]["zero_elided"], 12);
+        assert_eq!(v["passes"][0]["kind"], "bulk");
+        assert!(s.to_string().contains("2 passes"));
+        assert_eq!(Bytes(1536).to_string(), "1.5 KiB");
+    }
+}

@@ -1,0 +1,379 @@
+//! Framed record I/O over a [`Transport`]: the writer adds headers, checksums and the
+//! checksum chain that `End` seals; the reader checks them and tracks stream offsets so every
+//! error names where it happened.
+
+use std::io;
+
+use crate::transport::Transport;
+use crate::wire::{
+    self, EndRecord, RecordHeader, RecordKind, WireError, RECORD_HEADER_LEN, STREAM_HEADER_LEN,
+};
+
+/// Size of the reader's buffer; payload reads at least this large bypass it.
+const READ_BUF: usize = 256 * 1024;
+
+/// Writes the source-to-destination stream.
+pub struct RecordWriter<'t> {
+    t: &'t mut dyn Transport,
+    bytes: u64,
+    records: u64,
+    chain: u32,
+}
+
+impl<'t> RecordWriter<'t> {
+    /// Writes the stream header.
+    pub fn start(t: &'t mut dyn Transport) -> io::Result<Self> {
+        t.send(&[&wire::encode_stream_header()])?;
+        Ok(RecordWriter {
+            t,
+            bytes: STREAM_HEADER_LEN as u64,
+            records: 0,
+            chain: 0,
+        })
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Writes one record whose payload is the concatenation of `parts`, with one vectored
+    /// write. Returns the bytes written.
+    pub fn write_record(&mut self, kind: RecordKind, parts: &[&[u8]]) -> io::Result<u64> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        debug_assert!(len <= kind.max_payload(), "{kind} payload of {len} bytes");
+        let crc = parts.iter().fold(0, |c, p| crc32c::crc32c_append(c, p));
+        let header = RecordHeader {
+            kind,
+            len: len as u32,
+            payload_crc: crc,
+        }
+        .encode();
+        let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+        all.push(&header);
+        all.extend_from_slice(parts);
+        self.t.send(&all)?;
+        self.chain = crc32c::crc32c_append(self.chain, &header);
+        self.records += 1;
+        let written = (RECORD_HEADER_LEN + len) as u64;
+        self.bytes += written;
+        Ok(written)
+    }
+
+    /// Writes `End`, sealing everything written before it.
+    pub fn finish(&mut self) -> io::Result<()> {
+        let end = EndRecord {
+            records: self.records,
+            bytes: self.bytes,
+            chain_crc: self.chain,
+        };
+        let payload = end.encode();
+        let header = RecordHeader {
+            kind: RecordKind::End,
+            len: payload.len() as u32,
+            payload_crc: crc32c::crc32c(&payload),
+        }
+        .encode();
+        self.t.send(&[&header, &payload])?;
+        self.bytes += (RECORD_HEADER_LEN + payload.len()) as u64;
+        Ok(())
+    }
+
+    /// The transport, to read the destination's replies.
+    pub fn transport(&mut self) -> &mut dyn Transport {
+        &mut *self.t
+    }
+}
+
+/// Sends a destination reply (not part of the sealed stream).
+pub fn send_reply(t: &mut dyn Transport, kind: RecordKind, payload: &[u8]) -> io::Result<()> {
+    let header = RecordHeader {
+        kind,
+        len: payload.len() as u32,
+        payload_crc: crc32c::crc32c(payload),
+    }
+    .encode();
+    t.send(&[&header, payload])
+}
+
+/// Reads the source-to-destination stream (or, unbuffered use aside, the replies).
+pub struct RecordReader<'t> {
+    t: &'t mut dyn Transport,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    offset: u64,
+    records: u64,
+    chain: u32,
+}
+
+impl<'t> RecordReader<'t> {
+    pub fn new(t: &'t mut dyn Transport) -> Self {
+        RecordReader {
+            t,
+            buf: vec![0; READ_BUF],
+            start: 0,
+            end: 0,
+            offset: 0,
+            records: 0,
+            chain: 0,
+        }
+    }
+
+    /// Stream offset of the next unread byte.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Records read so far (replies and `End` not counted).
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// The transport, to send replies.
+    pub fn transport(&mut self) -> &mut dyn Transport {
+        &mut *self.t
+    }
+
+    /// Reads and checks the stream header.
+    pub fn read_stream_header(&mut self) -> Result<(), WireError> {
+        let mut h = [0u8; STREAM_HEADER_LEN];
+        self.read_exact(&mut h, "stream header")?;
+        wire::decode_stream_header(&h)
+    }
+
+    /// Reads and checks the next record header; returns it with its stream offset. Records
+    /// other than `End` and replies join the checksum chain.
+    pub fn next_header(&mut self) -> Result<(RecordHeader, u64), WireError> {
+        let offset = self.offset;
+        let mut raw = [0u8; RECORD_HEADER_LEN];
+        self.read_exact(&mut raw, "record header")?;
+        let header = RecordHeader::decode(&raw, offset)?;
+        if (header.kind as u16) < 0x100 && header.kind != RecordKind::End {
+            self.chain = crc32c::crc32c_append(self.chain, &raw);
+            self.records += 1;
+        }
+        Ok((header, offset))
+    }
+
+    /// Reads a whole payload (capped by the header check) and verifies its checksum.
+    pub fn read_payload(&mut self, h: &RecordHeader, offset: u64) -> Result<Vec<u8>, WireError> {
+        let len = h.len as usize;
+        let mut out = Vec::new();
+        // Grow with the data actually received, not with what the header claims.
+        while out.len() < len {
+            let chunk = (len - out.len()).min(1 << 20);
+            let at = out.len();
+            out.resize(at + chunk, 0);
+            self.read_exact(&mut out[at..], "record payload")?;
+        }
+        if crc32c::crc32c(&out) != h.payload_crc {
+            return Err(WireError::PayloadChecksum {
+                offset,
+                kind: h.kind,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Checks an `End` payload against what was read before its header.
+    pub fn check_end(&self, end: &EndRecord, end_offset: u64) -> Result<(), WireError> {
+        let reason = if end.records != self.records {
+            format!("{} records announced, {} read", end.records, self.records)
+        } else if end.bytes != end_offset {
+            format!("{} bytes announced, {} read", end.bytes, end_offset)
+        } else if end.chain_crc != self.chain {
+            "checksum chain mismatch".to_string()
+        } else {
+            return Ok(());
+        };
+        Err(WireError::Malformed {
+            offset: end_offset,
+            kind: RecordKind::End,
+            reason,
+        })
+    }
+
+    /// Fills `dst` completely: first from the buffer, then straight from the transport for
+    /// large reads (guest memory on the destination), refilling the buffer for small ones.
+    pub fn read_exact(&mut self, dst: &mut [u8], what: &'static str) -> Result<(), WireError> {
+        let mut done = 0;
+        while done < dst.len() {
+            if self.start < self.end {
+                let n = (self.end - self.start).min(dst.len() - done);
+                dst[done..done + n].copy_from_slice(&self.buf[self.start..self.start + n]);
+                self.start += n;
+                done += n;
+                self.offset += n as u64;
+                continue;
+            }
+            let rest = &mut dst[done..];
+            let n = if rest.len() >= READ_BUF / 2 {
+                let n = self.recv(rest)?;
+                self.offset += n as u64;
+                done += n;
+                n
+            } else {
+                let mut buf = std::mem::take(&mut self.buf);
+                let r = self.recv(&mut buf);
+                self.buf = buf;
+                let n = r?;
+                self.start = 0;
+                self.end = n;
+                n
+            };
+            if n == 0 {
+                return Err(WireError::Truncated {
+                    offset: self.offset,
+                    what,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, WireError> {
+        self.t.recv(buf).map_err(|source| WireError::Read {
+            offset: self.offset,
+            source,
+        })
+    }
+}
+
+/// Reads one reply record (source side, unbuffered: exactly the reply's bytes).
+pub fn read_reply(t: &mut dyn Transport) -> Result<(RecordKind, Vec<u8>), WireError> {
+    let mut r = RecordReader {
+        t,
+        buf: Vec::new(),
+        start: 0,
+        end: 0,
+        offset: 0,
+        records: 0,
+        chain: 0,
+    };
+    let (h, offset) = r.next_header_unbuffered()?;
+    let payload = r.read_payload_unbuffered(&h, offset)?;
+    Ok((h.kind, payload))
+}
+
+impl RecordReader<'_> {
+    fn fill_unbuffered(&mut self, dst: &mut [u8], what: &'static str) -> Result<(), WireError> {
+        let mut done = 0;
+        while done < dst.len() {
+            let n = self.recv(&mut dst[done..])?;
+            if n == 0 {
+                return Err(WireError::Truncated {
+                    offset: self.offset,
+                    what,
+                });
+            }
+            done += n;
+            self.offset += n as u64;
+        }
+        Ok(())
+    }
+
+    fn next_header_unbuffered(&mut self) -> Result<(RecordHeader, u64), WireError> {
+        let mut raw = [0u8; RECORD_HEADER_LEN];
+        self.fill_unbuffered(&mut raw, "reply header")?;
+        Ok((RecordHeader::decode(&raw, 0)?, 0))
+    }
+
+    fn read_payload_unbuffered(
+        &mut self,
+        h: &RecordHeader,
+        offset: u64,
+    ) -> Result<Vec<u8>, WireError> {
+        let mut out = vec![0; h.len as usize];
+        self.fill_unbuffered(&mut out, "reply payload")?;
+        if crc32c::crc32c(&out) != h.payload_crc {
+            return Err(WireError::PayloadChecksum {
+                offset,
+                kind: h.kind,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::Connection;
+
+    fn sample_stream() -> Vec<u8> {
+        let mut c = Connection::memory();
+        let mut w = RecordWriter::start(&mut c).unwrap();
+        w.write_record(RecordKind::Config, &[b"{\"a\":", b"1}"])
+            .unwrap();
+        let big = vec![7u8; 300_000];
+        w.write_record(
+            RecordKind::DeviceState,
+            &[&[3, 0], b"cpu", &[1, 0, 0, 0], &big],
+        )
+        .unwrap();
+        w.finish().unwrap();
+        c.into_bytes()
+    }
+
+    #[test]
+    fn round_trip_with_end_check() {
+        let mut c = Connection::from_bytes(sample_stream());
+        let mut r = RecordReader::new(&mut c);
+        r.read_stream_header().unwrap();
+        let (h, off) = r.next_header().unwrap();
+        assert_eq!((h.kind, off), (RecordKind::Config, 16));
+        assert_eq!(r.read_payload(&h, off).unwrap(), b"{\"a\":1}");
+        let (h, off) = r.next_header().unwrap();
+        assert_eq!(r.read_payload(&h, off).unwrap().len(), 300_009);
+        let (h, off) = r.next_header().unwrap();
+        assert_eq!(h.kind, RecordKind::End);
+        let end = EndRecord::decode(&r.read_payload(&h, off).unwrap(), off).unwrap();
+        r.check_end(&end, off).unwrap();
+    }
+
+    #[test]
+    fn truncation_names_offset() {
+        let bytes = sample_stream();
+        let mut c = Connection::from_bytes(bytes[..36].to_vec());
+        let mut r = RecordReader::new(&mut c);
+        r.read_stream_header().unwrap();
+        let (h, off) = r.next_header().unwrap();
+        let err = r.read_payload(&h, off).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WireError::Truncated {
+                    offset: 36,
+                    what: "record payload"
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn corrupt_payload_is_caught() {
+        let mut bytes = sample_stream();
+        bytes[16 + 16 + 2] ^= 1;
+        let mut c = Connection::from_bytes(bytes);
+        let mut r = RecordReader::new(&mut c);
+        r.read_stream_header().unwrap();
+        let (h, off) = r.next_header().unwrap();
+        assert!(matches!(
+            r.read_payload(&h, off),
+            Err(WireError::PayloadChecksum { offset: 16, .. })
+        ));
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let mut c = Connection::memory();
+        send_reply(&mut c, RecordKind::Error, b"no").unwrap();
+        let mut c = Connection::from_bytes(c.into_bytes());
+        assert_eq!(
+            read_reply(&mut c).unwrap(),
+            (RecordKind::Error, b"no".to_vec())
+        );
+    }
+}

@@ -1,0 +1,498 @@
+//! Whole migrations between two fake VMs over real sockets (socketpair, unix, tcp) and a real
+//! snapshot file: round trips with a concurrently writing guest, the pristine handshake,
+//! failures on either side, a destination killed mid-stream and the retry that follows.
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::thread;
+use std::time::Duration;
+
+use migration::fake::{fake_target, FailAt, FakeVm, GuestWriter};
+use migration::{
+    receive_migration, send_migration, Connection, DestinationError, Endpoint, Limits,
+    MigrationStats, ReceiveOptions, ReceiveStats, SendOptions, SourceError, StateBlob, Transport,
+    PAGE_SIZE,
+};
+
+const LAYOUT: &[(u64, usize)] = &[(0, 2 << 20), (0x1_0000_0000, 1 << 20)];
+
+fn states() -> Vec<StateBlob> {
+    vec![
+        StateBlob {
+            id: "vcpu0".into(),
+            version: 1,
+            data: (0..200u8).collect(),
+        },
+        StateBlob {
+            id: "pic".into(),
+            version: 2,
+            data: vec![],
+        },
+    ]
+}
+
+/// Deterministic pseudo-random numbers.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
+
+/// A page of the layout, by global index.
+fn page_gpa(layout: &[(u64, usize)], mut page: usize) -> u64 {
+    for &(start, len) in layout {
+        let pages = len / PAGE_SIZE;
+        if page < pages {
+            return start + (page * PAGE_SIZE) as u64;
+        }
+        page -= pages;
+    }
+    panic!("page beyond layout");
+}
+
+fn total_pages(layout: &[(u64, usize)]) -> usize {
+    layout.iter().map(|&(_, l)| l / PAGE_SIZE).sum()
+}
+
+/// Random writes, a quarter of them zeroing whole pages.
+fn scribble(w: &GuestWriter, layout: &[(u64, usize)], rng: &mut Lcg, writes: usize) {
+    for _ in 0..writes {
+        let gpa = page_gpa(layout, rng.next() as usize % total_pages(layout));
+        if rng.next().is_multiple_of(4) {
+            w.fill(gpa, PAGE_SIZE, 0);
+        } else {
+            let off = rng.next() as usize % (PAGE_SIZE - 8);
+            w.write(gpa + off as u64, &rng.next().to_le_bytes());
+        }
+    }
+}
+
+fn source() -> FakeVm {
+    let mut vm = FakeVm::new(LAYOUT);
+    vm.states = states();
+    scribble(&vm.writer(), LAYOUT, &mut Lcg(1), 300);
+    vm
+}
+
+type Outcome = (
+    Result<MigrationStats, SourceError>,
+    Result<ReceiveStats, DestinationError>,
+    FakeVm,
+);
+
+/// Runs the destination on a thread over one end of `pair`, the source here.
+fn migrate(src: &mut FakeVm, dst: FakeVm, opts: SendOptions, ropts: ReceiveOptions) -> Outcome {
+    let (mut a, b) = Connection::pair().unwrap();
+    migrate_over(src, &mut a, dst, b, opts, ropts)
+}
+
+fn migrate_over<T: Transport + Send + 'static>(
+    src: &mut FakeVm,
+    a: &mut Connection,
+    mut dst: FakeVm,
+    mut b: T,
+    opts: SendOptions,
+    ropts: ReceiveOptions,
+) -> Outcome {
+    let dest = thread::spawn(move || {
+        let r = receive_migration(&mut dst, &mut b, &ropts);
+        (r, dst)
+    });
+    let s = send_migration(src, a, opts);
+    if let Connection::Unix(s) = a {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    let (r, dst) = dest.join().unwrap();
+    (s, r, dst)
+}
+
+fn assert_source_recovered(src: &FakeVm) {
+    assert!(src.running, "source guest must run again");
+    assert!(!src.paused);
+    assert!(!src.logging(), "dirty logging must be off");
+}
+
+#[test]
+fn live_round_trip_with_concurrent_guest() {
+    let mut src = source();
+    let mut rng = Lcg(7);
+    src.run_guest(move |w| {
+        scribble(w, LAYOUT, &mut rng, 16);
+        thread::sleep(Duration::from_micros(200));
+    });
+    let mut progress = Vec::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let opts = SendOptions {
+        limits: Limits {
+            downtime: Duration::from_micros(100),
+            max_passes: 5,
+        },
+        batch_pages: 64,
+        progress: Some(Box::new(move |p| {
+            let _ = tx.send(p.clone());
+        })),
+        ..Default::default()
+    };
+    let (s, r, dst) = migrate(
+        &mut src,
+        fake_target(LAYOUT),
+        opts,
+        ReceiveOptions::default(),
+    );
+    let stats = s.unwrap();
+    let rstats = r.unwrap();
+    progress.extend(rx.try_iter());
+
+    assert_eq!(src.first_difference(&dst), None);
+    assert_eq!(dst.states, states());
+    assert!(dst.running);
+    assert_eq!(dst.calls, ["validate_config", "restore_state", "resume"]);
+    // The source stays paused for the caller to stop; logging was on before anything else.
+    assert!(src.paused && !src.running);
+    assert_eq!(src.calls.first(), Some(&"start_dirty_log"));
+    assert!(!src.calls.contains(&"resume"));
+    assert!(!src.logging());
+    assert!(stats.zero_elision);
+    assert!(rstats.pristine && !rstats.reset);
+    assert!(
+        stats.passes.len() >= 3,
+        "a busy guest needs iterative passes:\n{stats}"
+    );
+    assert_eq!(rstats.passes as usize, stats.passes.len());
+    assert_eq!(progress.len(), stats.passes.len() - 1);
+    let json: serde_json::Value = serde_json::from_str(&stats.to_json()).unwrap();
+    assert_eq!(json["passes"].as_array().unwrap().len(), stats.passes.len());
+}
+
+#[test]
+fn unix_and_tcp_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let unix = format!("unix:{}", dir.path().join("m.sock").display());
+    for uri in [unix.as_str(), "tcp:127.0.0.1:0"] {
+        let mut listener = Endpoint::parse(uri).unwrap().listen().unwrap();
+        let endpoint = listener.local_endpoint().unwrap();
+        let dest = thread::spawn(move || {
+            let mut conn = listener.accept().unwrap();
+            let mut dst = fake_target(LAYOUT);
+            let r = receive_migration(&mut dst, &mut conn, &ReceiveOptions::default());
+            (r, dst)
+        });
+        let mut src = source();
+        let mut conn = endpoint.connect().unwrap();
+        let stats = send_migration(&mut src, &mut conn, SendOptions::default()).unwrap();
+        let (r, dst) = dest.join().unwrap();
+        r.unwrap();
+        assert_eq!(src.first_difference(&dst), None, "{uri}");
+        assert!(stats.zero_elision);
+    }
+}
+
+#[test]
+fn snapshot_file_is_sparse_and_restores() {
+    let layout = &[(0, 256 << 20), (0x1_0000_0000, 64 << 20)];
+    let mut src = FakeVm::new(layout);
+    src.states = states();
+    scribble(&src.writer(), layout, &mut Lcg(3), 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.snap");
+    let endpoint = Endpoint::parse(&format!("file:{}", path.display())).unwrap();
+    let mut conn = endpoint.connect().unwrap();
+    let stats = send_migration(&mut src, &mut conn, SendOptions::default()).unwrap();
+    drop(conn);
+
+    // About 1000 written pages: the file holds their data and little else, not 320 MiB.
+    let meta = std::fs::metadata(&path).unwrap();
+    let data = stats.totals.pages_sent * PAGE_SIZE as u64;
+    assert!(
+        meta.len() < data + data / 20 + 64 * 1024,
+        "file {} bytes for {data}",
+        meta.len()
+    );
+    assert!(meta.blocks() * 512 < data + data / 10 + 256 * 1024);
+    assert_eq!(
+        stats.passes[0].pages_sent + stats.passes[0].zero_elided,
+        (320 << 20) / 4096
+    );
+
+    // Restore into a fresh VM.
+    let mut dst = fake_target(layout);
+    let mut conn = endpoint.listen().unwrap().accept().unwrap();
+    assert!(!conn.has_peer());
+    receive_migration(&mut dst, &mut conn, &ReceiveOptions::default()).unwrap();
+    assert_eq!(src.first_difference(&dst), None);
+    assert_eq!(dst.states, states());
+
+    // Into memory the destination wrote itself: refused unless it may reset first.
+    let mut dirty = fake_target(layout);
+    dirty.writer().fill(0x1000, 100, 0xee);
+    let no_reset = ReceiveOptions {
+        reset_if_not_pristine: false,
+        ..Default::default()
+    };
+    let mut conn = endpoint.listen().unwrap().accept().unwrap();
+    let err = receive_migration(&mut dirty, &mut conn, &no_reset).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DestinationError::Ram(migration::ram_recv::RamLoadError::ElisionIntoDirtyMemory { .. })
+        ),
+        "{err}"
+    );
+    assert!(!dirty.calls.contains(&"resume"));
+    let mut conn = endpoint.listen().unwrap().accept().unwrap();
+    let r = receive_migration(&mut dirty, &mut conn, &ReceiveOptions::default()).unwrap();
+    assert!(r.reset);
+    assert_eq!(src.first_difference(&dirty), None);
+}
+
+#[test]
+fn handshake_disables_elision_into_written_memory() {
+    // The destination loaded "firmware" into guest memory and may not reset: it says so, the
+    // source sends every page (zero pages as zero records) and the result is still exact.
+    let mut src = source();
+    let dst = fake_target(LAYOUT);
+    dst.writer().fill(0x8000, 4 * PAGE_SIZE, 0x90);
+    let ropts = ReceiveOptions {
+        reset_if_not_pristine: false,
+        ..Default::default()
+    };
+    let (s, r, dst) = migrate(&mut src, dst, SendOptions::default(), ropts);
+    let (stats, rstats) = (s.unwrap(), r.unwrap());
+    assert!(!stats.zero_elision);
+    assert!(!rstats.pristine);
+    assert_eq!(stats.passes[0].zero_elided, 0);
+    assert!(stats.passes[0].zero_sent > 0);
+    assert!(rstats.zero_pages_freed >= 4, "firmware pages given back");
+    assert_eq!(src.first_difference(&dst), None);
+
+    // With reset allowed (the default) the destination resets and elision stays on.
+    let mut src = source();
+    let dst = fake_target(LAYOUT);
+    dst.writer().fill(0x8000, 4 * PAGE_SIZE, 0x90);
+    let (s, r, dst) = migrate(
+        &mut src,
+        dst,
+        SendOptions::default(),
+        ReceiveOptions::default(),
+    );
+    assert!(s.unwrap().zero_elision);
+    assert!(r.unwrap().reset);
+    assert_eq!(src.first_difference(&dst), None);
+
+    // --no-zero-elision: every page goes out even into pristine memory.
+    let mut src = source();
+    let opts = SendOptions {
+        zero_elision: false,
+        ..Default::default()
+    };
+    let (s, _, dst) = migrate(
+        &mut src,
+        fake_target(LAYOUT),
+        opts,
+        ReceiveOptions::default(),
+    );
+    assert!(!s.unwrap().zero_elision);
+    assert_eq!(src.first_difference(&dst), None);
+}
+
+/// A destination that dies: after `limit` received bytes, or when it is about to report
+/// the guest running, it shuts the socket down and fails every further call.
+struct Killed {
+    conn: Connection,
+    received: usize,
+    limit: usize,
+    before_running: bool,
+    dead: bool,
+}
+
+impl Killed {
+    fn kill(&mut self) -> io::Error {
+        self.dead = true;
+        if let Connection::Unix(s) = &self.conn {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        io::Error::new(io::ErrorKind::ConnectionAborted, "destination killed")
+    }
+}
+
+impl Transport for Killed {
+    fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        let running = parts
+            .first()
+            .is_some_and(|h| h.len() >= 2 && h[..2] == 0x0102u16.to_le_bytes());
+        if self.dead || (self.before_running && running) {
+            return Err(self.kill());
+        }
+        self.conn.send(parts)
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.dead || self.received >= self.limit {
+            return Err(self.kill());
+        }
+        let n = buf.len().min(self.limit - self.received);
+        let n = self.conn.recv(&mut buf[..n])?;
+        self.received += n;
+        Ok(n)
+    }
+
+    fn has_peer(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn destination_killed_mid_stream_then_retry_succeeds() {
+    // (bytes the destination reads before dying, dies just before reporting Running)
+    let cases = [
+        (100, false),
+        (40_000, false),
+        (400_000, false),
+        (usize::MAX, true),
+    ];
+    for (limit, before_running) in cases {
+        let mut src = source();
+        let (mut a, b) = Connection::pair().unwrap();
+        let killed = Killed {
+            conn: b,
+            received: 0,
+            limit,
+            before_running,
+            dead: false,
+        };
+        let (s, r, dst) = migrate_over(
+            &mut src,
+            &mut a,
+            fake_target(LAYOUT),
+            killed,
+            SendOptions::default(),
+            ReceiveOptions::default(),
+        );
+        let err = s.unwrap_err();
+        assert!(r.is_err(), "limit {limit}");
+        assert_source_recovered(&src);
+        let paused = src.calls.contains(&"pause");
+        assert_eq!(
+            src.calls.contains(&"resume"),
+            paused,
+            "limit {limit}: {err}"
+        );
+        if !src.calls.is_empty() {
+            let last = if paused { "resume" } else { "stop_dirty_log" };
+            assert_eq!(src.calls.last(), Some(&last), "limit {limit}");
+        }
+
+        // The guest ran on; a second migration into the same, half-written destination works.
+        scribble(&src.writer(), LAYOUT, &mut Lcg(limit as u64), 50);
+        let mut dst = dst;
+        dst.calls.clear();
+        dst.running = false;
+        let (s, r, dst) = migrate(
+            &mut src,
+            dst,
+            SendOptions::default(),
+            ReceiveOptions::default(),
+        );
+        let (stats, rstats) = (s.unwrap(), r.unwrap());
+        assert_eq!(src.first_difference(&dst), None, "limit {limit}");
+        assert!(stats.zero_elision);
+        assert_eq!(
+            rstats.reset,
+            limit > 100,
+            "memory written by the first attempt is reset"
+        );
+        assert_eq!(dst.states, states());
+    }
+}
+
+#[test]
+fn config_rejected_before_anything_starts() {
+    let mut src = source();
+    let mut dst = fake_target(LAYOUT);
+    dst.vcpus = 4;
+    let (s, r, dst) = migrate(
+        &mut src,
+        dst,
+        SendOptions::default(),
+        ReceiveOptions::default(),
+    );
+    let err = s.unwrap_err();
+    assert!(
+        matches!(&err, SourceError::Destination(m) if m.contains("does not match")),
+        "{err}"
+    );
+    assert!(matches!(r, Err(DestinationError::Config(_))));
+    assert!(
+        src.calls.is_empty(),
+        "no dirty logging, no pause: {:?}",
+        src.calls
+    );
+    assert!(src.running);
+    assert!(!dst.running);
+}
+
+#[test]
+fn source_side_failures_leave_the_guest_running() {
+    for fail in [
+        FailAt::StartDirtyLog,
+        FailAt::FetchDirtyLog,
+        FailAt::Pause,
+        FailAt::SaveState,
+    ] {
+        let mut src = source();
+        src.fail_at = Some(fail);
+        let (s, r, dst) = migrate(
+            &mut src,
+            fake_target(LAYOUT),
+            SendOptions::default(),
+            ReceiveOptions::default(),
+        );
+        assert!(s.is_err(), "{fail:?}");
+        assert!(r.is_err(), "{fail:?}: destination must not complete");
+        assert!(!dst.running && !dst.calls.contains(&"resume"), "{fail:?}");
+        assert_source_recovered(&src);
+        // A pause that failed may have stopped some vCPUs: it is followed by a resume.
+        let paused = src.calls.contains(&"pause");
+        assert_eq!(
+            src.calls.last() == Some(&"resume"),
+            paused,
+            "{fail:?}: {:?}",
+            src.calls
+        );
+    }
+}
+
+#[test]
+fn destination_failures_are_reported_and_never_resume() {
+    for fail in [FailAt::Restore, FailAt::Resume] {
+        let mut src = source();
+        let mut dst = fake_target(LAYOUT);
+        dst.fail_at = Some(fail);
+        let (s, r, dst) = migrate(
+            &mut src,
+            dst,
+            SendOptions::default(),
+            ReceiveOptions::default(),
+        );
+        let err = s.unwrap_err();
+        assert!(
+            matches!(&err, SourceError::Destination(m) if m.contains("injected failure")),
+            "{err}"
+        );
+        assert!(r.is_err());
+        assert!(!dst.running);
+        assert_source_recovered(&src);
+        assert!(
+            src.calls
+                .ends_with(&["stop_dirty_log", "save_state", "resume"]),
+            "{:?}",
+            src.calls
+        );
+    }
+}

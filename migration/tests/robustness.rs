@@ -1,0 +1,423 @@
+//! Bad input on the destination: every truncation point of a valid stream, thousands of
+//! random byte flips, random garbage, and hand-made streams with valid checksums but wrong
+//! content. Each must give a typed error naming the offset: never a panic, a hang, a resumed
+//! guest, or a write outside guest memory (the fake's RAM has inaccessible guard pages on both
+//! sides, so a stray write would crash the test).
+
+use std::time::Duration;
+
+use migration::fake::{fake_target, FakeVm};
+use migration::ram_recv::RamLoadError;
+use migration::stream::RecordWriter;
+use migration::wire::{
+    encode_batch_prefix, encode_layout, LayoutRegion, PassBegin, RecordKind, RunDesc, PASS_FINAL,
+    PASS_ZERO_ELIDED,
+};
+use migration::{
+    receive_migration, send_migration, Connection, DestinationError, Limits, MigrationSource,
+    ReceiveOptions, SendOptions, StateBlob, WireError, PAGE_SIZE,
+};
+
+const LAYOUT: &[(u64, usize)] = &[(0, 16 * PAGE_SIZE), (0x10_0000, 8 * PAGE_SIZE)];
+
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
+
+/// A valid stream with a bulk pass, a final pass (with a page turned back to zero and one
+/// turned non-zero after the bulk pass) and two device states.
+fn valid_stream() -> Vec<u8> {
+    let mut src = FakeVm::new(LAYOUT);
+    src.states = vec![
+        StateBlob {
+            id: "vcpu0".into(),
+            version: 1,
+            data: vec![9; 100],
+        },
+        StateBlob {
+            id: "pit".into(),
+            version: 1,
+            data: vec![1],
+        },
+    ];
+    let w = src.writer();
+    w.fill(0x1000, 10, 0x11);
+    w.fill(0x3000, PAGE_SIZE, 0x22);
+    w.fill(0x10_2000, 5, 0x33);
+    src.between_passes = Some(Box::new(|w, p| {
+        if p.pass == 0 {
+            w.fill(0x1000, PAGE_SIZE, 0);
+            w.fill(0x5000, 3, 0x44);
+        }
+    }));
+    let opts = SendOptions {
+        limits: Limits {
+            downtime: Duration::ZERO,
+            max_passes: 2,
+        },
+        batch_pages: 2,
+        ..Default::default()
+    };
+    let mut out = Connection::memory();
+    let stats = send_migration(&mut src, &mut out, opts).unwrap();
+    assert_eq!(stats.passes.len(), 2);
+    assert_eq!(
+        (stats.passes[1].zero_sent, stats.passes[1].pages_sent),
+        (1, 1)
+    );
+    out.into_bytes()
+}
+
+fn load(target: &mut FakeVm, bytes: &[u8]) -> Result<(), DestinationError> {
+    target.running = false;
+    let mut conn = Connection::from_bytes(bytes.to_vec());
+    receive_migration(target, &mut conn, &ReceiveOptions::default()).map(|_| ())
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s = format!("{s}: {c}");
+        cur = c.source();
+    }
+    s
+}
+
+fn assert_not_resumed(target: &FakeVm) {
+    assert!(!target.running);
+    assert!(!target.calls.contains(&"restore_state") && !target.calls.contains(&"resume"));
+}
+
+#[test]
+fn valid_stream_loads() {
+    let mut target = fake_target(LAYOUT);
+    load(&mut target, &valid_stream()).unwrap();
+    assert!(target.running);
+    assert_eq!(target.states.len(), 2);
+}
+
+#[test]
+fn every_truncation_point_is_an_error() {
+    let bytes = valid_stream();
+    let mut target = fake_target(LAYOUT);
+    for len in 0..bytes.len() {
+        let err = load(&mut target, &bytes[..len]).unwrap_err();
+        let text = chain(&err);
+        assert!(text.contains("truncated"), "cut at {len}: {text}");
+        assert!(
+            text.contains(&format!("offset {len}")),
+            "cut at {len}: {text}"
+        );
+        assert_not_resumed(&target);
+    }
+    load(&mut target, &bytes).unwrap();
+}
+
+#[test]
+fn random_byte_flips_are_errors() {
+    let bytes = valid_stream();
+    let mut target = fake_target(LAYOUT);
+    let mut rng = Lcg(42);
+    for i in 0..4000 {
+        let mut bad = bytes.clone();
+        let pos = rng.next() as usize % bad.len();
+        bad[pos] ^= (rng.next() % 255 + 1) as u8;
+        if i % 4 == 0 {
+            // A second flip somewhere else.
+            let pos2 = rng.next() as usize % bad.len();
+            bad[pos2] ^= (rng.next() % 255 + 1) as u8;
+        }
+        let err = load(&mut target, &bad);
+        assert!(err.is_err(), "flip at {pos} was accepted");
+        assert_not_resumed(&target);
+    }
+}
+
+#[test]
+fn garbage_is_an_error() {
+    let bytes = valid_stream();
+    let mut target = fake_target(LAYOUT);
+    let mut rng = Lcg(5);
+    for _ in 0..500 {
+        // A valid prefix, then garbage.
+        let cut = rng.next() as usize % bytes.len();
+        let mut bad = bytes[..cut].to_vec();
+        let n = rng.next() as usize % 5000;
+        bad.extend((0..n).map(|_| rng.next() as u8));
+        assert!(load(&mut target, &bad).is_err());
+        assert_not_resumed(&target);
+    }
+}
+
+/// Builds streams record by record with valid checksums.
+struct Craft {
+    conn: Connection,
+}
+
+impl Craft {
+    fn new() -> Craft {
+        let config = FakeVm::new(LAYOUT).config_blob().unwrap();
+        let mut c = Craft {
+            conn: Connection::memory(),
+        };
+        {
+            let mut w = RecordWriter::start(&mut c.conn).unwrap();
+            w.write_record(RecordKind::Config, &[&config]).unwrap();
+            let layout: Vec<LayoutRegion> = LAYOUT
+                .iter()
+                .map(|&(a, l)| LayoutRegion {
+                    guest_addr: a,
+                    size: l as u64,
+                })
+                .collect();
+            w.write_record(RecordKind::MemoryLayout, &[&encode_layout(&layout)])
+                .unwrap();
+        }
+        c
+    }
+
+    fn record(mut self, kind: RecordKind, payload: &[u8]) -> Craft {
+        // A fresh writer per record: headers and checksums are right, the End chain is not
+        // used by these streams.
+        let mut scratch = Connection::memory();
+        RecordWriter::start(&mut scratch)
+            .unwrap()
+            .write_record(kind, &[payload])
+            .unwrap();
+        let bytes = scratch.into_bytes();
+        migration::Transport::send(&mut self.conn, &[&bytes[16..]]).unwrap();
+        self
+    }
+
+    fn pass(self, pass: u32, flags: u32) -> Craft {
+        self.record(RecordKind::PassBegin, &PassBegin { pass, flags }.encode())
+    }
+
+    fn pages(self, runs: &[RunDesc], data_pages: u32) -> Craft {
+        let mut p = Vec::new();
+        encode_batch_prefix(runs.len() as u32, data_pages, &mut p);
+        for r in runs {
+            r.encode_into(&mut p);
+        }
+        p.resize(p.len() + data_pages as usize * PAGE_SIZE, 0x77);
+        self.record(RecordKind::RamPages, &p)
+    }
+
+    fn bytes(self) -> Vec<u8> {
+        self.conn.into_bytes()
+    }
+}
+
+fn run(guest_addr: u64, pages: u32, zero: bool) -> RunDesc {
+    RunDesc {
+        guest_addr,
+        pages,
+        zero,
+    }
+}
+
+fn expect_err(bytes: Vec<u8>, check: impl Fn(&DestinationError) -> bool) -> DestinationError {
+    let mut target = fake_target(LAYOUT);
+    let err = load(&mut target, &bytes).unwrap_err();
+    assert!(check(&err), "unexpected error: {}", chain(&err));
+    assert_not_resumed(&target);
+    err
+}
+
+#[test]
+fn crafted_streams_get_typed_errors() {
+    // Header: 16 bytes; Config and MemoryLayout follow, so the first crafted record starts at:
+    let first = Craft::new().bytes().len() as u64;
+
+    // Unknown version (with a correct header checksum).
+    let mut v2 = Craft::new().bytes();
+    v2[8] = 2;
+    let crc = crc32c::crc32c(&v2[..12]);
+    v2[12..16].copy_from_slice(&crc.to_le_bytes());
+    expect_err(v2, |e| {
+        matches!(
+            e,
+            DestinationError::Wire(WireError::UnsupportedVersion { version: 2, .. })
+        )
+    });
+
+    // Unknown record kind.
+    let mut unknown = Craft::new().pass(0, 0).bytes();
+    let at = first as usize;
+    unknown[at] = 0x55;
+    let crc = crc32c::crc32c(&unknown[at..at + 12]);
+    unknown[at + 12..at + 16].copy_from_slice(&crc.to_le_bytes());
+    expect_err(
+        unknown,
+        |e| matches!(e, DestinationError::Wire(WireError::UnknownKind { offset, kind: 0x55 }) if *offset == first),
+    );
+
+    // Pages before any pass; passes out of order; elision outside the bulk pass.
+    expect_err(
+        Craft::new().pages(&[run(0, 1, true)], 0).bytes(),
+        |e| matches!(e, DestinationError::Unexpected { kind: RecordKind::RamPages, offset, .. } if *offset == first),
+    );
+    expect_err(Craft::new().pass(1, 0).bytes(), |e| {
+        matches!(
+            e,
+            DestinationError::PassOrder {
+                found: 1,
+                expected: 0,
+                ..
+            }
+        )
+    });
+    expect_err(
+        Craft::new().pass(0, 0).pass(1, PASS_ZERO_ELIDED).bytes(),
+        |e| matches!(e, DestinationError::LateElision { pass: 1, .. }),
+    );
+
+    // Runs outside memory (in the hole between regions, past the end, wrapping), misaligned,
+    // overlapping, empty, and a data count that does not match.
+    let bad_runs: Vec<(Vec<RunDesc>, u32, &str)> = vec![
+        (vec![run(0x10_000, 1, true)], 0, "outside"),
+        (vec![run(0xf000, 2, false)], 2, "outside"),
+        (vec![run(0x10_7000, 2, true)], 0, "outside"),
+        (vec![run(!0xfff, 2, true)], 0, "outside"),
+        (vec![run(0x1010, 1, false)], 1, "not page-aligned"),
+        (
+            vec![run(0x2000, 2, false), run(0x3000, 1, true)],
+            2,
+            "overlaps",
+        ),
+        (vec![run(0x2000, 0, true)], 0, "no pages"),
+    ];
+    let batch_at = first + 16 + 8;
+    for (runs, data, what) in bad_runs {
+        let err = expect_err(Craft::new().pass(0, 0).pages(&runs, data).bytes(), |e| {
+            matches!(e, DestinationError::Ram(_))
+        });
+        let text = chain(&err);
+        assert!(
+            text.contains(what) && text.contains(&format!("offset {batch_at}")),
+            "{text}"
+        );
+    }
+    expect_err(
+        Craft::new()
+            .pass(0, 0)
+            .pages(&[run(0, 1, false)], 2)
+            .bytes(),
+        |e| {
+            matches!(
+                e,
+                DestinationError::Ram(RamLoadError::DataPages {
+                    announced: 2,
+                    found: 1,
+                    ..
+                })
+            )
+        },
+    );
+
+    // Oversized: a batch claiming more data pages than allowed is refused from its prefix.
+    let mut big = Vec::new();
+    encode_batch_prefix(1, 1025, &mut big);
+    expect_err(
+        Craft::new()
+            .pass(0, 0)
+            .record(RecordKind::RamPages, &big)
+            .bytes(),
+        |e| chain(e).contains("limit is 1024"),
+    );
+
+    // Device state before the final pass; duplicate device state; End with wrong counts.
+    let state = |id: &str| {
+        let s = StateBlob {
+            id: id.into(),
+            version: 1,
+            data: vec![1],
+        };
+        let mut p = s.encode_head();
+        p.extend_from_slice(&s.data);
+        p
+    };
+    expect_err(
+        Craft::new()
+            .pass(0, 0)
+            .record(RecordKind::DeviceState, &state("a"))
+            .bytes(),
+        |e| {
+            matches!(
+                e,
+                DestinationError::Unexpected {
+                    kind: RecordKind::DeviceState,
+                    ..
+                }
+            )
+        },
+    );
+    let dup = Craft::new()
+        .pass(0, PASS_FINAL)
+        .record(RecordKind::DeviceState, &state("a"))
+        .record(RecordKind::DeviceState, &state("a"))
+        .bytes();
+    expect_err(dup, |e| {
+        matches!(e, DestinationError::DuplicateState { .. })
+    });
+    let end = migration::wire::EndRecord {
+        records: 99,
+        bytes: 0,
+        chain_crc: 0,
+    };
+    let bad_end = Craft::new()
+        .pass(0, PASS_FINAL)
+        .record(RecordKind::End, &end.encode())
+        .bytes();
+    expect_err(bad_end, |e| chain(e).contains("99 records announced"));
+
+    // A stream that ends after the final pass without End.
+    expect_err(Craft::new().pass(0, PASS_FINAL).bytes(), |e| {
+        chain(e).contains("truncated")
+    });
+}
+
+#[test]
+fn layout_and_config_mismatch_are_refused() {
+    let bytes = valid_stream();
+    let mut other = fake_target(&[(0, 16 * PAGE_SIZE), (0x20_0000, 8 * PAGE_SIZE)]);
+    let err = load(&mut other, &bytes).unwrap_err();
+    assert!(
+        matches!(err, DestinationError::Config(_)),
+        "{}",
+        chain(&err)
+    );
+    assert_not_resumed(&other);
+}
+
+#[test]
+fn eliding_stream_into_written_memory_without_reset_is_refused() {
+    let bytes = valid_stream();
+    let mut target = fake_target(LAYOUT);
+    target.writer().fill(0x4000, 8, 0xff);
+    let mut conn = Connection::from_bytes(bytes.clone());
+    let opts = ReceiveOptions {
+        reset_if_not_pristine: false,
+        ..Default::default()
+    };
+    let err = receive_migration(&mut target, &mut conn, &opts).unwrap_err();
+    assert!(matches!(
+        err,
+        DestinationError::Ram(RamLoadError::ElisionIntoDirtyMemory { .. })
+    ));
+    assert_not_resumed(&target);
+    // With the default (reset first) the same stream loads and the stray bytes are gone.
+    load(&mut target, &bytes).unwrap();
+    let mut b = [0u8; 8];
+    target.writer().read(0x4000, &mut b);
+    assert_eq!(b, [0; 8]);
+}

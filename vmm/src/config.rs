@@ -1,0 +1,286 @@
+//! Validated VM configuration: what `minivmm run` was asked for, checked before any KVM work.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Default guest memory size.
+pub const DEFAULT_MEM_BYTES: u64 = 512 << 20;
+/// Smallest guest memory we boot: room for the boot structures below 1 MiB and a kernel above.
+pub const MIN_MEM_BYTES: u64 = 16 << 20;
+/// Largest guest memory: a KVM memory slot holds less than 8 TiB and the dirty bitmaps grow with
+/// the size, so stay well inside both.
+pub const MAX_MEM_BYTES: u64 = 4 << 40;
+/// Most vCPUs: APIC ids are 8 bits in the MP table and the xAPIC, 0xff is the broadcast id.
+pub const MAX_CPUS: u8 = 254;
+/// Command line given to the built-in test guest when `--cmdline` is absent.
+pub const DEFAULT_TEST_GUEST_CMDLINE: &str = "touch=64M rate=1000";
+/// Longest command line accepted (Linux's x86 COMMAND_LINE_SIZE).
+pub const MAX_CMDLINE_LEN: usize = 2048;
+
+/// Errors in the command-line values of `minivmm run`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid memory size {0:?}: expected a number with an optional K, M, G or T suffix")]
+    MemSyntax(String),
+    #[error("--mem must be greater than zero")]
+    MemZero,
+    #[error("--mem {0} is below the minimum of 16M")]
+    MemTooSmall(String),
+    #[error("--mem {0} is above the maximum of 4T")]
+    MemTooLarge(String),
+    #[error("--mem {0} is not a multiple of 4K")]
+    MemUnaligned(String),
+    #[error("--cpus must be at least 1")]
+    CpusZero,
+    #[error("--cpus {0} is above the maximum of {MAX_CPUS}")]
+    CpusTooMany(u32),
+    #[error("--cmdline is {0} bytes long, the maximum is {MAX_CMDLINE_LEN}")]
+    CmdlineTooLong(usize),
+    #[error("--cmdline contains a NUL byte")]
+    CmdlineNul,
+}
+
+/// Where the guest kernel comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelSource {
+    /// The test guest embedded in the binary (`guest::TEST_GUEST_ELF`).
+    BuiltinTestGuest,
+    /// A bzImage or a PVH ELF file on the host.
+    File(PathBuf),
+}
+
+impl fmt::Display for KernelSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KernelSource::BuiltinTestGuest => write!(f, "built-in test guest"),
+            KernelSource::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// A checked VM configuration. Build it with [`VmConfig::new`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Guest RAM in bytes (multiple of 4 KiB, within [MIN_MEM_BYTES, MAX_MEM_BYTES]).
+    pub mem_bytes: u64,
+    /// Number of vCPUs (1..=MAX_CPUS; the KVM limit is checked when the VM is created).
+    pub cpus: u8,
+    pub kernel: KernelSource,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub api_socket: PathBuf,
+}
+
+/// Unvalidated values as they come from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct RawConfig {
+    pub mem: Option<String>,
+    pub cpus: Option<u32>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub api_socket: Option<PathBuf>,
+}
+
+impl VmConfig {
+    /// Validate raw values; the files themselves are checked when they are loaded.
+    pub fn new(raw: RawConfig) -> Result<VmConfig, ConfigError> {
+        let mem_bytes = match raw.mem.as_deref() {
+            None => DEFAULT_MEM_BYTES,
+            Some(s) => validate_mem(s)?,
+        };
+        let cpus = match raw.cpus {
+            None => 1,
+            Some(0) => return Err(ConfigError::CpusZero),
+            Some(n) if n > u32::from(MAX_CPUS) => return Err(ConfigError::CpusTooMany(n)),
+            Some(n) => n as u8,
+        };
+        let kernel = raw
+            .kernel
+            .map_or(KernelSource::BuiltinTestGuest, KernelSource::File);
+        let cmdline = match (raw.cmdline, &kernel) {
+            (Some(c), _) => c,
+            (None, KernelSource::BuiltinTestGuest) => DEFAULT_TEST_GUEST_CMDLINE.to_string(),
+            (None, KernelSource::File(_)) => String::new(),
+        };
+        if cmdline.len() >= MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong(cmdline.len()));
+        }
+        if cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        Ok(VmConfig {
+            mem_bytes,
+            cpus,
+            kernel,
+            initrd: raw.initrd,
+            cmdline,
+            api_socket: raw.api_socket.unwrap_or_else(default_api_socket),
+        })
+    }
+}
+
+fn validate_mem(s: &str) -> Result<u64, ConfigError> {
+    let bytes = parse_size(s)?;
+    if bytes == 0 {
+        return Err(ConfigError::MemZero);
+    }
+    if bytes < MIN_MEM_BYTES {
+        return Err(ConfigError::MemTooSmall(s.to_string()));
+    }
+    if bytes > MAX_MEM_BYTES {
+        return Err(ConfigError::MemTooLarge(s.to_string()));
+    }
+    if bytes % 4096 != 0 {
+        return Err(ConfigError::MemUnaligned(s.to_string()));
+    }
+    Ok(bytes)
+}
+
+/// Parse a size such as `512M`, `1G`, `16G`, `4096K`, `1T` or a plain byte count.
+/// Suffixes are binary (K = 1024) and case-insensitive; an optional trailing `B`/`iB` is allowed.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let err = || ConfigError::MemSyntax(s.to_string());
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix("ib"))
+        .unwrap_or(t);
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits_end);
+    if num.is_empty() {
+        return Err(err());
+    }
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" => 10,
+        "M" | "MB" => 20,
+        "G" | "GB" => 30,
+        "T" | "TB" => 40,
+        _ => return Err(err()),
+    };
+    let n: u64 = num.parse().map_err(|_| err())?;
+    n.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+/// `$XDG_RUNTIME_DIR/minivmm.sock`, else `/tmp/minivmm.sock`.
+pub fn default_api_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("minivmm.sock"),
+        _ => PathBuf::from("/tmp/minivmm.sock"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(mem: Option<&str>, cpus: Option<u32>) -> RawConfig {
+        RawConfig {
+            mem: mem.map(str::to_string),
+            cpus,
+            api_socket: Some(PathBuf::from("/tmp/x.sock")),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("16g"), Ok(16 << 30));
+        assert_eq!(parse_size("4096K"), Ok(4 << 20));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("64MB"), Ok(64 << 20));
+        assert_eq!(parse_size("8192"), Ok(8192));
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_the_text() {
+        for bad in [
+            "",
+            "lots",
+            "M",
+            "1X",
+            "-1G",
+            "1.5G",
+            "99999999999999999999T",
+            "1G2",
+        ] {
+            match parse_size(bad) {
+                Err(ConfigError::MemSyntax(s)) => assert_eq!(s, bad),
+                other => panic!("{bad:?} parsed as {other:?}"),
+            }
+        }
+        assert!(ConfigError::MemSyntax("lots".into())
+            .to_string()
+            .contains("lots"));
+    }
+
+    #[test]
+    fn mem_bounds_are_checked() {
+        assert_eq!(
+            VmConfig::new(raw(Some("0"), None)),
+            Err(ConfigError::MemZero)
+        );
+        assert!(matches!(
+            VmConfig::new(raw(Some("1M"), None)),
+            Err(ConfigError::MemTooSmall(_))
+        ));
+        assert!(matches!(
+            VmConfig::new(raw(Some("1024T"), None)),
+            Err(ConfigError::MemTooLarge(_))
+        ));
+        assert!(matches!(
+            VmConfig::new(raw(Some("16777217"), None)),
+            Err(ConfigError::MemUnaligned(_))
+        ));
+        let c = VmConfig::new(raw(Some("16G"), None)).expect("16G is valid");
+        assert_eq!(c.mem_bytes, 16 << 30);
+    }
+
+    #[test]
+    fn cpus_bounds_are_checked() {
+        assert_eq!(
+            VmConfig::new(raw(None, Some(0))),
+            Err(ConfigError::CpusZero)
+        );
+        assert_eq!(
+            VmConfig::new(raw(None, Some(100_000))),
+            Err(ConfigError::CpusTooMany(100_000))
+        );
+        assert_eq!(VmConfig::new(raw(None, Some(8))).map(|c| c.cpus), Ok(8));
+        assert!(ConfigError::CpusZero.to_string().contains("cpus"));
+    }
+
+    #[test]
+    fn defaults_boot_the_test_guest_with_its_cmdline() {
+        let c = VmConfig::new(raw(None, None)).expect("defaults are valid");
+        assert_eq!(c.kernel, KernelSource::BuiltinTestGuest);
+        assert_eq!(c.cmdline, DEFAULT_TEST_GUEST_CMDLINE);
+        assert_eq!(c.mem_bytes, DEFAULT_MEM_BYTES);
+        assert_eq!(c.cpus, 1);
+
+        let mut r = raw(None, None);
+        r.cmdline = Some("touch=8M".into());
+        assert_eq!(VmConfig::new(r).map(|c| c.cmdline), Ok("touch=8M".into()));
+
+        let mut r = raw(None, None);
+        r.kernel = Some(PathBuf::from("/k"));
+        assert_eq!(VmConfig::new(r).map(|c| c.cmdline), Ok(String::new()));
+    }
+
+    #[test]
+    fn long_or_nul_cmdline_is_refused() {
+        let mut r = raw(None, None);
+        r.cmdline = Some("x".repeat(MAX_CMDLINE_LEN));
+        assert!(matches!(
+            VmConfig::new(r),
+            Err(ConfigError::CmdlineTooLong(_))
+        ));
+        let mut r = raw(None, None);
+        r.cmdline = Some("a\0b".into());
+        assert_eq!(VmConfig::new(r), Err(ConfigError::CmdlineNul));
+    }
+}

@@ -1,0 +1,5 @@
+//! The KVM side: the VM and its memory slots, guest memory, vCPU threads.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,118 @@
+//! `minivmm run`: build the VM, run the event loop until the VM ends, clean up.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use log::{info, warn};
+
+use crate::boot::{BootError, BootSources};
+use crate::config::VmConfig;
+use crate::control::{self, ControlError, ControlServer};
+use crate::devices::serial::{SerialInput, StdoutOut};
+use crate::exit::{ExitSignal, VmExit};
+use crate::signals::{block_exit_signals, SignalSubscriber};
+use crate::terminal::RawModeGuard;
+use crate::{Vmm, VmmError};
+
+/// Errors of `minivmm run`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot load the guest")]
+    Boot(#[source] BootError),
+    #[error("cannot set up the control socket")]
+    Control(#[source] ControlError),
+    #[error("cannot set up signal handling")]
+    Signals(#[source] io::Error),
+    #[error("cannot set up the event loop")]
+    EventManager(#[source] event_manager::Error),
+    #[error("the event loop failed")]
+    EventLoop(#[source] event_manager::Error),
+    #[error("cannot read stdin")]
+    Stdin(#[source] io::Error),
+    #[error(transparent)]
+    Vmm(VmmError),
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Wakes the event loop when the VM ends.
+struct ExitWatcher(Arc<ExitSignal>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.event_fd().read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.event_fd(), EventSet::IN)) {
+            warn!("exit eventfd cannot be polled: {e:?}");
+        }
+    }
+}
+
+/// Run the VM described by `config` until it ends; returns why it ended. `on_socket` is told
+/// the control socket's path once it is bound.
+pub fn run(config: VmConfig, on_socket: impl FnOnce(&Path)) -> Result<VmExit, RunError> {
+    let mut sources = BootSources::open(&config).map_err(RunError::Boot)?;
+    let socket = control::bind(&config.api_socket).map_err(RunError::Control)?;
+    on_socket(socket.path());
+    // Before any thread exists, so every thread inherits the mask.
+    block_exit_signals().map_err(RunError::Signals)?;
+
+    let mut vmm = Vmm::new(config, &mut sources, Box::new(StdoutOut)).map_err(RunError::Vmm)?;
+    let exit = vmm.exit_signal();
+    let serial = vmm.devices().serial.clone();
+    let space = vmm.devices_mut().serial_input_space.take();
+    let vmm = Arc::new(Mutex::new(vmm));
+
+    let mut em = EventManager::<Subscriber>::new().map_err(RunError::EventManager)?;
+    em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
+    em.add_subscriber(Arc::new(Mutex::new(
+        SignalSubscriber::new(exit.clone()).map_err(RunError::Signals)?,
+    )));
+    em.add_subscriber(Arc::new(Mutex::new(ControlServer::new(
+        socket,
+        vmm.clone(),
+    ))));
+
+    // Raw stdin (no std buffering: unread buffered bytes would not wake epoll again).
+    let stdin = File::from(
+        io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(RunError::Stdin)?,
+    );
+    let _tty = match RawModeGuard::new(std::os::fd::AsRawFd::as_raw_fd(&stdin)) {
+        Ok(g) => g,
+        Err(e) => {
+            warn!("terminal stays in cooked mode: {e}");
+            None
+        }
+    };
+    if let Some(space) = space {
+        em.add_subscriber(Arc::new(Mutex::new(SerialInput::new(serial, stdin, space))));
+    }
+
+    lock(&vmm).start().map_err(RunError::Vmm)?;
+    let ended = loop {
+        if let Some(reason) = exit.reason() {
+            break Ok(reason);
+        }
+        // EINTR comes back as Ok(0); an error is a broken epoll set.
+        if let Err(e) = em.run() {
+            break Err(RunError::EventLoop(e));
+        }
+    };
+    info!("VM ends: {ended:?}");
+    lock(&vmm).shutdown();
+    drop(em);
+    ended
+}
+
+fn lock(vmm: &Mutex<Vmm>) -> std::sync::MutexGuard<'_, Vmm> {
+    vmm.lock().unwrap_or_else(|e| e.into_inner())
+}

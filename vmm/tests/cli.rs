@@ -1,0 +1,336 @@
+//! The `minivmm` binary as a user runs it: exit codes, error messages, the control socket,
+//! signals. Guests are the hand-assembled PVH guest of `common`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use vmm::require_kvm;
+
+#[allow(dead_code)] // each test binary uses part of the shared guest helpers
+mod common;
+use common::{GuestFile, MODE_ECHO, MODE_POWER_OFF, MODE_SPIN, MODE_TRIPLE_FAULT};
+
+const BIN: &str = env!("CARGO_BIN_EXE_minivmm");
+
+fn sock(tag: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("minivmm-cli-{}-{tag}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+fn run(args: &[&str]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn minivmm");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("minivmm {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn assert_fails(args: &[&str], code: i32, needle: &str) {
+    let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "minivmm {args:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "minivmm {args:?}: expected {needle:?} in {err:?}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn usage_and_value_errors_exit_2() {
+    let s = sock("usage");
+    let s = s.to_str().expect("utf-8");
+    assert_fails(&["run", "--bogus"], 2, "--bogus");
+    assert_fails(&["frobnicate"], 2, "frobnicate");
+    assert_fails(&["run", "--mem", "0", "--api-socket", s], 2, "--mem");
+    assert_fails(&["run", "--mem", "lots", "--api-socket", s], 2, "lots");
+    assert_fails(&["run", "--cpus", "0", "--api-socket", s], 2, "--cpus");
+    assert_fails(&["run", "--cpus", "100000", "--api-socket", s], 2, "--cpus");
+    assert_fails(&["run", "--mem", "1024T", "--api-socket", s], 2, "--mem");
+    assert_fails(&["receive"], 2, "not implemented");
+    assert_fails(&["migrate", "--to", "x"], 2, "not implemented");
+}
+
+#[test]
+fn bad_kernel_and_initrd_files_exit_1_naming_the_file() {
+    let s = sock("files");
+    let s = s.to_str().expect("utf-8");
+    let dir = std::env::temp_dir();
+    let garbage = dir.join(format!("minivmm-cli-{}-garbage", std::process::id()));
+    std::fs::write(&garbage, vec![0x5au8; 65536]).expect("garbage");
+    let empty = dir.join(format!("minivmm-cli-{}-empty", std::process::id()));
+    std::fs::write(&empty, b"").expect("empty");
+    let (g, e) = (
+        garbage.to_str().expect("utf-8"),
+        empty.to_str().expect("utf-8"),
+    );
+    assert_fails(
+        &["run", "--kernel", "/nonexistent/vmlinuz", "--api-socket", s],
+        1,
+        "/nonexistent/vmlinuz",
+    );
+    assert_fails(
+        &["run", "--kernel", g, "--api-socket", s],
+        1,
+        "neither a bzImage nor an ELF",
+    );
+    assert_fails(&["run", "--kernel", e, "--api-socket", s], 1, "is empty");
+    assert_fails(
+        &[
+            "run",
+            "--kernel",
+            g,
+            "--initrd",
+            "/nonexistent/initrd",
+            "--api-socket",
+            s,
+        ],
+        1,
+        "/nonexistent/initrd",
+    );
+    let _ = std::fs::remove_file(garbage);
+    let _ = std::fs::remove_file(empty);
+    assert!(!Path::new(s).exists(), "no socket left behind");
+}
+
+#[test]
+fn guest_power_off_exits_0_and_triple_fault_exits_1() {
+    require_kvm!();
+    let s = sock("ends");
+    let g = GuestFile::new("cli-off", MODE_POWER_OFF);
+    let out = run(&[
+        "run",
+        "--kernel",
+        g.0.to_str().expect("utf-8"),
+        "--cmdline",
+        "bye",
+        "--api-socket",
+        s.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "bye\n3\n");
+    assert!(!s.exists(), "socket removed at exit");
+
+    let g = GuestFile::new("cli-fault", MODE_TRIPLE_FAULT);
+    let out = run(&[
+        "run",
+        "--kernel",
+        g.0.to_str().expect("utf-8"),
+        "--api-socket",
+        s.to_str().expect("utf-8"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error: vCPU 0:") && err.contains("KVM_EXIT_"),
+        "{err}"
+    );
+}
+
+struct Vm(Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_spinner(tag: &str, s: &Path, guest: &GuestFile) -> Vm {
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "--kernel",
+            guest.0.to_str().expect("utf-8"),
+            "--cpus",
+            "2",
+            "--cmdline",
+            tag,
+        ])
+        .arg("--api-socket")
+        .arg(s)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(s).is_err() {
+        assert!(Instant::now() < deadline, "control socket never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Vm(child)
+}
+
+fn ask(conn: &mut (UnixStream, BufReader<UnixStream>), req: &str) -> serde_json::Value {
+    conn.0.write_all(req.as_bytes()).expect("send");
+    conn.0.write_all(b"\n").expect("send");
+    let mut line = String::new();
+    conn.1.read_line(&mut line).expect("reply");
+    serde_json::from_str(&line).expect("reply is JSON")
+}
+
+fn wait_exit(vm: &mut Vm) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = vm.0.try_wait().expect("wait") {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "minivmm did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn control_socket_session_and_shutdown() {
+    require_kvm!();
+    let s = sock("session");
+    let g = GuestFile::new("cli-spin", MODE_SPIN);
+    let mut vm = spawn_spinner("session", &s, &g);
+    let mode = std::fs::metadata(&s).expect("socket").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let stream = UnixStream::connect(&s).expect("connect");
+    let mut conn = (stream.try_clone().expect("clone"), BufReader::new(stream));
+    let r = ask(&mut conn, r#"{"cmd":"status"}"#);
+    assert_eq!(
+        (r["ok"].clone(), r["state"].clone(), r["cpus"].clone()),
+        (true.into(), "running".into(), 2.into())
+    );
+    assert_eq!(r["mem_bytes"], 512u64 << 20);
+    let r = ask(&mut conn, "this is not json");
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().unwrap_or("").contains("JSON"), "{r}");
+    let r = ask(&mut conn, r#"{"cmd":"explode"}"#);
+    assert!(r["error"].as_str().unwrap_or("").contains("explode"), "{r}");
+    assert_eq!(ask(&mut conn, r#"{"cmd":"pause"}"#)["ok"], true);
+    assert_eq!(ask(&mut conn, r#"{"cmd":"status"}"#)["state"], "paused");
+    assert_eq!(ask(&mut conn, r#"{"cmd":"resume"}"#)["ok"], true);
+    assert_eq!(ask(&mut conn, r#"{"cmd":"status"}"#)["state"], "running");
+
+    // A second minivmm on the live socket is refused.
+    let g2 = GuestFile::new("cli-spin2", MODE_SPIN);
+    assert_fails(
+        &[
+            "run",
+            "--kernel",
+            g2.0.to_str().expect("utf-8"),
+            "--api-socket",
+            s.to_str().expect("utf-8"),
+        ],
+        1,
+        "in use",
+    );
+
+    // The library client.
+    let r = vmm::control::request(&s, &serde_json::json!({"cmd": "status"})).expect("client");
+    assert_eq!(r["ok"], true);
+
+    assert_eq!(ask(&mut conn, r#"{"cmd":"shutdown"}"#)["ok"], true);
+    assert!(wait_exit(&mut vm).success());
+    assert!(!s.exists(), "socket removed");
+    let mut out = String::new();
+    vm.0.stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read");
+    assert_eq!(out, "session\n3\n");
+}
+
+#[test]
+fn sigterm_and_sigint_shut_down_cleanly() {
+    require_kvm!();
+    for (sig, tag) in [(libc::SIGTERM, "term"), (libc::SIGINT, "int")] {
+        let s = sock(tag);
+        let g = GuestFile::new(tag, MODE_SPIN);
+        let mut vm = spawn_spinner(tag, &s, &g);
+        // SAFETY: kill(2) on our own child; no memory involved.
+        unsafe { libc::kill(vm.0.id() as i32, sig) };
+        assert!(wait_exit(&mut vm).success(), "signal {sig} exits 0");
+        assert!(!s.exists(), "socket removed after signal {sig}");
+    }
+}
+
+#[test]
+fn stale_socket_file_is_replaced() {
+    require_kvm!();
+    let s = sock("stale");
+    drop(std::os::unix::net::UnixListener::bind(&s).expect("stale socket"));
+    let g = GuestFile::new("stale", MODE_SPIN);
+    let mut vm = spawn_spinner("stale", &s, &g);
+    let r = vmm::control::request(&s, &serde_json::json!({"cmd": "status"})).expect("status");
+    assert_eq!(r["ok"], true);
+    let r = vmm::control::request(&s, &serde_json::json!({"cmd": "shutdown"})).expect("shutdown");
+    assert_eq!(r["ok"], true);
+    assert!(wait_exit(&mut vm).success());
+    assert!(!s.exists(), "socket removed");
+}
+
+#[test]
+fn stdin_reaches_the_guest_through_the_uart() {
+    require_kvm!();
+    let s = sock("echo");
+    let g = GuestFile::new("echo", MODE_ECHO);
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            "--kernel",
+            g.0.to_str().expect("utf-8"),
+            "--cmdline",
+            "echo",
+        ])
+        .arg("--api-socket")
+        .arg(&s)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // More than the 64-byte FIFO holds, so input flow control is exercised too; `a`..`p`
+    // only, as `q` ends the guest.
+    let input: Vec<u8> = (0..200).map(|i| b'a' + (i % 16) as u8).collect();
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(&input).expect("type");
+    stdin.write_all(b"q").expect("type");
+    // Closing stdin must not end the VM; the guest powers off after `q`.
+    drop(stdin);
+    let mut vm = Vm(child);
+    assert!(wait_exit(&mut vm).success());
+    let mut out = Vec::new();
+    vm.0.stdout
+        .take()
+        .expect("stdout")
+        .read_to_end(&mut out)
+        .expect("read");
+    let expected: Vec<u8> = b"echo\n3\n"
+        .iter()
+        .copied()
+        .chain(input.iter().map(|b| b + 1))
+        .collect();
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        String::from_utf8_lossy(&expected)
+    );
+}

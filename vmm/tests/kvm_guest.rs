@@ -1,0 +1,208 @@
+//! A hand-assembled PVH guest under real KVM: entry in 32-bit protected mode with %ebx at the
+//! start info, serial output through the port-I/O bus, and the ways a VM ends (power-off,
+//! i8042 reset, triple fault), plus pause/resume of vCPUs that spin or wait for SIPI.
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm::boot::BootSources;
+use vmm::config::{RawConfig, VmConfig};
+use vmm::exit::{ExitSignal, GuestFault, VmExit};
+use vmm::{require_kvm, RunState, Vmm};
+
+#[allow(dead_code)] // each test binary uses part of the shared guest helpers
+mod common;
+use common::{GuestFile, MODE_POWER_OFF, MODE_RESET, MODE_SPIN, MODE_TRIPLE_FAULT};
+
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+struct TestVm {
+    vmm: Vmm,
+    exit: Arc<ExitSignal>,
+    console: Console,
+    _kernel: GuestFile,
+}
+
+fn boot(tag: &str, mode: u8, cpus: u32, cmdline: &str) -> TestVm {
+    let kernel = GuestFile::new(tag, mode);
+    let path = kernel.0.clone();
+    let config = VmConfig::new(RawConfig {
+        mem: Some("64M".into()),
+        cpus: Some(cpus),
+        kernel: Some(path),
+        cmdline: Some(cmdline.into()),
+        api_socket: Some("/nonexistent/unused.sock".into()),
+        ..Default::default()
+    })
+    .expect("config");
+    let mut sources = BootSources::open(&config).expect("guest opens");
+    let console = Console::default();
+    let mut vmm = Vmm::new(config, &mut sources, Box::new(console.clone())).expect("VM builds");
+    let exit = vmm.exit_signal();
+    vmm.start().expect("start");
+    TestVm {
+        vmm,
+        exit,
+        console,
+        _kernel: kernel,
+    }
+}
+
+fn wait_exit(vm: &TestVm) -> VmExit {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Some(r) = vm.exit.reason() {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("guest did not end; console: {:?}", vm.console.text());
+}
+
+#[test]
+fn pvh_guest_prints_cmdline_and_powers_off() {
+    require_kvm!();
+    let mut vm = boot("poweroff", MODE_POWER_OFF, 1, "hello=1 world");
+    assert_eq!(wait_exit(&vm), VmExit::PowerOff);
+    // 64 MiB: low RAM, BIOS area, RAM from 1 MiB.
+    assert_eq!(vm.console.text(), "hello=1 world\n3\n");
+    vm.vmm.shutdown();
+}
+
+#[test]
+fn i8042_reset_ends_the_vm_cleanly() {
+    require_kvm!();
+    let mut vm = boot("reset", MODE_RESET, 1, "r");
+    assert_eq!(wait_exit(&vm), VmExit::Reset);
+    assert!(vm.console.text().starts_with("r\n"));
+    vm.vmm.shutdown();
+}
+
+#[test]
+fn triple_fault_is_a_named_error() {
+    require_kvm!();
+    let mut vm = boot("fault", MODE_TRIPLE_FAULT, 1, "f");
+    match wait_exit(&vm) {
+        VmExit::Fault(f @ GuestFault::TripleFault { .. }) => {
+            assert!(f.to_string().contains("triple fault"), "{f}")
+        }
+        // Where the emulator cannot deliver the exception it reports an internal error.
+        VmExit::Fault(f @ GuestFault::InternalError { .. }) => {
+            assert!(f.to_string().contains("KVM_EXIT_INTERNAL_ERROR"), "{f}")
+        }
+        other => panic!("expected a fault, got {other:?}"),
+    }
+    vm.vmm.shutdown();
+}
+
+fn counter(vm: &TestVm) -> u32 {
+    vm.vmm
+        .memory()
+        .read_obj(GuestAddress(0x2000))
+        .expect("counter")
+}
+
+fn wait_counter_past(vm: &TestVm, v: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = counter(vm);
+        if c != v {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "counter stuck at {v}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn pause_stops_spinning_and_waiting_vcpus_and_resume_restarts() {
+    require_kvm!();
+    // vCPU 0 spins; vCPU 1 waits for a SIPI inside KVM_RUN and must be kicked out of it.
+    let mut vm = boot("spin", MODE_SPIN, 2, "s");
+    let c0 = wait_counter_past(&vm, 0);
+    wait_counter_past(&vm, c0);
+    for _ in 0..3 {
+        vm.vmm.pause().expect("pause");
+        assert_eq!(vm.vmm.state(), RunState::Paused);
+        let a = counter(&vm);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(counter(&vm), a, "a paused guest does not run");
+        vm.vmm.pause().expect("pausing twice is harmless");
+        vm.vmm.resume().expect("resume");
+        assert_eq!(vm.vmm.state(), RunState::Running);
+        wait_counter_past(&vm, a);
+    }
+    assert_eq!(vm.exit.reason(), None);
+    vm.vmm.shutdown();
+}
+
+#[test]
+fn dirty_logging_sees_guest_writes() {
+    require_kvm!();
+    let mut vm = boot("dirty", MODE_SPIN, 1, "d");
+    wait_counter_past(&vm, 0);
+    vm.vmm.set_dirty_logging(true).expect("dirty log on");
+    let c = counter(&vm);
+    wait_counter_past(&vm, c);
+    vm.vmm.pause().expect("pause");
+    let log = vm.vmm.dirty_log(0).expect("dirty log");
+    // The counter at 0x2000 is page 2 of slot 0.
+    assert!(
+        log[0] & (1 << 2) != 0,
+        "page of the counter is dirty: {:#x}",
+        log[0]
+    );
+    vm.vmm.set_dirty_logging(false).expect("dirty log off");
+    vm.vmm.shutdown();
+}
+
+#[test]
+fn restore_skeleton_has_the_layout_and_pristine_memory() {
+    require_kvm!();
+    let config = VmConfig::new(RawConfig {
+        mem: Some("4G".into()),
+        cpus: Some(2),
+        api_socket: Some("/nonexistent/unused.sock".into()),
+        ..Default::default()
+    })
+    .expect("config");
+    let vmm = Vmm::new_for_restore(config, Box::new(Console::default())).expect("skeleton");
+    let slots: Vec<(u64, u64)> = vmm
+        .memory_slots()
+        .iter()
+        .map(|s| (s.guest_addr, s.size))
+        .collect();
+    assert_eq!(slots, vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
+    assert_eq!(vmm.unstarted_vcpus().len(), 2);
+    assert_eq!(vmm.state(), RunState::Created);
+    // Nothing was written: no kernel, no boot tables.
+    let mut page = [0xffu8; 4096];
+    for addr in [0u64, 0x6000, 0xe0000, 0xf0000, 0x10_0000] {
+        vmm.memory()
+            .read_slice(&mut page, GuestAddress(addr))
+            .expect("read");
+        assert!(page.iter().all(|b| *b == 0), "page {addr:#x} is pristine");
+    }
+}
