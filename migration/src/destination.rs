@@ -40,6 +40,11 @@ pub trait MigrationTarget: GuestRam {
     fn restore_state(&mut self, states: Vec<StateBlob>) -> Result<(), VmError>;
     /// Starts the restored guest.
     fn resume(&mut self) -> Result<(), VmError>;
+    /// A short report (UTF-8, e.g. JSON) sent back to the source with the `Running`
+    /// acknowledgement: what the destination measured after it resumed.
+    fn running_report(&self) -> Vec<u8> {
+        Vec::new()
+    }
 }
 
 /// Options of [`receive_migration`].
@@ -174,7 +179,9 @@ fn receive<T: MigrationTarget + ?Sized>(
     target.resume().map_err(DestinationError::Resume)?;
     if reader.transport().has_peer() {
         // If this fails the source resumes its copy; failing here makes the vmm exit.
-        send_reply(reader.transport(), RecordKind::Running, &[])
+        let mut report = target.running_report();
+        report.truncate(crate::wire::MAX_MESSAGE_LEN);
+        send_reply(reader.transport(), RecordKind::Running, &report)
             .map_err(DestinationError::Reply)?;
     }
     stats.duration_us = started.elapsed().as_micros() as u64;

@@ -295,7 +295,10 @@ fn run<S: MigrationSource + ?Sized>(
     }
     w.finish().map_err(|e| send_error(&mut w, e))?;
     if peer {
-        expect_reply(w.transport(), RecordKind::Running)?;
+        let report = expect_reply(w.transport(), RecordKind::Running)?;
+        if !report.is_empty() {
+            stats.destination_report = Some(String::from_utf8_lossy(&report).into_owned());
+        }
     }
     stats.downtime_us = paused_at.elapsed().as_micros() as u64;
     stats.total_duration_us = started.elapsed().as_micros() as u64;

@@ -114,6 +114,8 @@ pub struct MigrationStats {
     pub total_duration_us: u64,
     /// Device and vCPU state bytes.
     pub state_bytes: u64,
+    /// What the destination reported with its `Running` acknowledgement.
+    pub destination_report: Option<String>,
 }
 
 impl MigrationStats {

@@ -144,7 +144,7 @@ impl RecordKind {
             RecordKind::DeviceState => MAX_STATE_LEN,
             RecordKind::End => 20,
             RecordKind::Ready => 8,
-            RecordKind::Running => 0,
+            RecordKind::Running => MAX_MESSAGE_LEN,
             RecordKind::Error => MAX_MESSAGE_LEN,
         }
     }

@@ -52,15 +52,11 @@ fn file_snapshot_and_restore() {
         meta.len() >> 20,
         allocated >> 20
     );
-    assert!(
-        meta.len() >= 2 << 30,
-        "the file spans guest memory: {}",
-        meta.len()
-    );
-    assert!(
-        allocated <= 80 << 20,
-        "zero pages stay holes: {allocated} bytes allocated"
-    );
+    // Zero and untouched pages take no room: the file holds about the non-zero memory.
+    let nonzero = stats["nonzero_bytes"].as_u64().expect("nonzero_bytes");
+    let limit = nonzero + (8 << 20);
+    assert!(allocated <= limit, "{allocated} bytes allocated for {nonzero} non-zero");
+    assert!(meta.len() <= limit, "{} bytes for {nonzero} non-zero", meta.len());
     let api = dir.join("restored.api");
     let mut dst = Proc::minivmm(
         "restored",
@@ -84,9 +80,9 @@ fn file_snapshot_and_restore() {
 fn two_vcpus_both_writing_keep_running_and_ticking() {
     require_kvm!();
     let dir = TempDir::new("mig-smp");
-    let mut src = Vm::run(&dir, "src", "512M", 2, "touch=64M rate=4000 seed=13");
-    let before0 = src.rounds(0, 1);
-    let before1 = src.rounds(1, 1);
+    let mut src = Vm::run(&dir, "src", "512M", 2, "touch=64M rate=4000 seed=13 hz=100");
+    src.rounds(0, 1);
+    src.rounds(1, 1);
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
     let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
@@ -98,7 +94,7 @@ fn two_vcpus_both_writing_keep_running_and_ticking() {
                 .expect("src reports")
         })
         .collect();
-    for (cpu, before) in [(0u64, before0), (1, before1)] {
+    for cpu in [0u64, 1] {
         let after = dst.rounds(cpu, 2);
         let last = last_src[cpu as usize];
         assert!(
@@ -112,8 +108,7 @@ fn two_vcpus_both_writing_keep_running_and_ticking() {
         // No jump: guest time across the migration advances like the ticks do.
         let dt_ms = after.tsc_ms.saturating_sub(last.tsc_ms) as f64;
         let dticks = (after.ticks - last.ticks) as f64;
-        let hz = (last.ticks - before.ticks) as f64 * 1000.0
-            / (last.tsc_ms.saturating_sub(before.tsc_ms).max(1)) as f64;
+        let hz = 100.0;
         let expect = dt_ms * hz / 1000.0;
         assert!(
             dt_ms < 10_000.0 && (dticks - expect).abs() <= expect * 0.5 + 20.0,
@@ -221,7 +216,7 @@ fn idle_4g_guest_costs_only_its_nonzero_memory() {
     let rss_before = src.proc.rss_kib();
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
-    let stats = migrate_ok(&mut src, &uri, &[]);
+    let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
     let nonzero = stats["nonzero_bytes"].as_u64().expect("nonzero_bytes");
     let sent = stats["bytes_sent"].as_u64().expect("bytes_sent");
     let src_rss = stats["source_rss_kib"].as_u64().expect("source_rss_kib");

@@ -19,10 +19,11 @@ pub enum Command {
     /// Boot a VM: a bzImage, a PVH ELF (vmlinux, test guest) or, without --kernel, the built-in
     /// test guest. The serial console is on stdin/stdout.
     Run(RunArgs),
-    /// Receive a migrating VM (not implemented yet).
-    Receive(PassThroughArgs),
-    /// Migrate a running VM to another minivmm (not implemented yet).
-    Migrate(PassThroughArgs),
+    /// Start an empty VMM that waits for an incoming migration (or loads a snapshot),
+    /// restores the VM and resumes it. The console continues on this process's stdin/stdout.
+    Receive(ReceiveArgs),
+    /// Ask a running VMM, over its control socket, to live-migrate (or snapshot) its VM.
+    Migrate(MigrateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -60,11 +61,59 @@ impl From<RunArgs> for RawConfig {
     }
 }
 
-/// Arguments of the subcommands that are not implemented yet, accepted as they are.
 #[derive(Debug, Args)]
-pub struct PassThroughArgs {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub args: Vec<String>,
+#[command(group(clap::ArgGroup::new("source").required(true).args(["listen", "from"])))]
+pub struct ReceiveArgs {
+    /// Where to wait for the source: unix:PATH or tcp:HOST:PORT.
+    #[arg(long, value_name = "URI")]
+    pub listen: Option<String>,
+    /// Restore a snapshot: file:PATH.
+    #[arg(long, value_name = "URI")]
+    pub from: Option<String>,
+    /// Control socket of the restored VM (default as for `run`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Incoming attempts to accept: after a failed one the destination makes its memory
+    /// pristine again and waits for the next (default 1: a failure ends minivmm).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub attempts: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Destination: unix:PATH, tcp:HOST:PORT or file:PATH (snapshot).
+    #[arg(long, value_name = "URI")]
+    pub to: String,
+    /// Control socket of the VM to migrate (default as for `run`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Longest acceptable pause of the guest for the final pass (default 50).
+    #[arg(long, value_name = "MS")]
+    pub downtime_ms: Option<u64>,
+    /// Bandwidth limit in bytes per second, with K/M/G suffixes (default: unlimited).
+    #[arg(long, value_name = "RATE")]
+    pub max_bandwidth: Option<String>,
+    /// Most pre-copy passes before stop-and-copy (default 30).
+    #[arg(long, value_name = "N")]
+    pub max_passes: Option<u32>,
+    /// Send zero pages in the bulk pass too.
+    #[arg(long)]
+    pub no_zero_elision: bool,
+    /// With file:PATH, keep the VM running after the snapshot.
+    #[arg(long)]
+    pub keep_running: bool,
+    /// Hash guest memory at the final pause; the destination checks it before resuming.
+    #[arg(long)]
+    pub verify_memory: bool,
+    /// Throttle the vCPUs when the guest dirties memory faster than it can be sent.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// Print the result as one JSON document.
+    #[arg(long)]
+    pub json: bool,
+    /// Fault injection for tests: break the stream after N bytes.
+    #[arg(long, value_name = "N", hide = true)]
+    pub fail_after_bytes: Option<u64>,
 }
 
 #[cfg(test)]

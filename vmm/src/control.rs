@@ -54,7 +54,7 @@ pub enum ControlError {
     BadReply(PathBuf, #[source] serde_json::Error),
 }
 
-/// A typed request. (The `migrate` request comes with live migration.)
+/// A typed request.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
@@ -62,10 +62,42 @@ pub enum Request {
     Pause,
     Resume,
     Shutdown,
+    /// Live-migrate (or snapshot) the VM. The reply comes when it is done; progress lines
+    /// `{"progress":{...}}` may come before it.
+    Migrate(MigrateRequest),
+}
+
+/// Arguments of `migrate`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// `unix:PATH`, `tcp:HOST:PORT` or `file:PATH`.
+    pub to: String,
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Bytes per second.
+    #[serde(default)]
+    pub max_bandwidth: Option<u64>,
+    #[serde(default)]
+    pub max_passes: Option<u32>,
+    #[serde(default)]
+    pub no_zero_elision: bool,
+    /// After a `file:` snapshot, keep the VM running here.
+    #[serde(default)]
+    pub keep_running: bool,
+    /// Hash guest memory at the final pause; the destination checks it before resuming.
+    #[serde(default)]
+    pub verify_memory: bool,
+    /// Throttle the vCPUs when the guest dirties memory faster than it can be sent.
+    #[serde(default)]
+    pub auto_converge: bool,
+    /// Fault injection for tests: break the stream after this many bytes.
+    #[serde(default)]
+    pub fail_after_bytes: Option<u64>,
 }
 
 /// The commands [`Request`] knows, for the "unknown command" error.
-pub const COMMANDS: &[&str] = &["status", "pause", "resume", "shutdown"];
+pub const COMMANDS: &[&str] = &["status", "pause", "resume", "shutdown", "migrate"];
 
 /// Why a request line was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -74,7 +106,7 @@ pub enum RequestError {
     Json(String),
     #[error("request must be a JSON object with a string \"cmd\" field")]
     NoCmd,
-    #[error("unknown command {0:?} (known: status, pause, resume, shutdown)")]
+    #[error("unknown command {0:?} (known: status, pause, resume, shutdown, migrate)")]
     UnknownCommand(String),
     #[error("invalid {cmd:?} request: {reason}")]
     BadArguments { cmd: String, reason: String },
@@ -104,8 +136,10 @@ pub fn error_reply(msg: &str) -> Value {
 
 /// Executes requests (implemented by the VMM).
 pub trait RequestHandler {
-    /// The reply to `req`: `{"ok":true,...}` or an error reply.
-    fn handle(&mut self, req: Request) -> Value;
+    /// The reply to `req`: `{"ok":true,...}` or an error reply; `None` when the handler took
+    /// the connection over (it keeps a clone of `conn` and replies itself, later), after which
+    /// the server stops reading from it.
+    fn handle(&mut self, req: Request, conn: &UnixStream) -> Option<Value>;
 }
 
 /// Bind the control socket at `path`: mode 0600, replacing a stale socket file, refusing a
@@ -253,10 +287,14 @@ impl<H: RequestHandler> ControlServer<H> {
                 match parse_request(text) {
                     Ok(req) => {
                         debug!("control request {req:?}");
-                        handler
+                        let reply = handler
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .handle(req)
+                            .handle(req, &conn.stream);
+                        match reply {
+                            Some(r) => r,
+                            None => return ConnState::Close,
+                        }
                     }
                     Err(e) => error_reply(&e.to_string()),
                 }
@@ -371,9 +409,9 @@ mod tests {
     struct Fake(Vec<Request>);
 
     impl RequestHandler for Fake {
-        fn handle(&mut self, req: Request) -> Value {
+        fn handle(&mut self, req: Request, _conn: &UnixStream) -> Option<Value> {
             self.0.push(req);
-            json!({"ok": true})
+            Some(json!({"ok": true}))
         }
     }
 

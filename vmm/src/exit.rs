@@ -42,6 +42,8 @@ pub enum VmExit {
     ShutdownRequest,
     /// SIGINT or SIGTERM.
     Signal(i32),
+    /// The VM now runs elsewhere (live migration acknowledged, or snapshot written).
+    Migrated(String),
     /// The guest failed.
     Fault(GuestFault),
 }

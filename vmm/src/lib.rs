@@ -27,6 +27,8 @@ pub mod control;
 pub mod devices;
 pub mod exit;
 pub mod kvm;
+pub mod migrate;
+pub mod persist;
 pub mod runner;
 pub mod signals;
 pub mod terminal;
@@ -42,7 +44,7 @@ use serde_json::{json, Value};
 use crate::boot::BootSources;
 use crate::builder::BuildError;
 use crate::config::VmConfig;
-use crate::control::{error_reply, Request, RequestHandler};
+use crate::control::{error_reply, Request};
 use crate::devices::serial::SerialOut;
 use crate::devices::Devices;
 use crate::exit::{ExitSignal, ExitSignalError, VmExit};
@@ -319,8 +321,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-impl RequestHandler for Vmm {
-    fn handle(&mut self, req: Request) -> Value {
+impl Vmm {
+    /// Answer the requests that need nothing but the VM (not `migrate`).
+    pub fn handle_basic(&mut self, req: Request) -> Value {
         let done = |r: Result<(), VmmError>| match r {
             Ok(()) => json!({"ok": true}),
             Err(e) => error_reply(&error_chain(&e)),
@@ -333,6 +336,7 @@ impl RequestHandler for Vmm {
                 self.exit.trigger(VmExit::ShutdownRequest);
                 json!({"ok": true})
             }
+            Request::Migrate(_) => error_reply("migrate is handled by the migration worker"),
         }
     }
 }

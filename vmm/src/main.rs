@@ -25,24 +25,84 @@ fn main() -> ExitCode {
             };
             let announce =
                 |p: &std::path::Path| eprintln!("minivmm: control socket {}", p.display());
-            match runner::run(config, announce) {
-                Ok(VmExit::Fault(f)) => {
-                    eprintln!("error: {}", error_chain(&f));
-                    ExitCode::from(1)
-                }
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {}", error_chain(&e));
-                    ExitCode::from(1)
-                }
-            }
+            finish(runner::run(config, announce))
         }
-        Command::Receive(_) => not_implemented("receive"),
-        Command::Migrate(_) => not_implemented("migrate"),
+        Command::Receive(args) => {
+            let api = args
+                .api_socket
+                .clone()
+                .unwrap_or_else(vmm::config::default_api_socket);
+            let uri = args
+                .listen
+                .as_deref()
+                .or(args.from.as_deref())
+                .unwrap_or("");
+            if args.from.is_some() && !uri.starts_with("file:") {
+                eprintln!("error: --from takes file:PATH (use --listen for sockets)");
+                return ExitCode::from(2);
+            }
+            if args.listen.is_some() && uri.starts_with("file:") {
+                eprintln!(
+                    "error: --listen takes unix:PATH or tcp:HOST:PORT (use --from for snapshots)"
+                );
+                return ExitCode::from(2);
+            }
+            let announce =
+                |p: &std::path::Path| eprintln!("minivmm: control socket {}", p.display());
+            finish(runner::receive(uri, &api, args.attempts, announce))
+        }
+        Command::Migrate(args) => migrate(&args),
     }
 }
 
-fn not_implemented(what: &str) -> ExitCode {
-    eprintln!("minivmm {what}: not implemented yet");
-    ExitCode::from(2)
+fn finish(r: Result<VmExit, runner::RunError>) -> ExitCode {
+    match r {
+        Ok(VmExit::Fault(f)) => {
+            eprintln!("error: {}", error_chain(&f));
+            ExitCode::from(1)
+        }
+        Ok(VmExit::Migrated(to)) => {
+            eprintln!("minivmm: the VM moved to {to}");
+            ExitCode::SUCCESS
+        }
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn migrate(args: &vmm::cli::MigrateArgs) -> ExitCode {
+    let bandwidth = match args.max_bandwidth.as_deref().map(vmm::config::parse_size) {
+        None => None,
+        Some(Ok(0)) => {
+            eprintln!("error: --max-bandwidth must be above 0");
+            return ExitCode::from(2);
+        }
+        Some(Ok(b)) => Some(b),
+        Some(Err(e)) => {
+            eprintln!("error: --max-bandwidth: {}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let api = args
+        .api_socket
+        .clone()
+        .unwrap_or_else(vmm::config::default_api_socket);
+    let req = vmm::migrate::client::request(args, bandwidth);
+    match vmm::migrate::client::migrate(&api, &req, args.json) {
+        Ok(v) => {
+            if args.json {
+                println!("{v}");
+            } else {
+                println!("{}", vmm::migrate::client::summary_text(&v));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
 }

@@ -11,12 +11,15 @@ use log::{info, warn};
 
 use crate::boot::{BootError, BootSources};
 use crate::config::VmConfig;
-use crate::control::{self, ControlError, ControlServer};
+use crate::control::{self, ControlError, ControlServer, ControlSocket};
 use crate::devices::serial::{SerialInput, StdoutOut};
 use crate::exit::{ExitSignal, VmExit};
+use crate::migrate::target::TargetVm;
+use crate::migrate::VmmControl;
 use crate::signals::{block_exit_signals, SignalSubscriber};
 use crate::terminal::RawModeGuard;
-use crate::{Vmm, VmmError};
+use crate::{error_chain, RunState, Vmm, VmmError};
+use migration::{receive_migration, Endpoint, ReceiveOptions};
 
 /// Errors of `minivmm run`.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,14 @@ pub enum RunError {
     Stdin(#[source] io::Error),
     #[error(transparent)]
     Vmm(VmmError),
+    #[error("invalid migration endpoint")]
+    Endpoint(#[source] migration::EndpointError),
+    #[error("migration transport failed")]
+    Transport(#[source] migration::TransportError),
+    #[error("incoming migration failed")]
+    Receive(#[source] migration::DestinationError),
+    #[error("the incoming migration left no VM")]
+    NoVm,
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -62,9 +73,58 @@ pub fn run(config: VmConfig, on_socket: impl FnOnce(&Path)) -> Result<VmExit, Ru
     on_socket(socket.path());
     // Before any thread exists, so every thread inherits the mask.
     block_exit_signals().map_err(RunError::Signals)?;
+    let vmm = Vmm::new(config, &mut sources, Box::new(StdoutOut)).map_err(RunError::Vmm)?;
+    serve(vmm, socket)
+}
 
-    let mut vmm = Vmm::new(config, &mut sources, Box::new(StdoutOut)).map_err(RunError::Vmm)?;
+/// `minivmm receive`: wait for an incoming migration (or load a snapshot), then serve the
+/// restored VM like `run` does. Returns why it ended.
+pub fn receive(
+    uri: &str,
+    api_socket: &Path,
+    attempts: u32,
+    on_socket: impl FnOnce(&Path),
+) -> Result<VmExit, RunError> {
+    let socket = control::bind(api_socket).map_err(RunError::Control)?;
+    on_socket(socket.path());
+    block_exit_signals().map_err(RunError::Signals)?;
+    let endpoint = Endpoint::parse(uri).map_err(RunError::Endpoint)?;
+    let mut listener = endpoint.listen().map_err(RunError::Transport)?;
+    let mut target = TargetVm::new(api_socket.to_path_buf());
+    let options = ReceiveOptions::default();
+    let mut attempt = 1;
+    loop {
+        let result = listener
+            .accept()
+            .map_err(RunError::Transport)
+            .and_then(|mut conn| {
+                receive_migration(&mut target, &mut conn, &options).map_err(RunError::Receive)
+            });
+        match result {
+            Ok(stats) => {
+                info!("incoming migration complete: {stats}");
+                break;
+            }
+            // A started guest cannot be received again; out of attempts is the end too.
+            Err(e) if target.started() || attempt >= attempts => return Err(e),
+            Err(e) => {
+                warn!(
+                    "incoming migration attempt {attempt} of {attempts} failed: {}; waiting for the next",
+                    error_chain(&e)
+                );
+                attempt += 1;
+            }
+        }
+    }
+    drop(listener);
+    let vmm = target.into_vmm().ok_or(RunError::NoVm)?;
+    serve(vmm, socket)
+}
+
+/// Serve a built VM (started unless already running) until it ends.
+fn serve(vmm: Vmm, socket: ControlSocket) -> Result<VmExit, RunError> {
     let exit = vmm.exit_signal();
+    let mut vmm = vmm;
     let serial = vmm.devices().serial.clone();
     let space = vmm.devices_mut().serial_input_space.take();
     let vmm = Arc::new(Mutex::new(vmm));
@@ -76,7 +136,7 @@ pub fn run(config: VmConfig, on_socket: impl FnOnce(&Path)) -> Result<VmExit, Ru
     )));
     em.add_subscriber(Arc::new(Mutex::new(ControlServer::new(
         socket,
-        vmm.clone(),
+        Arc::new(Mutex::new(VmmControl::new(vmm.clone()))),
     ))));
 
     // Raw stdin (no std buffering: unread buffered bytes would not wake epoll again).
@@ -97,7 +157,12 @@ pub fn run(config: VmConfig, on_socket: impl FnOnce(&Path)) -> Result<VmExit, Ru
         em.add_subscriber(Arc::new(Mutex::new(SerialInput::new(serial, stdin, space))));
     }
 
-    lock(&vmm).start().map_err(RunError::Vmm)?;
+    {
+        let mut v = lock(&vmm);
+        if v.state() == RunState::Created {
+            v.start().map_err(RunError::Vmm)?;
+        }
+    }
     let ended = loop {
         if let Some(reason) = exit.reason() {
             break Ok(reason);

@@ -63,8 +63,10 @@ fn usage_and_value_errors_exit_2() {
     assert_fails(&["run", "--cpus", "0", "--api-socket", s], 2, "--cpus");
     assert_fails(&["run", "--cpus", "100000", "--api-socket", s], 2, "--cpus");
     assert_fails(&["run", "--mem", "1024T", "--api-socket", s], 2, "--mem");
-    assert_fails(&["receive"], 2, "not implemented");
-    assert_fails(&["migrate", "--to", "x"], 2, "not implemented");
+    assert_fails(&["receive"], 2, "--listen");
+    assert_fails(&["receive", "--from", "unix:/x"], 2, "file:");
+    assert_fails(&["migrate"], 2, "--to");
+    assert_fails(&["migrate", "--to", "x", "--max-bandwidth", "zz"], 2, "zz");
 }
 
 #[test]

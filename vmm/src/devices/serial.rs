@@ -64,6 +64,8 @@ impl Write for StdoutOut {
 pub enum SerialError {
     #[error("cannot create the serial port's eventfd")]
     EventFd(#[source] io::Error),
+    #[error("saved serial state holds {0} input bytes, more than the FIFO")]
+    BadState(usize),
 }
 
 /// The UART.
@@ -96,6 +98,23 @@ impl SerialDevice {
     /// Register state, for saving with the VM.
     pub fn state(&self) -> SerialState {
         self.uart.state()
+    }
+
+    /// Take over `state` (registers and unread input) from a migrated VM; output keeps going
+    /// to this process's writer, interrupts to this VM's irqfd.
+    pub fn restore(&mut self, state: &SerialState) -> Result<(), SerialError> {
+        let clone = |fd: &EventFd| fd.try_clone().map_err(SerialError::EventFd);
+        let irq = clone(&self.uart.interrupt_evt().0)?;
+        let space = clone(&self.uart.events().0)?;
+        let placeholder = Serial::with_events(
+            IrqTrigger(clone(&irq)?),
+            InputSpace(clone(&space)?),
+            Box::new(io::sink()) as SerialOut,
+        );
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        self.uart = Serial::from_state(state, IrqTrigger(irq), InputSpace(space), out)
+            .map_err(|_| SerialError::BadState(state.in_buffer.len()))?;
+        Ok(())
     }
 }
 

@@ -38,6 +38,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use super::memory::GuestMemoryMmap;
 use crate::devices::PioBus;
 use crate::exit::{ExitSignal, GuestFault, VmExit};
+use crate::persist::VcpuState;
 
 /// How long the VMM waits for a vCPU to answer an event.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,12 +47,18 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on the exits handled while completing pending I/O before a pause.
 const MAX_COMPLETION_EXITS: usize = 64;
 
-/// Commands to a vCPU thread. (SaveState/RestoreState come with migration.)
+/// Commands to a vCPU thread.
 #[derive(Debug)]
 pub enum VcpuEvent {
     Pause,
     Resume,
     Finish,
+    /// Save the vCPU's KVM state (only while paused) and send it on the channel; the thread
+    /// answers `Saved` (or `NotAllowed` while running).
+    SaveState {
+        msr_index_list: Arc<Vec<u32>>,
+        reply: Sender<Result<Box<VcpuState>, String>>,
+    },
 }
 
 /// Answers of a vCPU thread.
@@ -59,6 +66,7 @@ pub enum VcpuEvent {
 pub enum VcpuResponse {
     Paused,
     Resumed,
+    Saved,
     NotAllowed(String),
 }
 
@@ -380,6 +388,9 @@ impl VcpuThread {
             match self.events.try_recv() {
                 Ok(VcpuEvent::Pause) => return self.pause(),
                 Ok(VcpuEvent::Resume) => self.respond(VcpuResponse::Resumed),
+                Ok(VcpuEvent::SaveState { .. }) => self.respond(VcpuResponse::NotAllowed(
+                    "state can only be saved while paused".into(),
+                )),
                 Ok(VcpuEvent::Finish) | Err(TryRecvError::Disconnected) => {
                     return VcpuRunState::Exited
                 }
@@ -423,6 +434,23 @@ impl VcpuThread {
             }
             Ok(VcpuEvent::Pause) => {
                 self.respond(VcpuResponse::Paused);
+                VcpuRunState::Paused
+            }
+            Ok(VcpuEvent::SaveState {
+                msr_index_list,
+                reply,
+            }) => {
+                let v = &self.vcpu;
+                let saved =
+                    v.fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                        .map_err(|e| format!("vCPU {}: KVM_GET_CPUID2: {e}", v.id))
+                        .and_then(|cpuid| {
+                            VcpuState::save(u32::from(v.id), &v.fd, &cpuid, &msr_index_list)
+                                .map_err(|e| format!("vCPU {}: {}", v.id, crate::error_chain(&e)))
+                        })
+                        .map(Box::new);
+                let _ = reply.send(saved);
+                self.respond(VcpuResponse::Saved);
                 VcpuRunState::Paused
             }
             Ok(VcpuEvent::Finish) | Err(_) => VcpuRunState::Exited,

@@ -40,7 +40,7 @@ const ESSENTIAL_MSRS: &[u32] = &[
 const UNSETTABLE_MSRS: &[u32] = &[0x10a];
 
 /// Everything KVM keeps for one vCPU.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 pub struct VcpuState {
     pub id: u32,
     pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
@@ -101,7 +101,10 @@ impl VcpuState {
         if let Some(khz) = self.tsc_khz {
             if vcpu.get_tsc_khz().ok() != Some(khz) {
                 if let Err(e) = vcpu.set_tsc_khz(khz) {
-                    warn!("vCPU {}: TSC frequency {khz} kHz not settable: {e}", self.id);
+                    warn!(
+                        "vCPU {}: TSC frequency {khz} kHz not settable: {e}",
+                        self.id
+                    );
                 }
             }
         }
@@ -128,7 +131,11 @@ fn save_msrs(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>, VcpuStateEr
     let mut out = Vec::with_capacity(list.len());
     let mut rest: Vec<u32> = list.to_vec();
     while !rest.is_empty() {
-        let chunk: Vec<u32> = rest.iter().copied().take(kvm_bindings::KVM_MAX_MSR_ENTRIES).collect();
+        let chunk: Vec<u32> = rest
+            .iter()
+            .copied()
+            .take(kvm_bindings::KVM_MAX_MSR_ENTRIES)
+            .collect();
         let entries: Vec<kvm_msr_entry> = chunk
             .iter()
             .map(|&index| kvm_msr_entry {
@@ -136,7 +143,8 @@ fn save_msrs(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>, VcpuStateEr
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::Msrs(chunk.len()))?;
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| VcpuStateError::Msrs(chunk.len()))?;
         let n = vcpu
             .get_msrs(&mut msrs)
             .map_err(|e| VcpuStateError::Get("MSRS", e))?;

@@ -1,0 +1,77 @@
+//! Live migration glue: the running VM as a migration source ([`source`]), the worker thread
+//! that sends it while the event loop keeps serving ([`worker`]), the destination VM
+//! ([`target`]) and the `minivmm migrate` client ([`client`]).
+
+pub mod client;
+pub mod source;
+pub mod target;
+pub mod worker;
+
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+use crate::control::{error_reply, Request, RequestHandler};
+use crate::Vmm;
+
+/// This process's resident set size in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The control-socket handler of a running VM: basic requests go to the [`Vmm`], `migrate`
+/// starts a [`worker`] that owns the connection until it replies.
+pub struct VmmControl {
+    vmm: Arc<Mutex<Vmm>>,
+    migrating: Arc<AtomicBool>,
+}
+
+impl VmmControl {
+    pub fn new(vmm: Arc<Mutex<Vmm>>) -> VmmControl {
+        VmmControl {
+            vmm,
+            migrating: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl RequestHandler for VmmControl {
+    fn handle(&mut self, req: Request, conn: &UnixStream) -> Option<Value> {
+        let busy = self.migrating.load(Ordering::Acquire);
+        match req {
+            Request::Migrate(args) => {
+                if self.migrating.swap(true, Ordering::AcqRel) {
+                    return Some(error_reply("a migration is already running"));
+                }
+                match conn.try_clone() {
+                    Ok(c) => {
+                        worker::spawn(self.vmm.clone(), args, c, self.migrating.clone());
+                        None
+                    }
+                    Err(e) => {
+                        self.migrating.store(false, Ordering::Release);
+                        Some(error_reply(&format!(
+                            "cannot hand the connection over: {e}"
+                        )))
+                    }
+                }
+            }
+            Request::Pause | Request::Resume if busy => Some(error_reply(
+                "the VM is migrating; pause and resume are refused",
+            )),
+            other => Some(
+                self.vmm
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .handle_basic(other),
+            ),
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The migration worker: a thread that sends the VM while the event loop keeps serving the
+//! console and the control socket, then answers the `migrate` request on the connection it
+//! took over. On success the source VM ends (its guest runs at the destination); on failure
+//! the guest is already running again here and only the error is reported.
+
+use std::io::{self, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::{error, info};
+use migration::{
+    send_migration, Connection, Endpoint, Limits, MigrationStats, Progress, SendOptions, Transport,
+};
+use serde_json::{json, Value};
+
+use super::source::SourceVm;
+use crate::control::{error_reply, MigrateRequest};
+use crate::error_chain;
+use crate::exit::VmExit;
+use crate::Vmm;
+
+/// Start the worker; it replies on `conn` and clears `migrating` when done.
+pub fn spawn(
+    vmm: Arc<Mutex<Vmm>>,
+    args: MigrateRequest,
+    conn: UnixStream,
+    migrating: Arc<AtomicBool>,
+) {
+    let body = move || {
+        let exit = lock(&vmm).exit_signal();
+        let (reply, ended) = match migrate(&vmm, &args, &conn) {
+            Ok((reply, ended)) => (reply, ended),
+            Err(e) => {
+                error!("migration to {} failed: {e}", args.to);
+                (error_reply(&e), false)
+            }
+        };
+        if let Err(e) = write_line(&conn, &reply) {
+            info!("migrate client went away before the reply: {e}");
+        }
+        migrating.store(false, Ordering::Release);
+        if ended {
+            exit.trigger(VmExit::Migrated(args.to.clone()));
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(body)
+    {
+        error!("cannot start the migration thread: {e}");
+    }
+}
+
+fn lock(vmm: &Mutex<Vmm>) -> std::sync::MutexGuard<'_, Vmm> {
+    vmm.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_line(mut conn: &UnixStream, v: &Value) -> io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = v.to_string();
+    line.push('\n');
+    conn.write_all(line.as_bytes())
+}
+
+fn progress_line(p: &Progress) -> Value {
+    json!({"progress": {
+        "pass": p.pass,
+        "remaining_bytes": p.remaining_bytes,
+        "bandwidth_bps": p.bandwidth_bps,
+        "dirty_rate_bps": p.dirty_rate_bps,
+        "expected_downtime_ms": p.expected_downtime.as_secs_f64() * 1000.0,
+        "diverging": p.diverging,
+    }})
+}
+
+/// Run one migration; returns the reply and whether the VM left this process.
+fn migrate(
+    vmm: &Arc<Mutex<Vmm>>,
+    args: &MigrateRequest,
+    conn: &UnixStream,
+) -> Result<(Value, bool), String> {
+    let endpoint = Endpoint::parse(&args.to).map_err(|e| error_chain(&e))?;
+    let is_file = matches!(endpoint, Endpoint::File(_));
+    let mut source =
+        SourceVm::new(vmm.clone(), args.verify_memory).map_err(|e| error_chain(&*e))?;
+    let connection = endpoint.connect().map_err(|e| error_chain(&e))?;
+    let mut transport = FailAfter {
+        inner: connection,
+        budget: args.fail_after_bytes,
+    };
+    let progress_conn = conn.try_clone().map_err(|e| e.to_string())?;
+    let mut limits = Limits::default();
+    if let Some(ms) = args.downtime_ms {
+        limits.downtime = Duration::from_millis(ms);
+    }
+    if let Some(n) = args.max_passes {
+        limits.max_passes = n.max(1);
+    }
+    let options = SendOptions {
+        limits,
+        max_bandwidth: args.max_bandwidth,
+        zero_elision: !args.no_zero_elision,
+        progress: Some(Box::new(move |p: &Progress| {
+            let _ = write_line(&progress_conn, &progress_line(p));
+        })),
+        ..SendOptions::default()
+    };
+    info!("migrating to {}", args.to);
+    let stats =
+        send_migration(&mut source, &mut transport, options).map_err(|e| error_chain(&e))?;
+    let stays = is_file && args.keep_running;
+    if stays {
+        lock(vmm).resume().map_err(|e| error_chain(&e))?;
+    }
+    info!("migration to {} complete: {stats}", args.to);
+    Ok((summary(&stats, &source, args), !stays))
+}
+
+/// The reply: headline figures at the top level, everything in `stats`.
+fn summary(stats: &MigrationStats, source: &SourceVm, args: &MigrateRequest) -> Value {
+    let t = &stats.totals;
+    let dest: Value = stats
+        .destination_report
+        .as_deref()
+        .and_then(|r| serde_json::from_str(r).ok())
+        .unwrap_or(Value::Null);
+    json!({
+        "ok": true,
+        "to": args.to,
+        "total_ms": stats.total_duration_us as f64 / 1000.0,
+        "downtime_ms": stats.downtime_us as f64 / 1000.0,
+        "passes": stats.passes.len(),
+        "bytes_sent": t.bytes,
+        "pages_sent": t.pages_sent,
+        "pages_zero_elided": t.zero_elided,
+        "pages_zero_sent": t.zero_sent,
+        "pages_untouched_skipped": t.untouched_skipped,
+        "zero_elision": stats.zero_elision,
+        "converged": stats.converged,
+        "nonzero_bytes": source.memory_hash.map(|h| h.nonzero_pages * migration::PAGE_SIZE as u64),
+        "mem_hash_source": source.memory_hash.map(|h| h.hex()),
+        "mem_hash_dest": dest.get("mem_hash").cloned().unwrap_or(Value::Null),
+        "source_rss_kib": super::rss_kib(),
+        "dest_rss_kib": dest.get("rss_kib").cloned().unwrap_or(Value::Null),
+        "destination": dest,
+        "stats": serde_json::to_value(stats).unwrap_or(Value::Null),
+    })
+}
+
+/// Fault injection (`fail_after_bytes`): the stream breaks after a byte budget, as when the
+/// network or the destination dies mid-migration.
+struct FailAfter {
+    inner: Connection,
+    budget: Option<u64>,
+}
+
+impl Transport for FailAfter {
+    fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        let Some(budget) = self.budget.as_mut() else {
+            return self.inner.send(parts);
+        };
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if len <= *budget {
+            *budget -= len;
+            return self.inner.send(parts);
+        }
+        if let Connection::Unix(s) = &self.inner {
+            let _ = s.shutdown(Shutdown::Both);
+        } else if let Connection::Tcp(s) = &self.inner {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        Err(io::Error::other("injected failure (fail_after_bytes)"))
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.recv(buf)
+    }
+
+    fn has_peer(&self) -> bool {
+        self.inner.has_peer()
+    }
+
+    fn set_read_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        self.inner.set_read_timeout(t)
+    }
+
+    fn set_write_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        self.inner.set_write_timeout(t)
+    }
+}
