@@ -55,8 +55,15 @@ fn file_snapshot_and_restore() {
     // Zero and untouched pages take no room: the file holds about the non-zero memory.
     let nonzero = stats["nonzero_bytes"].as_u64().expect("nonzero_bytes");
     let limit = nonzero + (8 << 20);
-    assert!(allocated <= limit, "{allocated} bytes allocated for {nonzero} non-zero");
-    assert!(meta.len() <= limit, "{} bytes for {nonzero} non-zero", meta.len());
+    assert!(
+        allocated <= limit,
+        "{allocated} bytes allocated for {nonzero} non-zero"
+    );
+    assert!(
+        meta.len() <= limit,
+        "{} bytes for {nonzero} non-zero",
+        meta.len()
+    );
     let api = dir.join("restored.api");
     let mut dst = Proc::minivmm(
         "restored",

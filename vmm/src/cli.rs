@@ -105,9 +105,10 @@ pub struct MigrateArgs {
     /// Hash guest memory at the final pause; the destination checks it before resuming.
     #[arg(long)]
     pub verify_memory: bool,
-    /// Throttle the vCPUs when the guest dirties memory faster than it can be sent.
+    /// Do not throttle the vCPUs when the guest dirties memory faster than it can be sent
+    /// (auto-converge is on by default).
     #[arg(long)]
-    pub auto_converge: bool,
+    pub no_auto_converge: bool,
     /// Print the result as one JSON document.
     #[arg(long)]
     pub json: bool,

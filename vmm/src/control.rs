@@ -88,12 +88,16 @@ pub struct MigrateRequest {
     /// Hash guest memory at the final pause; the destination checks it before resuming.
     #[serde(default)]
     pub verify_memory: bool,
-    /// Throttle the vCPUs when the guest dirties memory faster than it can be sent.
-    #[serde(default)]
+    /// Throttle the vCPUs when the guest dirties memory faster than it can be sent (default on).
+    #[serde(default = "default_true")]
     pub auto_converge: bool,
     /// Fault injection for tests: break the stream after this many bytes.
     #[serde(default)]
     pub fail_after_bytes: Option<u64>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The commands [`Request`] knows, for the "unknown command" error.

@@ -53,6 +53,8 @@ pub enum VcpuEvent {
     Pause,
     Resume,
     Finish,
+    /// Auto-converge: stay out of the guest for this long (leaving early for any other event).
+    Throttle(Duration),
     /// Save the vCPU's KVM state (only while paused) and send it on the channel; the thread
     /// answers `Saved` (or `NotAllowed` while running).
     SaveState {
@@ -383,9 +385,23 @@ impl VcpuThread {
         VcpuRunState::Exited
     }
 
+    /// The next event without blocking; a `Throttle` sleeps first, waking for any other event.
+    fn next_event(&self) -> Result<VcpuEvent, TryRecvError> {
+        let mut event = self.events.try_recv();
+        while let Ok(VcpuEvent::Throttle(d)) = event {
+            event = match self.events.recv_timeout(d) {
+                Ok(e) => Ok(e),
+                Err(RecvTimeoutError::Timeout) => Err(TryRecvError::Empty),
+                Err(RecvTimeoutError::Disconnected) => Err(TryRecvError::Disconnected),
+            };
+        }
+        event
+    }
+
     fn running(&mut self) -> VcpuRunState {
         loop {
-            match self.events.try_recv() {
+            match self.next_event() {
+                Ok(VcpuEvent::Throttle(_)) => {}
                 Ok(VcpuEvent::Pause) => return self.pause(),
                 Ok(VcpuEvent::Resume) => self.respond(VcpuResponse::Resumed),
                 Ok(VcpuEvent::SaveState { .. }) => self.respond(VcpuResponse::NotAllowed(
@@ -436,6 +452,7 @@ impl VcpuThread {
                 self.respond(VcpuResponse::Paused);
                 VcpuRunState::Paused
             }
+            Ok(VcpuEvent::Throttle(_)) => VcpuRunState::Paused,
             Ok(VcpuEvent::SaveState {
                 msr_index_list,
                 reply,
@@ -490,6 +507,16 @@ impl VcpuHandle {
         while self.responses.try_recv().is_ok() {}
         self.events
             .send(event)
+            .map_err(|_| VcpuError::Gone(self.id))?;
+        self.kick();
+        Ok(())
+    }
+
+    /// Auto-converge: keep the vCPU out of the guest for `d` (no response; any other event
+    /// ends the sleep early).
+    pub fn throttle(&self, d: Duration) -> Result<(), VcpuError> {
+        self.events
+            .send(VcpuEvent::Throttle(d))
             .map_err(|_| VcpuError::Gone(self.id))?;
         self.kick();
         Ok(())

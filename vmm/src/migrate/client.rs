@@ -130,7 +130,7 @@ pub fn request(a: &MigrateArgs, max_bandwidth: Option<u64>) -> Value {
         "no_zero_elision": a.no_zero_elision,
         "keep_running": a.keep_running,
         "verify_memory": a.verify_memory,
-        "auto_converge": a.auto_converge,
+        "auto_converge": !a.no_auto_converge,
         "fail_after_bytes": a.fail_after_bytes,
     })
 }

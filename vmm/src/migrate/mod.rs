@@ -5,6 +5,7 @@
 pub mod client;
 pub mod source;
 pub mod target;
+pub mod throttle;
 pub mod worker;
 
 use std::os::unix::net::UnixStream;

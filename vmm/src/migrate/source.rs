@@ -2,14 +2,15 @@
 //! log, pause/resume through the vCPU threads, and every state blob saved in restore order.
 
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use migration::{
-    regions_from_guest_memory, DirtyBitmap, DirtyLog, GuestRam, MigrationSource, RamRegion,
-    StateBlob, VmError,
+    regions_from_guest_memory, DirtyBitmap, DirtyLog, GuestRam, MigrationSource, PassStats,
+    RamRegion, StateBlob, VmError,
 };
 use vm_memory::GuestMemoryBackend;
 
+use super::throttle::{self, Throttle};
 use crate::kvm::vcpu::{VcpuEvent, VcpuResponse, RESPONSE_TIMEOUT};
 use crate::persist::{self, MemoryHash, MigrationConfig, SerialSnapshot, VmState};
 use crate::Vmm;
@@ -24,6 +25,11 @@ pub struct SourceVm {
     verify_memory: bool,
     /// The hash taken at the final pause (with `verify_memory`).
     pub memory_hash: Option<MemoryHash>,
+    /// Auto-converge, with the downtime limit it aims for (`None`: off).
+    auto_converge: Option<Duration>,
+    throttle: Throttle,
+    /// Highest throttle applied, in percent.
+    pub max_throttle_pct: u32,
 }
 
 fn lock(vmm: &Mutex<Vmm>) -> MutexGuard<'_, Vmm> {
@@ -39,7 +45,11 @@ fn msg(s: String) -> VmError {
 }
 
 impl SourceVm {
-    pub fn new(vmm: Arc<Mutex<Vmm>>, verify_memory: bool) -> Result<SourceVm, VmError> {
+    pub fn new(
+        vmm: Arc<Mutex<Vmm>>,
+        verify_memory: bool,
+        auto_converge: Option<Duration>,
+    ) -> Result<SourceVm, VmError> {
         let (regions, msr_index_list, config) = {
             let v = lock(&vmm);
             let regions = regions_from_guest_memory(v.memory()).map_err(boxed)?;
@@ -66,6 +76,9 @@ impl SourceVm {
             config,
             verify_memory,
             memory_hash: None,
+            auto_converge,
+            throttle: Throttle::new(),
+            max_throttle_pct: 0,
         })
     }
 
@@ -151,11 +164,22 @@ impl MigrationSource for SourceVm {
     }
 
     fn pause(&mut self) -> Result<(), VmError> {
+        self.throttle.set(&self.vmm, 0);
         lock(&self.vmm).pause().map_err(boxed)
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
+        self.throttle.set(&self.vmm, 0);
         lock(&self.vmm).resume().map_err(boxed)
+    }
+
+    fn between_passes(&mut self, last: &PassStats) -> Result<(), VmError> {
+        if let Some(downtime) = self.auto_converge {
+            let pct = throttle::next_pct(self.throttle.pct(), last, downtime);
+            self.max_throttle_pct = self.max_throttle_pct.max(pct);
+            self.throttle.set(&self.vmm, pct);
+        }
+        Ok(())
     }
 
     fn save_state(&mut self) -> Result<Vec<StateBlob>, VmError> {

@@ -85,8 +85,10 @@ fn migrate(
 ) -> Result<(Value, bool), String> {
     let endpoint = Endpoint::parse(&args.to).map_err(|e| error_chain(&e))?;
     let is_file = matches!(endpoint, Endpoint::File(_));
-    let mut source =
-        SourceVm::new(vmm.clone(), args.verify_memory).map_err(|e| error_chain(&*e))?;
+    let downtime = Duration::from_millis(args.downtime_ms.unwrap_or(50));
+    let auto_converge = args.auto_converge.then_some(downtime);
+    let mut source = SourceVm::new(vmm.clone(), args.verify_memory, auto_converge)
+        .map_err(|e| error_chain(&*e))?;
     let connection = endpoint.connect().map_err(|e| error_chain(&e))?;
     let mut transport = FailAfter {
         inner: connection,
@@ -141,6 +143,7 @@ fn summary(stats: &MigrationStats, source: &SourceVm, args: &MigrateRequest) -> 
         "pages_untouched_skipped": t.untouched_skipped,
         "zero_elision": stats.zero_elision,
         "converged": stats.converged,
+        "max_throttle_pct": source.max_throttle_pct,
         "nonzero_bytes": source.memory_hash.map(|h| h.nonzero_pages * migration::PAGE_SIZE as u64),
         "mem_hash_source": source.memory_hash.map(|h| h.hex()),
         "mem_hash_dest": dest.get("mem_hash").cloned().unwrap_or(Value::Null),
