@@ -423,8 +423,11 @@ fn config_rejected_before_anything_starts() {
         ReceiveOptions::default(),
     );
     let err = s.unwrap_err();
+    // The destination's reason arrives unless the socket closed under the source's write
+    // first (a race under load); either way the source failed before anything started.
     assert!(
-        matches!(&err, SourceError::Destination(m) if m.contains("does not match")),
+        matches!(&err, SourceError::Destination(m) if m.contains("does not match"))
+            || matches!(&err, SourceError::Send(_)),
         "{err}"
     );
     assert!(matches!(r, Err(DestinationError::Config(_))));
