@@ -6,12 +6,18 @@
 //!
 //! KVM policy (`require_kvm!()`): a test that needs KVM runs when `/dev/kvm` opens read-write;
 //! otherwise it panics when `MINIVMM_REQUIRE_KVM=1` (CI), else prints `SKIP: …` and returns.
+//! The policy is `vmm::test_utils`, re-exported here so that the unit tests of `vmm` and these
+//! end-to-end tests share one implementation.
 
 pub mod guest;
+pub mod linux;
 pub mod migrate;
+pub mod qemu;
+
+pub use vmm::require_kvm;
+pub use vmm::test_utils::{kvm_available, kvm_policy};
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -29,37 +35,6 @@ pub fn minivmm_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     dir.join("minivmm")
-}
-
-/// True when `/dev/kvm` can be opened read-write.
-pub fn kvm_available() -> bool {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
-/// The KVM test policy; see the crate docs. Returns whether the test should run.
-pub fn kvm_policy(test: &str) -> bool {
-    if kvm_available() {
-        return true;
-    }
-    if std::env::var("MINIVMM_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("{test}: /dev/kvm unavailable and MINIVMM_REQUIRE_KVM=1");
-    }
-    eprintln!("SKIP: {test}: /dev/kvm unavailable");
-    false
-}
-
-/// Skip (or, with `MINIVMM_REQUIRE_KVM=1`, fail) the calling test when KVM is unavailable.
-#[macro_export]
-macro_rules! require_kvm {
-    () => {
-        if !$crate::kvm_policy(module_path!()) {
-            return;
-        }
-    };
 }
 
 /// A path from an environment variable that the Makefile exports, when the file exists.
@@ -335,14 +310,9 @@ impl Proc {
         }
     }
 
-    /// Resident set size in KiB (from /proc/PID/status).
+    /// Resident set size in KiB (from /proc/PID/status); 0 once the process is gone.
     pub fn rss_kib(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        s.lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
+        vmm::procfs::rss_kib(Some(self.child.id()))
     }
 }
 

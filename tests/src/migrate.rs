@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::guest::{assert_no_failure, wait_rounds, VerifyOk};
+use crate::linux::{self, Boot};
 use crate::{wait_for_socket, Proc, TempDir};
 
 pub const T: Duration = Duration::from_secs(90);
@@ -33,6 +34,14 @@ impl Vm {
                 api.to_str().unwrap(),
             ],
         );
+        wait_for_socket(&mut proc, &api, T);
+        Vm { proc, api }
+    }
+
+    /// `minivmm run` with a Linux kernel ([`linux::run_kernel`]), once its control socket is up.
+    pub fn run_kernel(dir: &TempDir, name: &str, boot: &Boot) -> Vm {
+        let api = dir.join(&format!("{name}.api"));
+        let mut proc = linux::run_kernel(name, boot, &api);
         wait_for_socket(&mut proc, &api, T);
         Vm { proc, api }
     }

@@ -4,15 +4,8 @@
 
 use std::time::Duration;
 
+use e2e::linux::{self, Boot};
 use e2e::{require_file, require_kvm, Proc, TempDir};
-
-fn linux_guest_enabled(test: &str) -> bool {
-    if std::env::var("MINIVMM_LINUX_GUEST").as_deref() == Ok("1") {
-        return true;
-    }
-    eprintln!("SKIP: {test}: needs hardware KVM (set MINIVMM_LINUX_GUEST=1)");
-    false
-}
 
 /// The cloud kernel, entered through the PVH note of its vmlinux, prints its banner and gets as
 /// far as its TSC calibration: loader, entry, boot parameters, serial port and timer work.
@@ -25,20 +18,7 @@ fn cloud_kernel_early_boot_log_on_serial() {
     };
     let dir = TempDir::new("linux-early");
     let api = dir.join("api.sock");
-    let mut vm = Proc::minivmm(
-        "linux",
-        &[
-            "run",
-            "--kernel",
-            vmlinux.to_str().unwrap(),
-            "--cmdline",
-            "console=ttyS0 earlyprintk=ttyS0",
-            "--mem",
-            "512M",
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let mut vm = linux::run_kernel("linux", &Boot::early(&vmlinux), &api);
     let t = Duration::from_secs(180);
     let banner = vm.wait_line("Linux banner", t, |l| l.contains("Linux version"));
     assert!(banner.contains("cloud-amd64"), "{banner}");
@@ -58,21 +38,8 @@ fn cloud_bzimage_enters_kernel_code() {
     };
     let dir = TempDir::new("linux-bz");
     let api = dir.join("api.sock");
-    let mut vm = Proc::minivmm(
-        "bzimage",
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cmdline",
-            "console=ttyS0 earlyprintk=ttyS0",
-            "--mem",
-            "512M",
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
-    if std::env::var("MINIVMM_LINUX_GUEST").as_deref() == Ok("1") {
+    let mut vm = linux::run_kernel("bzimage", &Boot::early(&kernel), &api);
+    if linux::guest_enabled() {
         vm.wait_line("Linux banner", Duration::from_secs(120), |l| {
             l.contains("Linux version")
         });
@@ -102,24 +69,10 @@ fn boot_to_ready(name: &str, cpus: &str, mem: &str) -> Option<(Proc, TempDir)> {
     let initrd = require_file("MINIVMM_INITRAMFS", name)?;
     let dir = TempDir::new(name);
     let api = dir.join("api.sock");
-    let mut vm = Proc::minivmm(
-        name,
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cmdline",
-            "console=ttyS0 panic=-1",
-            "--mem",
-            mem,
-            "--cpus",
-            cpus,
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let boot = Boot::new(&kernel, "console=ttyS0 panic=-1", mem)
+        .initrd(&initrd)
+        .cpus(cpus);
+    let mut vm = linux::run_kernel(name, &boot, &api);
     vm.wait_line("ready marker", Duration::from_secs(120), |l| {
         l.contains("MINIVMM-READY")
     });
@@ -138,7 +91,7 @@ fn shell(vm: &mut Proc, cmd: &str, marker: &str) -> String {
 #[test]
 fn linux_boots_to_shell_and_powers_off() {
     require_kvm!();
-    if !linux_guest_enabled("linux_boots_to_shell_and_powers_off") {
+    if !linux::require_guest("linux_boots_to_shell_and_powers_off") {
         return;
     }
     for cpus in ["1", "2"] {
@@ -162,7 +115,7 @@ fn linux_boots_to_shell_and_powers_off() {
 #[test]
 fn linux_sees_4g() {
     require_kvm!();
-    if !linux_guest_enabled("linux_sees_4g") {
+    if !linux::require_guest("linux_sees_4g") {
         return;
     }
     let Some((mut vm, _dir)) = boot_to_ready("linux-4g", "1", "4G") else {

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use e2e::linux::{self, Boot};
 use e2e::migrate::{migrate_ok, Vm, T};
-use e2e::{require_file, require_kvm, wait_for_socket, Proc, TempDir};
+use e2e::{require_file, require_kvm, TempDir};
 
 /// Kernel log timestamps (`[   12.345678]`) of a console text.
 fn timestamps(text: &str) -> Vec<f64> {
@@ -27,25 +28,11 @@ fn linux_boot_log_continues_on_destination() {
         return;
     };
     let dir = TempDir::new("mig-linux");
-    let api = dir.join("src.api");
-    let mut src = Proc::minivmm(
-        "linux-src",
-        &[
-            "run",
-            "--kernel",
-            vmlinux.to_str().unwrap(),
-            "--cmdline",
-            "console=ttyS0 earlyprintk=ttyS0",
-            "--mem",
-            "512M",
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
-    wait_for_socket(&mut src, &api, T);
+    let mut src_vm = Vm::run_kernel(&dir, "linux-src", &Boot::early(&vmlinux));
     let t = Duration::from_secs(180);
-    src.wait_line("TSC calibration", t, |l| l.contains("tsc: Detected"));
-    let mut src_vm = Vm { proc: src, api };
+    src_vm
+        .proc
+        .wait_line("TSC calibration", t, |l| l.contains("tsc: Detected"));
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let mut dst = Vm::receive(&dir, "linux-dst", &uri, &[]);
     migrate_ok(&mut src_vm, &uri, &["--verify-memory"]);
@@ -89,8 +76,7 @@ fn linux_boot_log_continues_on_destination() {
 #[test]
 fn linux_workload_migrates_and_shell_answers() {
     require_kvm!();
-    if std::env::var("MINIVMM_LINUX_GUEST").as_deref() != Ok("1") {
-        eprintln!("SKIP: linux_workload_migrates_and_shell_answers: needs MINIVMM_LINUX_GUEST=1");
+    if !linux::require_guest("linux_workload_migrates_and_shell_answers") {
         return;
     }
     let (Some(kernel), Some(initrd)) = (
@@ -100,28 +86,17 @@ fn linux_workload_migrates_and_shell_answers() {
         return;
     };
     let dir = TempDir::new("mig-linux-wl");
-    let api = dir.join("src.api");
-    let mut src = Proc::minivmm(
-        "linux-wl-src",
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cmdline",
-            "console=ttyS0 minivmm.workload=1 touch=256M rate=20000",
-            "--mem",
-            "1G",
-            "--cpus",
-            "2",
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
-    wait_for_socket(&mut src, &api, T);
-    src.wait_line("workload verifies", T, |l| l.contains("VERIFY-OK"));
-    let mut src_vm = Vm { proc: src, api };
+    let boot = Boot::new(
+        &kernel,
+        "console=ttyS0 minivmm.workload=1 touch=256M rate=20000",
+        "1G",
+    )
+    .initrd(&initrd)
+    .cpus("2");
+    let mut src_vm = Vm::run_kernel(&dir, "linux-wl-src", &boot);
+    src_vm
+        .proc
+        .wait_line("workload verifies", T, |l| l.contains("VERIFY-OK"));
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let mut dst = Vm::receive(&dir, "linux-wl-dst", &uri, &[]);
     migrate_ok(&mut src_vm, &uri, &["--verify-memory"]);

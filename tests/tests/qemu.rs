@@ -23,29 +23,7 @@ fn test_guest_image_boots_under_qemu() {
         eprintln!("SKIP: qemu-system-x86_64 not installed");
         return;
     }
-    let args: Vec<String> = [
-        "-enable-kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-m",
-        "256M",
-        "-smp",
-        "2",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-monitor",
-        "none",
-        "-no-reboot",
-        "-kernel",
-        image.to_str().unwrap(),
-        "-append",
-        "touch=16M rate=500 seed=9",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = e2e::qemu::args("256M", 2, &image, "touch=16M rate=500 seed=9", None, None);
     let mut q = Proc::spawn("qemu", qemu, &args);
     let boot = q.wait_line("boot banner", Duration::from_secs(60), |l| {
         l.contains("TESTGUEST boot")

@@ -29,6 +29,7 @@ pub mod exit;
 pub mod kvm;
 pub mod migrate;
 pub mod persist;
+pub mod procfs;
 pub mod runner;
 pub mod signals;
 pub mod terminal;

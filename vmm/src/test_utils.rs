@@ -3,6 +3,8 @@
 //! A test that needs KVM starts with `require_kvm!()`: it runs when `/dev/kvm` opens
 //! read-write; otherwise it panics when `MINIVMM_REQUIRE_KVM=1` (CI), else prints
 //! `SKIP: <test>: /dev/kvm unavailable` and returns.
+//!
+//! This is the one implementation: the end-to-end harness (`e2e`) re-exports it.
 
 /// True when `/dev/kvm` can be opened read-write.
 pub fn kvm_available() -> bool {

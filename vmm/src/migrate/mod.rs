@@ -19,12 +19,7 @@ use crate::Vmm;
 
 /// This process's resident set size in KiB.
 pub fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    crate::procfs::rss_kib(None)
 }
 
 /// The control-socket handler of a running VM: basic requests go to the [`Vmm`], `migrate`
