@@ -173,16 +173,22 @@ fn receive<T: MigrationTarget + ?Sized>(
     stats.bytes = reader.offset();
     stats.records = reader.records() + 1;
 
+    let t = Instant::now();
     target
         .restore_state(states)
         .map_err(DestinationError::Restore)?;
+    stats.restore_us = t.elapsed().as_micros() as u64;
+    let t = Instant::now();
     target.resume().map_err(DestinationError::Resume)?;
+    stats.resume_us = t.elapsed().as_micros() as u64;
     if reader.transport().has_peer() {
+        let t = Instant::now();
         // If this fails the source resumes its copy; failing here makes the vmm exit.
         let mut report = target.running_report();
         report.truncate(crate::wire::MAX_MESSAGE_LEN);
         send_reply(reader.transport(), RecordKind::Running, &report)
             .map_err(DestinationError::Reply)?;
+        stats.report_us = t.elapsed().as_micros() as u64;
     }
     stats.duration_us = started.elapsed().as_micros() as u64;
     log::info!("{stats}");

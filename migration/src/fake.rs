@@ -22,6 +22,7 @@ pub enum FailAt {
     FetchDirtyLog,
     Pause,
     SaveState,
+    StopDirtyLog,
     ValidateConfig,
     Restore,
     Resume,
@@ -111,7 +112,12 @@ impl FakeVm {
     pub fn new(layout: &[(u64, usize)]) -> FakeVm {
         let maps = layout
             .iter()
-            .map(|&(_, len)| Arc::new(AnonMapping::new_guarded(len).expect("mmap for fake VM")))
+            .map(|&(_, len)| {
+                let map = AnonMapping::new_guarded(len).expect("mmap for fake VM");
+                // Guest RAM as the vmm maps it.
+                crate::memory::advise_huge_pages(map.as_ptr(), map.len());
+                Arc::new(map)
+            })
             .collect();
         let log = layout
             .iter()
@@ -259,6 +265,9 @@ impl DirtyLog for FakeVm {
 
     fn stop_dirty_log(&mut self) -> Result<(), VmError> {
         self.calls.push("stop_dirty_log");
+        if self.fail_at == Some(FailAt::StopDirtyLog) {
+            return Err("injected failure in stop_dirty_log".into());
+        }
         self.shared.logging.store(false, Ordering::SeqCst);
         Ok(())
     }

@@ -195,6 +195,7 @@ fn run<S: MigrationSource + ?Sized>(
             .and_then(|_| transport.set_write_timeout(Some(options.reply_timeout)))
             .map_err(SourceError::Send)?;
     }
+    let mut setup = Phases::new(started);
     let mut w = RecordWriter::start(transport).map_err(SourceError::Send)?;
     let layout = encode_layout(&layout_of(&regions));
     w.write_record(RecordKind::Config, &[&config])
@@ -210,6 +211,7 @@ fn run<S: MigrationSource + ?Sized>(
     } else {
         true
     };
+    setup.end("handshake");
     let elide = options.zero_elision && pristine;
     log::info!(
         "Migrating {} regions, destination pristine: {pristine}, zero elision: {elide}",
@@ -221,6 +223,7 @@ fn run<S: MigrationSource + ?Sized>(
         .start_dirty_log()
         .map_err(SourceError::StartDirtyLog)?;
     undo.logging = true;
+    setup.end("start dirty log");
     let mut sender = RamSender::new(
         regions,
         RamSendConfig {
@@ -235,6 +238,7 @@ fn run<S: MigrationSource + ?Sized>(
     }
     let mut stats = MigrationStats {
         zero_elision: elide,
+        setup_phases_us: setup.done(),
         ..Default::default()
     };
 
@@ -273,37 +277,76 @@ fn run<S: MigrationSource + ?Sized>(
 
     // Stop and copy.
     let paused_at = Instant::now();
+    let mut phase = Phases::new(paused_at);
     // A pause that fails half-way may have stopped some vCPUs: resume on error either way.
     undo.paused = true;
     source.pause().map_err(SourceError::Pause)?;
+    phase.end("pause");
     collect_dirty(source, &mut sender)?;
+    phase.end("dirty log");
     sender.set_paused(true);
     let mut last = sender
         .dirty_pass(&mut w, stats.passes.len() as u32, true)
         .map_err(|e| send_error(&mut w, e))?;
     last.close(sender.pass_elapsed(), 0);
     stats.push(last);
-    source.stop_dirty_log().map_err(SourceError::StopDirtyLog)?;
-    undo.logging = false;
+    phase.end("final pass");
 
     let states = source.save_state().map_err(SourceError::SaveState)?;
     check_states(&states)?;
+    phase.end("save state");
     for s in &states {
         stats.state_bytes += w
             .write_record(RecordKind::DeviceState, &[&s.encode_head(), &s.data])
             .map_err(|e| send_error(&mut w, e))?;
     }
     w.finish().map_err(|e| send_error(&mut w, e))?;
+    phase.end("send state");
     if peer {
         let report = expect_reply(w.transport(), RecordKind::Running)?;
         if !report.is_empty() {
             stats.destination_report = Some(String::from_utf8_lossy(&report).into_owned());
         }
+        phase.end("destination restore");
     }
     stats.downtime_us = paused_at.elapsed().as_micros() as u64;
+    stats.downtime_phases_us = phase.done();
+    // The guest runs on the destination now: nothing may resume it here, and turning
+    // logging off is neither downtime nor a reason to call the migration failed.
+    undo.paused = false;
+    undo.logging = false;
+    if let Err(e) = source.stop_dirty_log() {
+        log::warn!("Stopping dirty logging after the migration failed: {e}");
+    }
     stats.total_duration_us = started.elapsed().as_micros() as u64;
     log::info!("Migration complete: {stats}");
     Ok(stats)
+}
+
+/// Durations of consecutive phases.
+struct Phases {
+    last: Instant,
+    done: Vec<(&'static str, u64)>,
+}
+
+impl Phases {
+    fn new(start: Instant) -> Phases {
+        Phases {
+            last: start,
+            done: Vec::new(),
+        }
+    }
+
+    fn end(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.done
+            .push((name, now.duration_since(self.last).as_micros() as u64));
+        self.last = now;
+    }
+
+    fn done(self) -> Vec<(&'static str, u64)> {
+        self.done
+    }
 }
 
 fn check_layout(regions: &[RamRegion]) -> Result<(), SourceError> {

@@ -111,6 +111,10 @@ pub struct MigrationStats {
     /// Guest paused until the destination reported it running (or the stream was sealed,
     /// for a snapshot file).
     pub downtime_us: u64,
+    /// Before the bulk pass, in order: (phase, microseconds).
+    pub setup_phases_us: Vec<(&'static str, u64)>,
+    /// Where the downtime went, in order: (phase, microseconds).
+    pub downtime_phases_us: Vec<(&'static str, u64)>,
     pub total_duration_us: u64,
     /// Device and vCPU state bytes.
     pub state_bytes: u64,
@@ -182,6 +186,10 @@ pub struct ReceiveStats {
     pub reset: bool,
     pub device_states: u32,
     pub duration_us: u64,
+    /// After the last byte arrived: restoring state, resuming, reporting (µs each).
+    pub restore_us: u64,
+    pub resume_us: u64,
+    pub report_us: u64,
 }
 
 impl ReceiveStats {
@@ -195,7 +203,8 @@ impl fmt::Display for ReceiveStats {
         write!(
             f,
             "received {} in {} records over {} passes: {} pages written, {} zero pages \
-             ({} freed), {} device states; pristine {}, reset {}; {:.1} ms",
+             ({} freed), {} device states; pristine {}, reset {}; {:.1} ms (restore {} us, \
+             resume {} us, report {} us)",
             Bytes(self.bytes),
             self.records,
             self.passes,
@@ -205,7 +214,10 @@ impl fmt::Display for ReceiveStats {
             self.device_states,
             self.pristine,
             self.reset,
-            self.duration_us as f64 / 1000.0
+            self.duration_us as f64 / 1000.0,
+            self.restore_us,
+            self.resume_us,
+            self.report_us
         )
     }
 }

@@ -471,6 +471,42 @@ fn source_side_failures_leave_the_guest_running() {
     }
 }
 
+/// Once the destination runs the guest, nothing may resume the source's copy: not even a
+/// failure to switch dirty logging off, which is no longer on the downtime path.
+#[test]
+fn after_the_destination_runs_the_source_stays_stopped() {
+    let mut src = source();
+    src.fail_at = Some(FailAt::StopDirtyLog);
+    let (s, r, dst) = migrate(
+        &mut src,
+        fake_target(LAYOUT),
+        SendOptions::default(),
+        ReceiveOptions::default(),
+    );
+    let stats = s.expect("the migration completed");
+    r.expect("the destination completed");
+    assert!(dst.running);
+    assert!(
+        src.paused && !src.calls.contains(&"resume"),
+        "{:?}",
+        src.calls
+    );
+    let pos = |c| src.calls.iter().position(|x| *x == c);
+    assert!(pos("stop_dirty_log") > pos("save_state"), "{:?}", src.calls);
+    let phases: Vec<&str> = stats.downtime_phases_us.iter().map(|p| p.0).collect();
+    assert_eq!(
+        phases,
+        [
+            "pause",
+            "dirty log",
+            "final pass",
+            "save state",
+            "send state",
+            "destination restore"
+        ]
+    );
+}
+
 #[test]
 fn destination_failures_are_reported_and_never_resume() {
     for fail in [FailAt::Restore, FailAt::Resume] {
@@ -493,7 +529,7 @@ fn destination_failures_are_reported_and_never_resume() {
         assert_source_recovered(&src);
         assert!(
             src.calls
-                .ends_with(&["stop_dirty_log", "save_state", "resume"]),
+                .ends_with(&["save_state", "stop_dirty_log", "resume"]),
             "{:?}",
             src.calls
         );
