@@ -96,6 +96,7 @@ const METRICS: &[Metric] = &[
     ("boot to VERIFY-OK ms", |m| m.boot_to_verify_ms),
     ("total migration ms", |m| m.total_ms),
     ("downtime ms", |m| m.downtime_ms),
+    ("  VMM's own figure ms", |m| m.reported_downtime_ms),
     ("MiB transferred", |m| m.bytes / (1024.0 * 1024.0)),
     ("passes", |m| m.passes),
     ("source RSS MiB", |m| m.src_rss_mib),

@@ -1,5 +1,5 @@
-//! A minimal QMP client: greeting, `qmp_capabilities`, then one command at a time (events that
-//! arrive in between are skipped).
+//! A minimal QMP client: greeting, `qmp_capabilities`, then one command at a time; events that
+//! arrive in between are kept with their host timestamps.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -12,6 +12,8 @@ use serde_json::{json, Value};
 pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// Events seen so far: (name, host wall-clock time in microseconds since the epoch).
+    events: Vec<(String, u64)>,
 }
 
 impl Qmp {
@@ -34,6 +36,7 @@ impl Qmp {
         let mut q = Qmp {
             reader: BufReader::new(stream),
             writer,
+            events: Vec::new(),
         };
         let greeting = q.read()?;
         if greeting.get("QMP").is_none() {
@@ -61,7 +64,7 @@ impl Qmp {
         writeln!(self.writer, "{req}").map_err(|e| format!("QMP write: {e}"))?;
         loop {
             let v = self.read()?;
-            if v.get("event").is_some() {
+            if self.keep_event(&v) {
                 continue;
             }
             if let Some(r) = v.get("return") {
@@ -70,6 +73,29 @@ impl Qmp {
             if let Some(e) = v.get("error") {
                 return Err(format!("QMP {cmd}: {e}"));
             }
+        }
+    }
+
+    /// Records `v` if it is an event; says whether it was one.
+    fn keep_event(&mut self, v: &Value) -> bool {
+        let Some(name) = v["event"].as_str() else {
+            return false;
+        };
+        let ts = &v["timestamp"];
+        let us = ts["seconds"].as_u64().unwrap_or(0) * 1_000_000
+            + ts["microseconds"].as_u64().unwrap_or(0);
+        self.events.push((name.to_string(), us));
+        true
+    }
+
+    /// The host time (µs since the epoch) of the first `name` event, waiting for it if needed.
+    pub fn event_time(&mut self, name: &str) -> Result<u64, String> {
+        loop {
+            if let Some(&(_, us)) = self.events.iter().find(|(n, _)| n == name) {
+                return Ok(us);
+            }
+            let v = self.read()?;
+            self.keep_event(&v);
         }
     }
 }
