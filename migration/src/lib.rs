@@ -74,7 +74,8 @@ mod roundtrip_tests;
 pub use destination::{receive_migration, DestinationError, MigrationTarget, ReceiveOptions};
 pub use dirty::{DirtyBitmap, DirtyLog, VmError};
 pub use memory::{
-    regions_from_guest_memory, AnonMapping, Backing, GuestRam, MemoryError, RamRegion,
+    advise_huge_pages, regions_from_guest_memory, AnonMapping, Backing, GuestRam, MemoryError,
+    RamRegion,
 };
 pub use precopy::{Decision, Limits, StopReason};
 pub use source::{send_migration, MigrationSource, Progress, SendOptions, SourceError};

@@ -187,6 +187,27 @@ impl RamRegion {
         unsafe { self.host.as_ptr().add(page * PAGE_SIZE) }
     }
 
+    /// Allocates pages `page..page + pages` in one call (`MADV_POPULATE_WRITE`) before they
+    /// are written, much cheaper than one fault per page. Only for private anonymous memory;
+    /// `Ok(false)` when there is nothing to do or the kernel lacks the call (before 5.14).
+    pub(crate) fn populate(&self, page: usize, pages: usize) -> io::Result<bool> {
+        if self.backing != Backing::PrivateAnonymous {
+            return Ok(false);
+        }
+        let ptr = self.page_ptr(page, pages);
+        // SAFETY: the range is page-aligned and inside our private anonymous mapping;
+        // populating allocates (zero-filled) pages and leaves any existing contents alone.
+        let rc = unsafe { libc::madvise(ptr.cast(), pages * PAGE_SIZE, MADV_POPULATE_WRITE) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINVAL) => Ok(false),
+            _ => Err(e),
+        }
+    }
+
     /// Makes pages `page..page + pages` read as zero without writing them where possible:
     /// `MADV_DONTNEED` for private anonymous memory (frees the pages), writing zeros otherwise.
     pub(crate) fn zero_pages(&self, page: usize, pages: usize) -> Result<(), MemoryError> {
@@ -207,6 +228,24 @@ impl RamRegion {
             }
         }
         Ok(())
+    }
+}
+
+/// `madvise` advice (Linux 5.14) to fault pages in for writing, without writing them.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+/// Asks for transparent huge pages behind guest RAM at `ptr..ptr + len` (as QEMU does): a
+/// 2 MiB fault instead of 512 small ones, and 2 MiB mappings for the guest. Memory nobody
+/// writes still costs nothing. Advice only: a kernel without THP ignores it.
+pub fn advise_huge_pages(ptr: *mut u8, len: usize) {
+    // SAFETY: advice on a range of our own mapping; it changes how pages are allocated, never
+    // their contents, and fails harmlessly on a range that is not mapped.
+    let rc = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_HUGEPAGE) };
+    if rc != 0 {
+        log::debug!(
+            "madvise(MADV_HUGEPAGE) on guest RAM: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 
