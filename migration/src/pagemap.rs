@@ -8,12 +8,16 @@
 //! page; as root we learn that page's PFN once (read-fault a private page of our own, look up
 //! its entry) and treat present pages with that PFN as zero too.
 //!
-//! Entries are read with one `pread` per [`BATCH_PAGES`] pages (512 KiB of entries for 256 MiB
-//! of guest memory). Where pagemap cannot be opened or read, callers fall back to reading the
-//! pages.
+//! Where the kernel has it (Linux 6.7), the `PAGEMAP_SCAN` ioctl answers with ranges of
+//! touched pages instead: it skips whole page tables that do not exist, so a mostly untouched
+//! 16 GiB guest is classified in microseconds rather than by reading 32 MiB of entries (it
+//! reports the zero page as a category, no privileges needed). Otherwise entries are read
+//! with one `pread` per [`BATCH_PAGES`] pages (512 KiB of entries for 256 MiB of guest
+//! memory). Where pagemap cannot be opened or read, callers fall back to reading the pages.
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::OnceLock;
 
@@ -44,11 +48,49 @@ impl PageState {
     }
 }
 
+/// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
+const PAGE_IS_PFNZERO: u64 = 1 << 5;
+/// Ranges returned per ioctl.
+const SCAN_REGIONS: usize = 4096;
+
+/// `struct pm_scan_arg` (include/uapi/linux/fs.h).
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region`: pages `start..end` (addresses) share `categories`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
 /// A reader of this process's pagemap.
 pub struct Pagemap {
     file: File,
     entries: Vec<u64>,
     zero_pfn: Option<u64>,
+    /// `PAGEMAP_SCAN` works here (off after the first refusal).
+    scan: bool,
+    regions: Vec<PageRegion>,
 }
 
 impl Pagemap {
@@ -59,6 +101,8 @@ impl Pagemap {
                 file,
                 entries: Vec::new(),
                 zero_pfn: zero_page_pfn(),
+                scan: true,
+                regions: Vec::new(),
             }),
             Err(e) => {
                 log::debug!("pagemap unavailable, pages will be read: {e}");
@@ -81,6 +125,16 @@ impl Pagemap {
         out: &mut Vec<PageState>,
     ) -> io::Result<()> {
         out.clear();
+        if self.scan {
+            match self.scan_ranges(addr, pages, out) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    log::debug!("PAGEMAP_SCAN unavailable, reading pagemap entries: {e}");
+                    self.scan = false;
+                    out.clear();
+                }
+            }
+        }
         out.reserve(pages);
         let mut done = 0;
         while done < pages {
@@ -89,6 +143,54 @@ impl Pagemap {
             let zero_pfn = self.zero_pfn;
             out.extend(self.entries.iter().map(|&e| state_of(e, zero_pfn)));
             done += n;
+        }
+        Ok(())
+    }
+
+    /// [`classify`](Self::classify) with `PAGEMAP_SCAN`: everything untouched but the ranges
+    /// the kernel reports present or swapped.
+    fn scan_ranges(
+        &mut self,
+        addr: usize,
+        pages: usize,
+        out: &mut Vec<PageState>,
+    ) -> io::Result<()> {
+        out.resize(pages, PageState::Untouched);
+        self.regions.resize(SCAN_REGIONS, PageRegion::default());
+        let end = (addr + pages * PAGE_SIZE) as u64;
+        let mut start = addr as u64;
+        while start < end {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                start,
+                end,
+                vec: self.regions.as_mut_ptr() as u64,
+                vec_len: self.regions.len() as u64,
+                category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO,
+                ..Default::default()
+            };
+            // SAFETY: `arg` is a complete pm_scan_arg whose `vec` points at `vec_len` writable
+            // page_region entries we own; the kernel writes only those and `arg` itself.
+            let n = unsafe { libc::ioctl(self.file.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for r in &self.regions[..n as usize] {
+                let from = (r.start as usize).saturating_sub(addr) / PAGE_SIZE;
+                let to = ((r.end as usize).saturating_sub(addr) / PAGE_SIZE).min(pages);
+                let state =
+                    if r.categories & PAGE_IS_PFNZERO != 0 && r.categories & PAGE_IS_SWAPPED == 0 {
+                        PageState::ZeroPage
+                    } else {
+                        PageState::Resident
+                    };
+                out[from.min(to)..to].fill(state);
+            }
+            if arg.walk_end <= start {
+                return Err(io::Error::other("PAGEMAP_SCAN made no progress"));
+            }
+            start = arg.walk_end;
         }
         Ok(())
     }
@@ -159,6 +261,7 @@ mod tests {
         map.write(5 * PAGE_SIZE, &[0]); // written with zero: resident, must be read
         let mut byte = [0u8; 1];
         map.read(3 * PAGE_SIZE, &mut byte); // read fault only
+        std::hint::black_box(byte);
         let mut states = Vec::new();
         pm.classify(map.as_ptr() as usize, 8, &mut states).unwrap();
         assert_eq!(states[0], PageState::Untouched);
@@ -189,6 +292,34 @@ mod tests {
         assert_eq!(states.len(), pages);
         assert_eq!(states.iter().filter(|s| !s.is_known_zero()).count(), 1);
         assert_eq!(states[pages - 1], PageState::Resident);
+    }
+
+    #[test]
+    fn scan_and_entries_agree() {
+        let Some(mut pm) = Pagemap::open() else {
+            return;
+        };
+        let pages = 3 * 512 + 7;
+        let map = AnonMapping::new(pages * PAGE_SIZE).unwrap();
+        for p in [0, 1, 2, 600, 1023, 1024, pages - 1] {
+            map.write(p * PAGE_SIZE, &[p as u8 | 1]);
+        }
+        let mut byte = [0u8; 1];
+        map.read(700 * PAGE_SIZE, &mut byte); // zero page
+        std::hint::black_box(byte);
+        map.write(900 * PAGE_SIZE, &[0]); // resident, zero content
+        let mut scanned = Vec::new();
+        pm.classify(map.as_ptr() as usize + PAGE_SIZE, pages - 1, &mut scanned)
+            .unwrap();
+        let used_scan = pm.scan;
+        pm.scan = false;
+        let mut read = Vec::new();
+        pm.classify(map.as_ptr() as usize + PAGE_SIZE, pages - 1, &mut read)
+            .unwrap();
+        assert_eq!(scanned, read, "PAGEMAP_SCAN used: {used_scan}");
+        assert_eq!(read[0], PageState::Resident);
+        assert_eq!(read[2], PageState::Untouched);
+        assert_eq!(read[899], PageState::Resident);
     }
 
     #[test]
