@@ -65,6 +65,9 @@ pub struct RamReceiver {
     regions: Vec<RamRegion>,
     maybe_nonzero: Vec<DirtyBitmap>,
     stats: ReceiveStats,
+    /// Allocate a data run's pages in one call before reading into them (off once the
+    /// kernel says it cannot).
+    populate: bool,
 }
 
 impl RamReceiver {
@@ -86,6 +89,7 @@ impl RamReceiver {
             regions,
             maybe_nonzero,
             stats: ReceiveStats::default(),
+            populate: true,
         }
     }
 
@@ -151,6 +155,17 @@ impl RamReceiver {
                 self.zero_run(p.region, p.page, p.pages)?;
                 continue;
             }
+            // A page never written here is not allocated yet: allocate the run at once
+            // rather than fault page by page inside the read.
+            if self.populate && !self.maybe_nonzero[p.region].get(p.page) {
+                match region.populate(p.page, p.pages) {
+                    Ok(done) => self.populate = done,
+                    Err(e) => {
+                        log::debug!("Populating guest pages failed, faulting them instead: {e}");
+                        self.populate = false;
+                    }
+                }
+            }
             // Mark first: if the read fails half-way the pages are already possibly non-zero.
             self.maybe_nonzero[p.region].set_range(p.page, p.pages);
             let ptr = region.page_ptr(p.page, p.pages);
@@ -158,8 +173,7 @@ impl RamReceiver {
             // destination guest does not run while the stream is loaded, so this is the only
             // access to these bytes while the slice lives.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr, p.pages * PAGE_SIZE) };
-            reader.read_exact(dst, "page data")?;
-            crc = crc32c::crc32c_append(crc, dst);
+            crc = reader.read_exact_crc(dst, "page data", crc)?;
             self.stats.pages_written += p.pages as u64;
         }
         if crc != h.payload_crc {

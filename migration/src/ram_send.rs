@@ -60,6 +60,8 @@ struct Batch {
     data_pages: usize,
     /// Data of the runs, copied at decision time (guest running).
     staging: Vec<u8>,
+    /// CRC32C of `staging`, extended page by page right after each copy.
+    staging_crc: u32,
     table: Vec<u8>,
 }
 
@@ -99,6 +101,7 @@ impl RamSender {
                 runs: Vec::new(),
                 data_pages: 0,
                 staging: Vec::with_capacity(batch_pages * PAGE_SIZE),
+                staging_crc: 0,
                 table: Vec::new(),
             },
             cfg: RamSendConfig { batch_pages, ..cfg },
@@ -144,10 +147,28 @@ impl RamSender {
             while start < pages {
                 let n = (pages - start).min(BATCH_PAGES);
                 self.classify(r, start, n);
-                for i in 0..n {
+                let mut i = 0;
+                while i < n {
                     let known_zero = self.states[i].is_known_zero();
+                    if known_zero && elide {
+                        // A run of pages known zero without reading: elided as one.
+                        let run = self.states[i..]
+                            .iter()
+                            .take_while(|s| s.is_known_zero())
+                            .count();
+                        stats.pages_scanned += run as u64;
+                        stats.untouched_skipped += run as u64;
+                        stats.zero_elided += run as u64;
+                        #[cfg(test)]
+                        if let Some(hook) = self.scan_hook.as_mut() {
+                            (start + i..start + i + run).for_each(|page| hook(r, page));
+                        }
+                        i += run;
+                        continue;
+                    }
                     stats.untouched_skipped += known_zero as u64;
                     self.scan_page(w, &mut stats, r, start + i, known_zero, elide)?;
+                    i += 1;
                 }
                 start += n;
             }
@@ -303,6 +324,8 @@ impl RamSender {
             std::ptr::copy_nonoverlapping(src, staging.as_mut_ptr().add(len), PAGE_SIZE);
             staging.set_len(len + PAGE_SIZE);
         }
+        // Checksummed from the copy, while it is in the cache.
+        self.batch.staging_crc = crc32c::crc32c_append(self.batch.staging_crc, &staging[len..]);
     }
 
     /// Writes the queued runs as one `RamPages` record.
@@ -333,10 +356,13 @@ impl RamSender {
             }
             w.write_record(RecordKind::RamPages, &parts)?
         } else {
-            w.write_record(RecordKind::RamPages, &[&b.table, &b.staging])?
+            let crc =
+                crc32c::crc32c_combine(crc32c::crc32c(&b.table), b.staging_crc, b.staging.len());
+            w.write_record_with_crc(RecordKind::RamPages, &[&b.table, &b.staging], crc)?
         };
         b.runs.clear();
         b.staging.clear();
+        b.staging_crc = 0;
         b.data_pages = 0;
         self.pass_bytes += written;
         self.throttle();

@@ -40,9 +40,20 @@ impl<'t> RecordWriter<'t> {
     /// Writes one record whose payload is the concatenation of `parts`, with one vectored
     /// write. Returns the bytes written.
     pub fn write_record(&mut self, kind: RecordKind, parts: &[&[u8]]) -> io::Result<u64> {
+        let crc = parts.iter().fold(0, |c, p| crc32c::crc32c_append(c, p));
+        self.write_record_with_crc(kind, parts, crc)
+    }
+
+    /// [`write_record`](Self::write_record) for a caller that already checksummed the
+    /// payload (`crc`: CRC32C of the concatenated `parts`).
+    pub fn write_record_with_crc(
+        &mut self,
+        kind: RecordKind,
+        parts: &[&[u8]],
+        crc: u32,
+    ) -> io::Result<u64> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         debug_assert!(len <= kind.max_payload(), "{kind} payload of {len} bytes");
-        let crc = parts.iter().fold(0, |c, p| crc32c::crc32c_append(c, p));
         let header = RecordHeader {
             kind,
             len: len as u32,
@@ -197,11 +208,23 @@ impl<'t> RecordReader<'t> {
     /// Fills `dst` completely: first from the buffer, then straight from the transport for
     /// large reads (guest memory on the destination), refilling the buffer for small ones.
     pub fn read_exact(&mut self, dst: &mut [u8], what: &'static str) -> Result<(), WireError> {
+        self.read_exact_crc(dst, what, 0).map(|_| ())
+    }
+
+    /// [`read_exact`](Self::read_exact), returning `crc` extended over `dst`; each piece is
+    /// checksummed as it lands, while it is still in the cache.
+    pub fn read_exact_crc(
+        &mut self,
+        dst: &mut [u8],
+        what: &'static str,
+        mut crc: u32,
+    ) -> Result<u32, WireError> {
         let mut done = 0;
         while done < dst.len() {
             if self.start < self.end {
                 let n = (self.end - self.start).min(dst.len() - done);
                 dst[done..done + n].copy_from_slice(&self.buf[self.start..self.start + n]);
+                crc = crc32c::crc32c_append(crc, &dst[done..done + n]);
                 self.start += n;
                 done += n;
                 self.offset += n as u64;
@@ -210,6 +233,7 @@ impl<'t> RecordReader<'t> {
             let rest = &mut dst[done..];
             let n = if rest.len() >= READ_BUF / 2 {
                 let n = self.recv(rest)?;
+                crc = crc32c::crc32c_append(crc, &rest[..n]);
                 self.offset += n as u64;
                 done += n;
                 n
@@ -229,7 +253,7 @@ impl<'t> RecordReader<'t> {
                 });
             }
         }
-        Ok(())
+        Ok(crc)
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, WireError> {
