@@ -294,6 +294,13 @@ impl Vmm {
         self.vm.dirty_log(slot).map_err(VmmError::DirtyLog)
     }
 
+    /// [`dirty_log`](Self::dirty_log) into `out`, reused from call to call.
+    pub fn dirty_log_into(&self, slot: u32, out: &mut Vec<u64>) -> Result<(), VmmError> {
+        self.vm
+            .dirty_log_into(slot, out)
+            .map_err(VmmError::DirtyLog)
+    }
+
     /// Time since the vCPUs started.
     pub fn uptime(&self) -> Duration {
         self.started_at.elapsed()

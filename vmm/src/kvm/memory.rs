@@ -1,27 +1,21 @@
-//! Guest memory: anonymous private `MAP_NORESERVE` mappings, one per RAM region, each with an
-//! `AtomicBitmap` so the VMM's own writes to guest memory are tracked for migration.
+//! Guest memory: anonymous private `MAP_NORESERVE` mappings, one per RAM region, each with a
+//! [`WriteLog`] so the VMM's own writes to guest memory are tracked for migration.
 //!
 //! Only touched memory costs host memory: a 16 GiB guest that touches 100 MiB costs about
 //! 100 MiB. Like QEMU, guest RAM asks for transparent huge pages (2 MiB faults and mappings).
 
-use std::num::NonZeroUsize;
-
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestRegionMmap};
 
+use super::write_log::WriteLog;
 use crate::arch::x86_64::layout::ram_regions;
 
 /// Guest memory with dirty tracking of VMM writes.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
-pub type GuestRegion = GuestRegionMmap<AtomicBitmap>;
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<WriteLog>;
+pub type GuestRegion = GuestRegionMmap<WriteLog>;
 
 /// Page size of the dirty bitmaps.
 pub const PAGE_SIZE: usize = 4096;
-const PAGE_SIZE_NZ: NonZeroUsize = match NonZeroUsize::new(PAGE_SIZE) {
-    Some(n) => n,
-    None => panic!("page size is zero"),
-};
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +41,7 @@ pub enum MemoryError {
 fn map_region(addr: GuestAddress, size: u64) -> Result<GuestRegion, MemoryError> {
     let len =
         usize::try_from(size).map_err(|_| MemoryError::RegionTooLarge { addr: addr.0, size })?;
-    let bitmap = AtomicBitmap::new(len, PAGE_SIZE_NZ);
+    let bitmap = WriteLog::new(len);
     let region = MmapRegionBuilder::new_with_bitmap(len, bitmap)
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)

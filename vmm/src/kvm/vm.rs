@@ -1,7 +1,10 @@
 //! The KVM VM: in-kernel irqchip and PIT, memory slots and their dirty logging.
 
+use std::os::fd::AsRawFd;
+
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_dirty_log, kvm_dirty_log__bindgen_ty_1, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use log::debug;
@@ -9,6 +12,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::GuestMemoryMmap;
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+
+/// `KVM_GET_DIRTY_LOG`: `_IOW(KVMIO, 0x42, struct kvm_dirty_log)`.
+const KVM_GET_DIRTY_LOG: libc::c_ulong = 0x4010_ae42;
 
 /// Errors creating or configuring the VM.
 #[derive(Debug, thiserror::Error)]
@@ -156,16 +162,38 @@ impl Vm {
         Ok(())
     }
 
-    /// Fetch and clear the dirty bitmap of `slot`: one bit per 4 KiB page, bit `i` of word `w`
-    /// is page `64 * w + i` of the slot.
-    pub fn dirty_log(&self, slot: u32) -> Result<Vec<u64>, VmError> {
+    /// Fetch and clear the dirty bitmap of `slot` into `out`: one bit per 4 KiB page, bit `i`
+    /// of word `w` is page `64 * w + i` of the slot. Keep `out` from call to call: a fresh
+    /// bitmap for 13 GiB is 104 pages for the kernel to fault in, 0.3 ms inside the downtime.
+    pub fn dirty_log_into(&self, slot: u32, out: &mut Vec<u64>) -> Result<(), VmError> {
         let s = self
             .slots
             .iter()
             .find(|s| s.slot == slot)
             .ok_or(VmError::NoSuchSlot(slot))?;
-        self.fd
-            .get_dirty_log(slot, s.size as usize)
-            .map_err(|e| VmError::GetDirtyLog(slot, e))
+        let pages = (s.size as usize).div_ceil(4096);
+        out.resize(pages.div_ceil(64), 0);
+        let log = kvm_dirty_log {
+            slot,
+            padding1: 0,
+            __bindgen_anon_1: kvm_dirty_log__bindgen_ty_1 {
+                dirty_bitmap: out.as_mut_ptr().cast(),
+            },
+        };
+        // SAFETY: KVM_GET_DIRTY_LOG writes one bit per page of the slot, ceil(pages / 64)
+        // words, through `dirty_bitmap`, which points at exactly that many u64s we own; `log`
+        // outlives the call and KVM keeps no pointer.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_GET_DIRTY_LOG, &log) };
+        if rc < 0 {
+            return Err(VmError::GetDirtyLog(slot, kvm_ioctls::Error::last()));
+        }
+        Ok(())
+    }
+
+    /// [`dirty_log_into`](Self::dirty_log_into) into a new vector.
+    pub fn dirty_log(&self, slot: u32) -> Result<Vec<u64>, VmError> {
+        let mut out = Vec::new();
+        self.dirty_log_into(slot, &mut out)?;
+        Ok(out)
     }
 }

@@ -30,6 +30,8 @@ pub struct SourceVm {
     throttle: Throttle,
     /// Highest throttle applied, in percent.
     pub max_throttle_pct: u32,
+    /// KVM's dirty bitmap per slot, reused: faulted in at the first fetch, not in the downtime.
+    log_words: Vec<Vec<u64>>,
 }
 
 fn lock(vmm: &Mutex<Vmm>) -> MutexGuard<'_, Vmm> {
@@ -79,6 +81,7 @@ impl SourceVm {
             auto_converge,
             throttle: Throttle::new(),
             max_throttle_pct: 0,
+            log_words: Vec::new(),
         })
     }
 
@@ -142,18 +145,21 @@ impl DirtyLog for SourceVm {
             .get(region)
             .ok_or_else(|| msg(format!("no KVM slot for region {region}")))?
             .slot;
-        bitmap
-            .merge_words(&v.dirty_log(slot).map_err(boxed)?)
-            .map_err(boxed)?;
+        if self.log_words.len() <= region {
+            self.log_words.resize_with(region + 1, Vec::new);
+        }
+        let words = &mut self.log_words[region];
+        v.dirty_log_into(slot, words).map_err(boxed)?;
+        bitmap.merge_words(words).map_err(boxed)?;
         // The VMM's own writes into guest memory (vm-memory's bitmap).
         let r = v
             .memory()
             .iter()
             .nth(region)
             .ok_or_else(|| msg(format!("no guest memory region {region}")))?;
-        bitmap
-            .merge_words(&r.get_mmap().bitmap().get_and_reset())
-            .map_err(boxed)?;
+        if let Some(words) = r.get_mmap().bitmap().take() {
+            bitmap.merge_words(&words).map_err(boxed)?;
+        }
         Ok(())
     }
 }
