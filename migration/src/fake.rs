@@ -112,12 +112,7 @@ impl FakeVm {
     pub fn new(layout: &[(u64, usize)]) -> FakeVm {
         let maps = layout
             .iter()
-            .map(|&(_, len)| {
-                let map = AnonMapping::new_guarded(len).expect("mmap for fake VM");
-                // Guest RAM as the vmm maps it.
-                crate::memory::advise_huge_pages(map.as_ptr(), map.len());
-                Arc::new(map)
-            })
+            .map(|&(_, len)| Arc::new(AnonMapping::new_guarded(len).expect("mmap for fake VM")))
             .collect();
         let log = layout
             .iter()

@@ -129,8 +129,10 @@ fn live_round_trip_with_concurrent_guest() {
     let mut progress = Vec::new();
     let (tx, rx) = std::sync::mpsc::channel();
     let opts = SendOptions {
+        // Only a pass that leaves nothing dirty converges: whether a few dirty pages fit a
+        // small limit depends on how fast this machine streamed the bulk pass.
         limits: Limits {
-            downtime: Duration::from_micros(100),
+            downtime: Duration::ZERO,
             max_passes: 5,
         },
         batch_pages: 64,

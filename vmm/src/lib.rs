@@ -139,7 +139,10 @@ impl Vmm {
             let mut vm = builder::create_vm(&kvm, &config)?;
             let memory = builder::create_memory(&kvm, &mut vm, &config)?;
             let entry = match sources {
-                Some(s) => Some(builder::load_kernel(s, &memory, &config)?),
+                Some(s) => {
+                    crate::kvm::memory::advise_huge_pages(&memory);
+                    Some(builder::load_kernel(s, &memory, &config)?)
+                }
                 None => None,
             };
             let devices = builder::setup_devices(&vm, &exit, out)?;
@@ -256,6 +259,11 @@ impl Vmm {
     }
 
     /// The KVM memory slots (slot number, guest address, size).
+    /// Ask for transparent huge pages behind guest RAM (a destination, once its guest runs).
+    pub fn advise_huge_pages(&self) {
+        crate::kvm::memory::advise_huge_pages(&self.memory);
+    }
+
     pub fn memory_slots(&self) -> &[MemorySlot] {
         self.vm.slots()
     }

@@ -118,6 +118,8 @@ pub fn receive(
     }
     drop(listener);
     let vmm = target.into_vmm().ok_or(RunError::NoVm)?;
+    // Received into small pages (faster to fill fresh); huge pages from now on.
+    vmm.advise_huge_pages();
     serve(vmm, socket)
 }
 

@@ -2,10 +2,12 @@
 //! [`WriteLog`] so the VMM's own writes to guest memory are tracked for migration.
 //!
 //! Only touched memory costs host memory: a 16 GiB guest that touches 100 MiB costs about
-//! 100 MiB. Like QEMU, guest RAM asks for transparent huge pages (2 MiB faults and mappings).
+//! 100 MiB. A booted VM asks for transparent huge pages at once, like QEMU (2 MiB faults and
+//! mappings); a migration destination only once the guest runs there (see
+//! [`advise_huge_pages`]).
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 
 use super::write_log::WriteLog;
 use crate::arch::x86_64::layout::ram_regions;
@@ -51,7 +53,6 @@ fn map_region(addr: GuestAddress, size: u64) -> Result<GuestRegion, MemoryError>
             size,
             source,
         })?;
-    migration::advise_huge_pages(region.as_ptr(), region.size());
     GuestRegionMmap::new(region, addr).ok_or(MemoryError::Region(addr.0))
 }
 
@@ -63,6 +64,20 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryErro
         .map(|(addr, size)| map_region(addr, size))
         .collect::<Result<Vec<_>, _>>()?;
     GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)
+}
+
+/// Ask for transparent huge pages behind all guest RAM.
+///
+/// A destination asks only after the incoming migration: on a host that hands out memory its
+/// own hypervisor has reclaimed (free page reporting), filling fresh huge pages ran at
+/// 0.45-0.53 GB/s against 1.23-1.58 GB/s for 4 KiB pages (`MADV_POPULATE_WRITE` + copy of
+/// 256 MiB in a new process after 5 s idle). Pages faulted later, and khugepaged, then use
+/// huge pages for the running guest.
+pub fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    for r in mem.iter() {
+        let map = r.get_mmap();
+        migration::advise_huge_pages(map.as_ptr(), map.size());
+    }
 }
 
 #[cfg(test)]
