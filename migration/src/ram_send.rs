@@ -59,7 +59,7 @@ struct Batch {
     runs: Vec<Run>,
     data_pages: usize,
     /// Data of the runs, copied at decision time (guest running).
-    staging: Vec<u8>,
+    staging: Staging,
     /// CRC32C of `staging`, extended page by page right after each copy.
     staging_crc: u32,
     table: Vec<u8>,
@@ -106,7 +106,7 @@ impl RamSender {
             batch: Batch {
                 runs: Vec::new(),
                 data_pages: 0,
-                staging: Vec::with_capacity(batch_pages * PAGE_SIZE),
+                staging: Staging::with_capacity(batch_pages),
                 staging_crc: 0,
                 table: Vec::new(),
             },
@@ -329,17 +329,9 @@ impl RamSender {
     /// Copies one page into the staging buffer; this copy is what gets sent and checksummed.
     fn stage(&mut self, r: usize, page: usize) {
         let src = self.regions[r].page_ptr(page, 1);
-        let staging = &mut self.batch.staging;
-        staging.reserve(PAGE_SIZE);
-        let len = staging.len();
-        // SAFETY: `src` is one page of the live mapping; the destination has PAGE_SIZE spare
-        // capacity (reserved above) and the bytes become initialised by the copy.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src, staging.as_mut_ptr().add(len), PAGE_SIZE);
-            staging.set_len(len + PAGE_SIZE);
-        }
+        let copy = self.batch.staging.push(src);
         // Checksummed from the copy, while it is in the cache.
-        self.batch.staging_crc = crc32c::crc32c_append(self.batch.staging_crc, &staging[len..]);
+        self.batch.staging_crc = crc32c::crc32c_append(self.batch.staging_crc, copy);
     }
 
     /// Writes the queued runs as one `RamPages` record.
@@ -372,7 +364,7 @@ impl RamSender {
         } else {
             let crc =
                 crc32c::crc32c_combine(crc32c::crc32c(&b.table), b.staging_crc, b.staging.len());
-            w.write_record_with_crc(RecordKind::RamPages, &[&b.table, &b.staging], crc)?
+            w.write_record_with_crc(RecordKind::RamPages, &[&b.table, b.staging.bytes()], crc)?
         };
         b.runs.clear();
         b.staging.clear();
@@ -398,5 +390,57 @@ impl RamSender {
     /// Seconds since the current pass began.
     pub fn pass_elapsed(&self) -> Duration {
         self.pass_start.elapsed()
+    }
+}
+
+/// One page, page-aligned.
+#[repr(C, align(4096))]
+struct Page([u8; PAGE_SIZE]);
+
+/// Page-aligned copies of guest pages. The alignment matters: copying a page-aligned guest page
+/// into a buffer 16 bytes past a page boundary (where `malloc` puts large blocks) ran at
+/// 1.6-2.5 GB/s against 8-11 GB/s into an aligned one on this machine's AMD EPYC (`rep movsb`
+/// slows down when destination and source are close modulo 4 KiB), and it was most of the
+/// sender's time.
+struct Staging {
+    pages: Vec<Page>,
+}
+
+impl Staging {
+    fn with_capacity(pages: usize) -> Staging {
+        Staging {
+            pages: Vec::with_capacity(pages),
+        }
+    }
+
+    /// Appends a copy of the page at `src` (one page of live guest memory); returns the copy.
+    fn push(&mut self, src: *const u8) -> &[u8] {
+        self.pages.reserve(1);
+        let len = self.pages.len();
+        // SAFETY: `src` is one readable page (the caller's page_ptr checked it); the slot at
+        // `len` is reserved, page-sized and becomes initialised by the copy (any bytes are a
+        // valid `Page`).
+        unsafe {
+            let dst = self.pages.as_mut_ptr().add(len).cast::<u8>();
+            std::ptr::copy_nonoverlapping(src, dst, PAGE_SIZE);
+            self.pages.set_len(len + 1);
+        }
+        &self.pages[len].0
+    }
+
+    /// Bytes staged.
+    fn len(&self) -> usize {
+        self.pages.len() * PAGE_SIZE
+    }
+
+    /// All staged pages as one byte slice.
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `Page` is `repr(C)` around a byte array with no padding (size = alignment =
+        // PAGE_SIZE), so the vector's initialised elements are `len()` contiguous bytes.
+        unsafe { std::slice::from_raw_parts(self.pages.as_ptr().cast::<u8>(), self.len()) }
+    }
+
+    fn clear(&mut self) {
+        self.pages.clear();
     }
 }
