@@ -71,6 +71,7 @@ impl SourceVm {
         if regions.len() != lock(&vmm).memory_slots().len() {
             return Err(msg("guest memory regions and KVM slots differ".into()));
         }
+        let regions_len = regions.len();
         Ok(SourceVm {
             vmm,
             regions,
@@ -81,7 +82,7 @@ impl SourceVm {
             auto_converge,
             throttle: Throttle::new(),
             max_throttle_pct: 0,
-            log_words: Vec::new(),
+            log_words: vec![Vec::new(); regions_len],
         })
     }
 
@@ -145,10 +146,10 @@ impl DirtyLog for SourceVm {
             .get(region)
             .ok_or_else(|| msg(format!("no KVM slot for region {region}")))?
             .slot;
-        if self.log_words.len() <= region {
-            self.log_words.resize_with(region + 1, Vec::new);
-        }
-        let words = &mut self.log_words[region];
+        let words = self
+            .log_words
+            .get_mut(region)
+            .ok_or_else(|| msg(format!("no dirty bitmap for region {region}")))?;
         v.dirty_log_into(slot, words).map_err(boxed)?;
         bitmap.merge_words(words).map_err(boxed)?;
         // The VMM's own writes into guest memory (vm-memory's bitmap).
