@@ -123,7 +123,7 @@ pub fn receive_migration<T: MigrationTarget + ?Sized>(
             let _ = send_reply(
                 reader.transport(),
                 RecordKind::Error,
-                &encode_message(&chain(e)),
+                &encode_message(&crate::error_chain(e)),
             );
         }
     }
@@ -281,16 +281,4 @@ fn expect_at(
         });
     }
     Ok((reader.read_payload(&h, offset)?, offset))
-}
-
-/// The error and its sources on one line, for the reply to the source.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -82,3 +82,15 @@ pub use source::{send_migration, MigrationSource, Progress, SendOptions, SourceE
 pub use stats::{MigrationStats, PassKind, PassStats, ReceiveStats};
 pub use transport::{Connection, Endpoint, EndpointError, Listener, Transport, TransportError};
 pub use wire::{StateBlob, WireError, FORMAT_VERSION, PAGE_SIZE};
+
+/// An error and its sources on one line, `a: b: c` (for replies, logs and the command line).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use migration::error_chain;
 use migration::fake::{fake_target, FakeVm};
 use migration::ram_recv::RamLoadError;
 use migration::stream::RecordWriter;
@@ -82,16 +83,6 @@ fn load(target: &mut FakeVm, bytes: &[u8]) -> Result<(), DestinationError> {
     receive_migration(target, &mut conn, &ReceiveOptions::default()).map(|_| ())
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s = format!("{s}: {c}");
-        cur = c.source();
-    }
-    s
-}
-
 fn assert_not_resumed(target: &FakeVm) {
     assert!(!target.running);
     assert!(!target.calls.contains(&"restore_state") && !target.calls.contains(&"resume"));
@@ -111,7 +102,7 @@ fn every_truncation_point_is_an_error() {
     let mut target = fake_target(LAYOUT);
     for len in 0..bytes.len() {
         let err = load(&mut target, &bytes[..len]).unwrap_err();
-        let text = chain(&err);
+        let text = error_chain(&err);
         assert!(text.contains("truncated"), "cut at {len}: {text}");
         assert!(
             text.contains(&format!("offset {len}")),
@@ -228,7 +219,7 @@ fn run(guest_addr: u64, pages: u32, zero: bool) -> RunDesc {
 fn expect_err(bytes: Vec<u8>, check: impl Fn(&DestinationError) -> bool) -> DestinationError {
     let mut target = fake_target(LAYOUT);
     let err = load(&mut target, &bytes).unwrap_err();
-    assert!(check(&err), "unexpected error: {}", chain(&err));
+    assert!(check(&err), "unexpected error: {}", error_chain(&err));
     assert_not_resumed(&target);
     err
 }
@@ -301,7 +292,7 @@ fn crafted_streams_get_typed_errors() {
         let err = expect_err(Craft::new().pass(0, 0).pages(&runs, data).bytes(), |e| {
             matches!(e, DestinationError::Ram(_))
         });
-        let text = chain(&err);
+        let text = error_chain(&err);
         assert!(
             text.contains(what) && text.contains(&format!("offset {batch_at}")),
             "{text}"
@@ -332,7 +323,7 @@ fn crafted_streams_get_typed_errors() {
             .pass(0, 0)
             .record(RecordKind::RamPages, &big)
             .bytes(),
-        |e| chain(e).contains("limit is 1024"),
+        |e| error_chain(e).contains("limit is 1024"),
     );
 
     // Device state before the final pass; duplicate device state; End with wrong counts.
@@ -378,11 +369,11 @@ fn crafted_streams_get_typed_errors() {
         .pass(0, PASS_FINAL)
         .record(RecordKind::End, &end.encode())
         .bytes();
-    expect_err(bad_end, |e| chain(e).contains("99 records announced"));
+    expect_err(bad_end, |e| error_chain(e).contains("99 records announced"));
 
     // A stream that ends after the final pass without End.
     expect_err(Craft::new().pass(0, PASS_FINAL).bytes(), |e| {
-        chain(e).contains("truncated")
+        error_chain(e).contains("truncated")
     });
 }
 
@@ -394,7 +385,7 @@ fn layout_and_config_mismatch_are_refused() {
     assert!(
         matches!(err, DestinationError::Config(_)),
         "{}",
-        chain(&err)
+        error_chain(&err)
     );
     assert_not_resumed(&other);
 }

@@ -326,16 +326,7 @@ impl Vmm {
 }
 
 /// Render an error and its sources as `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use migration::error_chain;
 
 impl Vmm {
     /// Answer the requests that need nothing but the VM (not `migrate`).

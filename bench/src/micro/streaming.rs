@@ -11,6 +11,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use migration::error_chain;
 use migration::fake::{fake_target, FakeVm};
 use migration::{
     receive_migration, send_migration, AnonMapping, Connection, MigrationSource, MigrationStats,
@@ -268,8 +269,8 @@ fn migrate(
     let (received, dst) = receiver
         .join()
         .map_err(|_| "receiver thread panicked".to_string())?;
-    let sent = sent.map_err(|e| format!("send_migration: {}", chain(&e)))?;
-    let received = received.map_err(|e| format!("receive_migration: {}", chain(&e)))?;
+    let sent = sent.map_err(|e| format!("send_migration: {}", error_chain(&e)))?;
+    let received = received.map_err(|e| format!("receive_migration: {}", error_chain(&e)))?;
     // A successful send leaves the source paused, as the vmm would stop it.
     MigrationSource::resume(src).map_err(|e| format!("resuming the source: {e}"))?;
     Ok((d, sent, received, dst))
@@ -304,7 +305,7 @@ fn sender_alone(src: &mut FakeVm) -> Result<(Samples, Vec<u8>), String> {
         };
         let t = Instant::now();
         send_migration(src, &mut sink, SendOptions::default())
-            .map_err(|e| format!("send_migration to a sink: {}", chain(&e)))?;
+            .map_err(|e| format!("send_migration to a sink: {}", error_chain(&e)))?;
         let d = t.elapsed();
         MigrationSource::resume(src).map_err(|e| format!("resuming the source: {e}"))?;
         Ok((d, sink))
@@ -345,23 +346,11 @@ fn receiver_alone(stream: &[u8], layout: &[(u64, usize)]) -> Result<Samples, Str
         };
         let t = Instant::now();
         receive_migration(&mut dst, &mut replay, &ReceiveOptions::default())
-            .map_err(|e| format!("receive_migration from memory: {}", chain(&e)))?;
+            .map_err(|e| format!("receive_migration from memory: {}", error_chain(&e)))?;
         let d = t.elapsed();
         drop(dst);
         Ok(d)
     })
-}
-
-/// An error and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
