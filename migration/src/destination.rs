@@ -17,13 +17,13 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::dirty::VmError;
-use crate::memory::{layout_of, GuestRam, MemoryError};
+use crate::memory::{layout_of, GuestRam};
 use crate::ram_recv::{RamLoadError, RamReceiver};
 use crate::stats::ReceiveStats;
 use crate::stream::{send_reply, RecordReader};
 use crate::transport::Transport;
 use crate::wire::{
-    decode_layout, encode_message, EndRecord, PassBegin, Ready, RecordHeader, RecordKind,
+    decode_layout, encode_message, EndRecord, PassBegin, PassMark, Ready, RecordHeader, RecordKind,
     StateBlob, WireError, FORMAT_VERSION, PASS_FINAL, PASS_ZERO_ELIDED,
 };
 
@@ -94,7 +94,7 @@ pub enum DestinationError {
     #[error("Memory layout differs: {0}")]
     Layout(String),
     #[error("Resetting guest memory failed")]
-    Reset(#[source] MemoryError),
+    Reset(#[source] RamLoadError),
     #[error("Sending a reply to the source failed")]
     Reply(#[source] std::io::Error),
     #[error("Restoring device state failed")]
@@ -236,6 +236,24 @@ fn load_body(
                 in_pass = true;
                 final_seen = p.flags & PASS_FINAL != 0;
             }
+            RecordKind::PassEnd if in_pass && !final_seen => {
+                let m = PassMark::decode(&reader.read_payload(&h, offset)?, offset, h.kind)?;
+                if m.pass + 1 != next_pass {
+                    return Err(DestinationError::PassOrder {
+                        offset,
+                        found: m.pass,
+                        expected: next_pass - 1,
+                    });
+                }
+                // Everything read is in guest memory once the allocating thread is idle.
+                rx.finish();
+                if reader.transport().has_peer() {
+                    send_reply(reader.transport(), RecordKind::PassDone, &m.encode())
+                        .map_err(DestinationError::Reply)?;
+                    rx.acknowledged();
+                }
+                in_pass = false;
+            }
             RecordKind::RamPages if in_pass && states.is_empty() => {
                 rx.load_batch(reader, &h, offset)?;
             }
@@ -251,6 +269,7 @@ fn load_body(
             RecordKind::End if final_seen => {
                 let end = EndRecord::decode(&reader.read_payload(&h, offset)?, offset)?;
                 reader.check_end(&end, offset)?;
+                rx.finish();
                 log::debug!("End at offset {offset} after {} records", reader.records());
                 return Ok(states);
             }

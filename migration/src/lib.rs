@@ -24,9 +24,12 @@
 //!                                ◀─────────────── Ready { pristine }
 //!  start_dirty_log
 //!  PassBegin 0 (elided iff pristine)
-//!  RamPages … (bulk: every page)  ──────────────▶ bounds-check runs, read into guest RAM
-//!  loop: fetch dirty log; policy(pass stats)
-//!     PassBegin n, RamPages …     ──────────────▶
+//!  RamPages … (bulk: every page)  ──────────────▶ bounds-check runs, allocate fresh pages
+//!                                                 on a 2nd thread, read into guest RAM
+//!  loop: PassEnd n                ──────────────▶ (all of pass n in guest RAM)
+//!                                 ◀─────────────── PassDone n
+//!     fetch dirty log; policy(pass stats)
+//!     PassBegin n+1, RamPages …   ──────────────▶
 //!  pause; fetch dirty log
 //!  PassBegin n+1 (final), RamPages … ───────────▶
 //!  stop_dirty_log; save_state
@@ -57,6 +60,7 @@ pub mod dirty;
 pub mod fake;
 pub mod memory;
 pub mod pagemap;
+mod populator;
 pub mod precopy;
 pub mod ram_recv;
 pub mod ram_send;

@@ -12,11 +12,12 @@
 use crate::dirty::DirtyBitmap;
 use crate::memory::{Backing, MemoryError, RamRegion};
 use crate::pagemap::Pagemap;
+use crate::populator::{Populator, Ticket};
 use crate::stats::ReceiveStats;
 use crate::stream::RecordReader;
 use crate::wire::{
     decode_batch_prefix, decode_run_table, PassBegin, RecordHeader, RecordKind, WireError,
-    BATCH_PREFIX_LEN, PAGE_SIZE, PAGE_SIZE_U64, PASS_ZERO_ELIDED, RUN_DESC_LEN,
+    BATCH_PREFIX_LEN, PAGE_SIZE, PAGE_SIZE_U64, PASS_FINAL, PASS_ZERO_ELIDED, RUN_DESC_LEN,
 };
 use crate::zero::is_zero_raw;
 
@@ -68,6 +69,10 @@ pub struct RamReceiver {
     /// Allocate a data run's pages in one call before reading into them (off once the
     /// kernel says it cannot).
     populate: bool,
+    /// Allocates fresh pages on a second thread ahead of the reader.
+    populator: Populator,
+    /// The final pass (few pages, inside the downtime): allocate in this thread, no hand-off.
+    final_pass: bool,
 }
 
 impl RamReceiver {
@@ -86,10 +91,12 @@ impl RamReceiver {
             })
             .collect();
         RamReceiver {
+            populator: Populator::new(regions.clone()),
             regions,
             maybe_nonzero,
             stats: ReceiveStats::default(),
             populate: true,
+            final_pass: false,
         }
     }
 
@@ -100,13 +107,16 @@ impl RamReceiver {
 
     /// Makes the memory pristine again: every page given back (`MADV_DONTNEED`; written with
     /// zeros for memory that is not private anonymous).
-    pub fn reset(&mut self) -> Result<(), MemoryError> {
+    pub fn reset(&mut self) -> Result<(), RamLoadError> {
+        self.populator.drain();
         for (region, map) in self.regions.iter().zip(&mut self.maybe_nonzero) {
             match region.backing() {
-                Backing::PrivateAnonymous => region.zero_pages(0, region.pages())?,
+                Backing::PrivateAnonymous => region
+                    .zero_pages(0, region.pages())
+                    .map_err(RamLoadError::Zero)?,
                 Backing::Other => {
                     for (start, len) in map.runs() {
-                        region.zero_pages(start, len)?;
+                        region.zero_pages(start, len).map_err(RamLoadError::Zero)?;
                     }
                 }
             }
@@ -121,13 +131,28 @@ impl RamReceiver {
         &self.stats
     }
 
-    /// Starts a pass; refuses an eliding pass unless the memory is pristine.
+    /// Starts a pass; refuses an eliding pass unless the memory is pristine. The final pass
+    /// waits for every earlier page to be in place and then reads straight into guest memory.
     pub fn begin_pass(&mut self, pass: &PassBegin, offset: u64) -> Result<(), RamLoadError> {
         if pass.flags & PASS_ZERO_ELIDED != 0 && !self.is_pristine() {
             return Err(RamLoadError::ElisionIntoDirtyMemory { offset });
         }
+        self.final_pass = pass.flags & PASS_FINAL != 0;
+        if self.final_pass {
+            self.populator.drain();
+        }
         self.stats.passes += 1;
         Ok(())
+    }
+
+    /// Counts a live pass acknowledged to the source.
+    pub fn acknowledged(&mut self) {
+        self.stats.passes_acknowledged += 1;
+    }
+
+    /// Waits until the allocating thread is idle (before the state is restored).
+    pub fn finish(&mut self) {
+        self.populator.drain();
     }
 
     /// Reads the payload of the `RamPages` record `h` (at `offset`) and applies it. Nothing
@@ -147,33 +172,46 @@ impl RamReceiver {
         let runs = decode_run_table(&table, offset)?;
         let placed = self.place_runs(&runs, data_pages, offset)?;
 
+        // Queue every fresh data run for allocation before reading the first one, so the
+        // allocating thread runs ahead through the whole record. A page never written here
+        // is not allocated yet; one already written needs nothing.
+        let tickets: Vec<Ticket> = placed
+            .iter()
+            .map(|p| {
+                let fresh = !p.zero && !self.maybe_nonzero[p.region].get(p.page);
+                if fresh && !self.final_pass {
+                    self.populator.queue(p.region, p.page, p.pages)
+                } else {
+                    Ticket::NONE
+                }
+            })
+            .collect();
+
         let mut crc = crc32c::crc32c_append(crc32c::crc32c(&prefix), &table);
-        for p in &placed {
-            let region = &self.regions[p.region];
+        for (p, &ticket) in placed.iter().zip(&tickets) {
             if p.zero {
                 self.stats.zero_pages += p.pages as u64;
                 self.zero_run(p.region, p.page, p.pages)?;
                 continue;
             }
-            // A page never written here is not allocated yet: allocate the run at once
-            // rather than fault page by page inside the read.
-            if self.populate && !self.maybe_nonzero[p.region].get(p.page) {
-                match region.populate(p.page, p.pages) {
-                    Ok(done) => self.populate = done,
-                    Err(e) => {
-                        log::debug!("Populating guest pages failed, faulting them instead: {e}");
-                        self.populate = false;
-                    }
-                }
+            let fresh = !self.maybe_nonzero[p.region].get(p.page);
+            if fresh && ticket == Ticket::NONE {
+                self.populate_now(p);
             }
             // Mark first: if the read fails half-way the pages are already possibly non-zero.
             self.maybe_nonzero[p.region].set_range(p.page, p.pages);
-            let ptr = region.page_ptr(p.page, p.pages);
-            // SAFETY: the run was checked to lie inside this region's live mapping, and the
-            // destination guest does not run while the stream is loaded, so this is the only
-            // access to these bytes while the slice lives.
-            let dst = unsafe { std::slice::from_raw_parts_mut(ptr, p.pages * PAGE_SIZE) };
-            crc = reader.read_exact_crc(dst, "page data", crc)?;
+            let mut done = 0;
+            while done < p.pages {
+                let n = self.populator.ready(ticket, done, p.pages - done);
+                let ptr = self.regions[p.region].page_ptr(p.page + done, n);
+                // SAFETY: the run was checked to lie inside this region's live mapping
+                // (page_ptr checks again), and the destination guest does not run while the
+                // stream is loaded, so this is the only access to these bytes while the slice
+                // lives (the allocating thread only allocates, never reads or writes).
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr, n * PAGE_SIZE) };
+                crc = reader.read_exact_crc(dst, "page data", crc)?;
+                done += n;
+            }
             self.stats.pages_written += p.pages as u64;
         }
         if crc != h.payload_crc {
@@ -184,6 +222,21 @@ impl RamReceiver {
             .into());
         }
         Ok(())
+    }
+
+    /// Allocates a fresh run in one call in this thread (rather than fault page by page
+    /// inside the read), while the kernel allows it.
+    fn populate_now(&mut self, p: &Placed) {
+        if !self.populate {
+            return;
+        }
+        match self.regions[p.region].populate(p.page, p.pages) {
+            Ok(done) => self.populate = done,
+            Err(e) => {
+                log::debug!("Populating guest pages failed, faulting them instead: {e}");
+                self.populate = false;
+            }
+        }
     }
 
     /// Checks every run against the layout and the previous run; returns them placed.
@@ -269,6 +322,10 @@ impl RamReceiver {
                 i += 1;
             }
         }
+        if !dirty.is_empty() {
+            // A queued allocation must not bring a page back after it was given back.
+            self.populator.drain();
+        }
         for (start, len) in dirty {
             region.zero_pages(start, len).map_err(RamLoadError::Zero)?;
             map.clear_range(start, len);
@@ -353,7 +410,9 @@ mod tests {
         let mut c = Connection::from_bytes(bytes);
         let mut reader = RecordReader::new(&mut c);
         let (h, off) = reader.next_header()?;
-        rx.load_batch(&mut reader, &h, off)
+        rx.load_batch(&mut reader, &h, off)?;
+        rx.finish();
+        Ok(())
     }
 
     fn run(guest_addr: u64, pages: u32, zero: bool) -> RunDesc {

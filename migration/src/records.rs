@@ -91,6 +91,25 @@ impl PassBegin {
     }
 }
 
+/// A `PassEnd` or `PassDone` payload: the number of the live pass that ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassMark {
+    pub pass: u32,
+}
+
+impl PassMark {
+    pub fn encode(&self) -> [u8; 4] {
+        self.pass.to_le_bytes()
+    }
+
+    pub fn decode(payload: &[u8], offset: u64, kind: RecordKind) -> Result<Self, WireError> {
+        let mut r = PayloadReader::new(payload, offset, kind);
+        let pass = r.u32("pass number")?;
+        r.finish()?;
+        Ok(PassMark { pass })
+    }
+}
+
 /// One run descriptor of a `RamPages` batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RunDesc {

@@ -18,7 +18,9 @@ use crate::ram_send::{RamSendConfig, RamSender};
 use crate::stats::{MigrationStats, PassStats};
 use crate::stream::{read_reply, RecordWriter};
 use crate::transport::Transport;
-use crate::wire::{self, encode_layout, Ready, RecordKind, StateBlob, WireError, MAX_REGIONS};
+use crate::wire::{
+    self, encode_layout, PassMark, Ready, RecordKind, StateBlob, WireError, MAX_REGIONS,
+};
 
 /// What the vmm provides on the source. Region indices are positions in `ram_regions()`.
 pub trait MigrationSource: GuestRam + DirtyLog {
@@ -104,6 +106,8 @@ pub enum SourceError {
     Reply(#[source] WireError),
     #[error("Unexpected {0} reply from the destination")]
     UnexpectedReply(RecordKind),
+    #[error("Destination acknowledged pass {got}, expected pass {expected}")]
+    PassMismatch { expected: u32, got: u32 },
     #[error("Destination failed: {0}")]
     Destination(String),
     #[error("Starting dirty logging failed")]
@@ -246,6 +250,9 @@ fn run<S: MigrationSource + ?Sized>(
         .bulk_pass(&mut w, elide)
         .map_err(|e| send_error(&mut w, e))?;
     let reason = loop {
+        if peer {
+            wait_until_applied(&mut w, pass.pass)?;
+        }
         let dirty = collect_dirty(source, &mut sender)?;
         pass.close(sender.pass_elapsed(), dirty);
         report(options, &pass);
@@ -422,6 +429,24 @@ fn expect_reply(t: &mut dyn Transport, kind: RecordKind) -> Result<Vec<u8>, Sour
         )),
         (k, _) => Err(SourceError::UnexpectedReply(k)),
     }
+}
+
+/// Ends live pass `pass` with `PassEnd` and waits for the destination's `PassDone`: every
+/// page sent is then in its memory, not in socket buffers. So the pass's duration and
+/// bandwidth are end to end, and the downtime never starts with a backlog the destination
+/// must work through while the guest is paused. Costs one round trip per pass.
+fn wait_until_applied(w: &mut RecordWriter<'_>, pass: u32) -> Result<(), SourceError> {
+    w.write_record(RecordKind::PassEnd, &[&PassMark { pass }.encode()])
+        .map_err(|e| send_error(w, e))?;
+    let reply = expect_reply(w.transport(), RecordKind::PassDone)?;
+    let done = PassMark::decode(&reply, 0, RecordKind::PassDone).map_err(SourceError::Reply)?;
+    if done.pass != pass {
+        return Err(SourceError::PassMismatch {
+            expected: pass,
+            got: done.pass,
+        });
+    }
+    Ok(())
 }
 
 /// A failed write often means the destination gave up: report its message if it sent one.

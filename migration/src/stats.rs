@@ -174,6 +174,8 @@ pub struct ReceiveStats {
     pub records: u64,
     pub bytes: u64,
     pub passes: u32,
+    /// Live passes acknowledged with `PassDone` (all of them, over a socket).
+    pub passes_acknowledged: u32,
     /// Pages written from data runs.
     pub pages_written: u64,
     /// Pages covered by zero runs.

@@ -107,12 +107,16 @@ pub enum RecordKind {
     DeviceState = 0x0005,
     /// End of stream: record count, byte count and the checksum chain.
     End = 0x0006,
+    /// End of a live pass: the destination replies `PassDone` once it applied it.
+    PassEnd = 0x0007,
     /// Destination reply after the layout: version and whether its memory is pristine.
     Ready = 0x0101,
     /// Destination reply after `End`: the guest runs on the destination.
     Running = 0x0102,
     /// Destination reply: it refused or failed, with a message.
     Error = 0x0103,
+    /// Destination reply to `PassEnd`: every page of the pass is in guest memory.
+    PassDone = 0x0104,
 }
 
 impl RecordKind {
@@ -125,9 +129,11 @@ impl RecordKind {
             0x0004 => RecordKind::RamPages,
             0x0005 => RecordKind::DeviceState,
             0x0006 => RecordKind::End,
+            0x0007 => RecordKind::PassEnd,
             0x0101 => RecordKind::Ready,
             0x0102 => RecordKind::Running,
             0x0103 => RecordKind::Error,
+            0x0104 => RecordKind::PassDone,
             _ => return None,
         })
     }
@@ -146,6 +152,7 @@ impl RecordKind {
             RecordKind::Ready => 8,
             RecordKind::Running => MAX_MESSAGE_LEN,
             RecordKind::Error => MAX_MESSAGE_LEN,
+            RecordKind::PassEnd | RecordKind::PassDone => 4,
         }
     }
 }

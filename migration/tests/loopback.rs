@@ -167,6 +167,11 @@ fn live_round_trip_with_concurrent_guest() {
         "a busy guest needs iterative passes:\n{stats}"
     );
     assert_eq!(rstats.passes as usize, stats.passes.len());
+    assert_eq!(
+        rstats.passes_acknowledged as usize,
+        stats.passes.len() - 1,
+        "the source waits for every live pass to be applied before it goes on"
+    );
     assert_eq!(progress.len(), stats.passes.len() - 1);
     let json: serde_json::Value = serde_json::from_str(&stats.to_json()).unwrap();
     assert_eq!(json["passes"].as_array().unwrap().len(), stats.passes.len());
@@ -358,6 +363,7 @@ fn destination_killed_mid_stream_then_retry_succeeds() {
         (400_000, false),
         (usize::MAX, true),
     ];
+    let mut any_written = false;
     for (limit, before_running) in cases {
         let mut src = source();
         let (mut a, b) = Connection::pair().unwrap();
@@ -390,6 +396,11 @@ fn destination_killed_mid_stream_then_retry_succeeds() {
             assert_eq!(src.calls.last(), Some(&last), "limit {limit}");
         }
 
+        // Data reaches guest memory a piece (1 MiB) at a time; what was received before the
+        // destination died may or may not have been placed, and is placed before it returns.
+        let written = dst.image().iter().any(|&b| b != 0);
+        any_written |= written;
+
         // The guest ran on; a second migration into the same, half-written destination works.
         scribble(&src.writer(), LAYOUT, &mut Lcg(limit as u64), 50);
         let mut dst = dst;
@@ -405,12 +416,12 @@ fn destination_killed_mid_stream_then_retry_succeeds() {
         assert_eq!(src.first_difference(&dst), None, "limit {limit}");
         assert!(stats.zero_elision);
         assert_eq!(
-            rstats.reset,
-            limit > 100,
+            rstats.reset, written,
             "memory written by the first attempt is reset"
         );
         assert_eq!(dst.states, states());
     }
+    assert!(any_written, "no case left a half-written destination");
 }
 
 #[test]

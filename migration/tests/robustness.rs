@@ -11,8 +11,8 @@ use migration::fake::{fake_target, FakeVm};
 use migration::ram_recv::RamLoadError;
 use migration::stream::RecordWriter;
 use migration::wire::{
-    encode_batch_prefix, encode_layout, LayoutRegion, PassBegin, RecordKind, RunDesc, PASS_FINAL,
-    PASS_ZERO_ELIDED,
+    encode_batch_prefix, encode_layout, LayoutRegion, PassBegin, PassMark, RecordKind, RunDesc,
+    PASS_FINAL, PASS_ZERO_ELIDED,
 };
 use migration::{
     receive_migration, send_migration, Connection, DestinationError, Limits, MigrationSource,
@@ -270,6 +270,45 @@ fn crafted_streams_get_typed_errors() {
     expect_err(
         Craft::new().pass(0, 0).pass(1, PASS_ZERO_ELIDED).bytes(),
         |e| matches!(e, DestinationError::LateElision { pass: 1, .. }),
+    );
+
+    // A pass end naming another pass, pages after a pass ended, a pass end outside a pass.
+    let end = |pass: u32| PassMark { pass }.encode();
+    expect_err(
+        Craft::new()
+            .pass(0, 0)
+            .record(RecordKind::PassEnd, &end(1))
+            .bytes(),
+        |e| {
+            matches!(
+                e,
+                DestinationError::PassOrder {
+                    found: 1,
+                    expected: 0,
+                    ..
+                }
+            )
+        },
+    );
+    expect_err(
+        Craft::new()
+            .pass(0, 0)
+            .record(RecordKind::PassEnd, &end(0))
+            .pages(&[run(0, 1, true)], 0)
+            .bytes(),
+        |e| {
+            matches!(
+                e,
+                DestinationError::Unexpected {
+                    kind: RecordKind::RamPages,
+                    ..
+                }
+            )
+        },
+    );
+    expect_err(
+        Craft::new().record(RecordKind::PassEnd, &end(0)).bytes(),
+        |e| matches!(e, DestinationError::Unexpected { kind: RecordKind::PassEnd, offset, .. } if *offset == first),
     );
 
     // Runs outside memory (in the hole between regions, past the end, wrapping), misaligned,
