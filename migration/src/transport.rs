@@ -154,7 +154,7 @@ impl Endpoint {
     pub fn connect(&self) -> Result<Connection, TransportError> {
         match self {
             Endpoint::Unix(path) => UnixStream::connect(path)
-                .map(Connection::Unix)
+                .map(|s| Connection::Unix(widen_send_buffer(s)))
                 .map_err(|e| TransportError::Connect(self.clone(), e)),
             Endpoint::Tcp { host, port } => {
                 if *port == 0 {
@@ -202,6 +202,35 @@ impl Endpoint {
             }
         }
     }
+}
+
+/// Bytes a unix socket may hold in flight, asked of the kernel (which caps it at
+/// `net.core.wmem_max`). With the default (208 KiB) the sender and receiver take turns
+/// every 208 KiB, and on this 2-vCPU VM each turn costs a cross-CPU wake-up: the idle 4 GiB
+/// guest's bulk pass took 81-106 ms with it, 74-80 ms with 4 MiB (one record in flight).
+/// TCP keeps the kernel's autotuning, which a fixed size would switch off.
+pub const UNIX_SEND_BUFFER: usize = 4 << 20;
+
+/// Asks for [`UNIX_SEND_BUFFER`] on `s`; a refusal only costs speed.
+pub fn widen_send_buffer(s: UnixStream) -> UnixStream {
+    let size = UNIX_SEND_BUFFER as libc::c_int;
+    // SAFETY: `s` is an open socket and the option value is a live c_int of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "Cannot widen the socket's send buffer: {}",
+            io::Error::last_os_error()
+        );
+    }
+    s
 }
 
 /// A bound destination endpoint.
@@ -280,7 +309,10 @@ impl Connection {
     /// A connected pair of unix sockets (tests, in-process migrations).
     pub fn pair() -> io::Result<(Connection, Connection)> {
         let (a, b) = UnixStream::pair()?;
-        Ok((Connection::Unix(a), Connection::Unix(b)))
+        Ok((
+            Connection::Unix(widen_send_buffer(a)),
+            Connection::Unix(widen_send_buffer(b)),
+        ))
     }
 
     /// An empty in-memory stream to write a snapshot into.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use migration::error_chain;
 use migration::fake::{fake_target, FakeVm};
+use migration::transport::widen_send_buffer;
 use migration::{
     receive_migration, send_migration, AnonMapping, Connection, MigrationSource, MigrationStats,
     ReceiveOptions, ReceiveStats, SendOptions, Transport, PAGE_SIZE,
@@ -186,7 +187,9 @@ enum RawDest {
 /// Copies `data` over a fresh socketpair in `CHUNK` writes into `into`, as the sender writes
 /// records of up to 4 MiB. Timed from the first write to the last byte read.
 fn raw_copy(data: &[u8], into: RawDest) -> Result<Duration, String> {
-    let (mut tx, mut rx) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    // The same kind of socket as the migration's: same send buffer size.
+    let (tx, rx) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let (mut tx, mut rx) = (widen_send_buffer(tx), widen_send_buffer(rx));
     let total = data.len();
     let size = if into == RawDest::Reused {
         CHUNK
