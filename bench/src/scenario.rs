@@ -137,8 +137,13 @@ pub fn run_minivmm(s: &Scenario, bin: &Path, downtime_ms: u64) -> Result<Measure
     let mut dst = Proc::spawn(
         "minivmm-dst",
         bin,
+        // Told the VM's shape up front, as QEMU's destination is by its -m and -smp.
         &strings(&[
             "receive",
+            "--mem",
+            s.mem,
+            "--cpus",
+            &cpus,
             "--listen",
             &format!("unix:{}", p(&mig)),
             "--api-socket",

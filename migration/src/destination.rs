@@ -138,6 +138,7 @@ fn receive<T: MigrationTarget + ?Sized>(
     let started = Instant::now();
     reader.read_stream_header()?;
     let config = expect(reader, RecordKind::Config, "Config")?;
+    log::debug!("Config received");
     target
         .validate_config(&config)
         .map_err(DestinationError::Config)?;
@@ -151,7 +152,9 @@ fn receive<T: MigrationTarget + ?Sized>(
         )));
     }
 
+    log::debug!("VM created");
     let mut rx = RamReceiver::new(regions);
+    log::debug!("Memory checked");
     if !rx.is_pristine() && options.reset_if_not_pristine {
         log::info!("Guest memory is not pristine: resetting it before loading");
         rx.reset().map_err(DestinationError::Reset)?;

@@ -20,9 +20,8 @@
 //!  source (send_migration)                        destination (receive_migration)
 //!  ───────────────────────                        ───────────────────────────────
 //!  header, Config, MemoryLayout  ───────────────▶ validate_config, compare layout,
-//!                                                 prove memory zero or reset it
+//!  start_dirty_log (meanwhile)                    prove memory zero or reset it
 //!                                ◀─────────────── Ready { pristine }
-//!  start_dirty_log
 //!  PassBegin 0 (elided iff pristine)
 //!  RamPages … (bulk: every page)  ──────────────▶ bounds-check runs, allocate fresh pages
 //!                                                 on a 2nd thread, read into guest RAM

@@ -1,8 +1,9 @@
 //! The source side of a migration: [`MigrationSource`] (implemented by the vmm) and
 //! [`send_migration`], which reads like the algorithm:
 //!
-//! handshake → dirty log on → bulk pass → dirty passes until the policy stops → pause →
-//! final pass → device state → `End` → wait for the destination's `Running` → `Ok`.
+//! configuration → dirty log on → destination ready → bulk pass → (pass applied, dirty log,
+//! policy) → dirty passes until the policy stops → pause → final pass → device state → `End`
+//! → wait for the destination's `Running` → `Ok`.
 //!
 //! On any error before `Running` arrives, dirty logging is switched off and a paused guest is
 //! resumed: the source VM keeps running and nothing is lost.
@@ -205,6 +206,15 @@ fn run<S: MigrationSource + ?Sized>(
     w.write_record(RecordKind::Config, &[&config])
         .and_then(|_| w.write_record(RecordKind::MemoryLayout, &[&layout]))
         .map_err(SourceError::Send)?;
+    setup.end("send configuration");
+
+    // Dirty logging goes on before the first byte of guest memory is read; here, while the
+    // destination builds its VM and proves its memory zero, rather than after.
+    source
+        .start_dirty_log()
+        .map_err(SourceError::StartDirtyLog)?;
+    undo.logging = true;
+    setup.end("start dirty log");
 
     // Without a peer (snapshot file) the loader proves or makes its memory pristine itself.
     let pristine = if peer {
@@ -215,19 +225,13 @@ fn run<S: MigrationSource + ?Sized>(
     } else {
         true
     };
-    setup.end("handshake");
+    setup.end("destination ready");
     let elide = options.zero_elision && pristine;
     log::info!(
         "Migrating {} regions, destination pristine: {pristine}, zero elision: {elide}",
         regions.len()
     );
 
-    // Dirty logging goes on before the first byte of guest memory is read.
-    source
-        .start_dirty_log()
-        .map_err(SourceError::StartDirtyLog)?;
-    undo.logging = true;
-    setup.end("start dirty log");
     let mut sender = RamSender::new(
         regions,
         RamSendConfig {

@@ -425,7 +425,7 @@ fn destination_killed_mid_stream_then_retry_succeeds() {
 }
 
 #[test]
-fn config_rejected_before_anything_starts() {
+fn config_rejected_before_the_guest_is_touched() {
     let mut src = source();
     let mut dst = fake_target(LAYOUT);
     dst.vcpus = 4;
@@ -437,18 +437,16 @@ fn config_rejected_before_anything_starts() {
     );
     let err = s.unwrap_err();
     // The destination's reason arrives unless the socket closed under the source's write
-    // first (a race under load); either way the source failed before anything started.
+    // first (a race under load); either way the source failed before reading guest memory.
     assert!(
         matches!(&err, SourceError::Destination(m) if m.contains("does not match"))
             || matches!(&err, SourceError::Send(_)),
         "{err}"
     );
     assert!(matches!(r, Err(DestinationError::Config(_))));
-    assert!(
-        src.calls.is_empty(),
-        "no dirty logging, no pause: {:?}",
-        src.calls
-    );
+    // Dirty logging went on while the destination checked the configuration, and off again.
+    assert_eq!(src.calls, ["start_dirty_log", "stop_dirty_log"]);
+    assert!(!src.logging());
     assert!(src.running);
     assert!(!dst.running);
 }

@@ -43,6 +43,21 @@ fn bad_sizes_and_counts() {
     assert_refused(&["run", "--mem", "lots", "--api-socket", api], "lots");
     assert_refused(&["run", "--cpus", "0", "--api-socket", api], "cpus");
     assert_refused(&["run", "--cpus", "100000", "--api-socket", api], "cpus");
+    let sock = dir.join("mig.sock");
+    let listen = format!("unix:{}", sock.display());
+    let receive = |extra: &[&str]| {
+        let mut args = vec!["receive", "--listen", &listen, "--api-socket", api];
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let refused = |extra: &[&str], what: &str| {
+        let args = receive(extra);
+        assert_refused(&args.iter().map(String::as_str).collect::<Vec<_>>(), what);
+    };
+    refused(&["--mem", "0", "--cpus", "1"], "mem");
+    refused(&["--mem", "1G", "--cpus", "0"], "cpus");
+    refused(&["--mem", "1G"], "--cpus");
+    refused(&["--cpus", "1"], "--mem");
 }
 
 #[test]

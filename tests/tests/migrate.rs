@@ -30,10 +30,17 @@ fn tcp_migration_of_a_writing_guest() {
     let mut src = Vm::run(&dir, "src", "512M", 1, WRITER);
     src.rounds(0, 1);
     let uri = format!("tcp:127.0.0.1:{}", free_tcp_port());
-    let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
+    // Prepared for another shape: the stream's shape wins.
+    let mut dst = Vm::receive(&dir, "dst", &uri, &["--mem", "1G", "--cpus", "2"]);
     let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
     assert_hashes_match(&stats);
     assert_keeps_verifying(&mut dst, 1);
+    assert!(
+        dst.proc.stderr().contains("rebuilding the VM"),
+        "the destination says it rebuilt its VM"
+    );
+    let r = e2e::control(&dst.api, r#"{"cmd":"status"}"#).expect("status");
+    assert_eq!(r["cpus"], 1, "{r}");
 }
 
 #[test]
@@ -222,7 +229,8 @@ fn idle_4g_guest_costs_only_its_nonzero_memory() {
     src.rounds(0, 1);
     let rss_before = src.proc.rss_kib();
     let uri = format!("unix:{}", dir.join("mig.sock").display());
-    let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
+    // Built before the source connects, as QEMU's destination is; still pristine.
+    let mut dst = Vm::receive(&dir, "dst", &uri, &["--mem", "4G", "--cpus", "1"]);
     let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
     let nonzero = stats["nonzero_bytes"].as_u64().expect("nonzero_bytes");
     let sent = stats["bytes_sent"].as_u64().expect("bytes_sent");

@@ -12,7 +12,9 @@ use vmm::exit::VmExit;
 use vmm::{error_chain, runner};
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_micros()
+        .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
@@ -47,9 +49,29 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
+            let shape = match (&args.mem, args.cpus) {
+                (Some(mem), Some(cpus)) => {
+                    let raw = vmm::config::RawConfig {
+                        mem: Some(mem.clone()),
+                        cpus: Some(cpus),
+                        kernel: None,
+                        initrd: None,
+                        cmdline: None,
+                        api_socket: None,
+                    };
+                    match vmm::config::VmConfig::new(raw) {
+                        Ok(c) => Some((c.mem_bytes, c.cpus)),
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            return ExitCode::from(2);
+                        }
+                    }
+                }
+                _ => None,
+            };
             let announce =
                 |p: &std::path::Path| eprintln!("minivmm: control socket {}", p.display());
-            finish(runner::receive(uri, &api, args.attempts, announce))
+            finish(runner::receive(uri, &api, args.attempts, shape, announce))
         }
         Command::Migrate(args) => migrate(&args),
     }

@@ -46,6 +46,8 @@ pub enum RunError {
     Receive(#[source] migration::DestinationError),
     #[error("the incoming migration left no VM")]
     NoVm,
+    #[error("cannot build the expected VM before the migration")]
+    Prepare(#[source] migration::VmError),
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -83,6 +85,7 @@ pub fn receive(
     uri: &str,
     api_socket: &Path,
     attempts: u32,
+    shape: Option<(u64, u8)>,
     on_socket: impl FnOnce(&Path),
 ) -> Result<VmExit, RunError> {
     let socket = control::bind(api_socket).map_err(RunError::Control)?;
@@ -91,6 +94,9 @@ pub fn receive(
     let endpoint = Endpoint::parse(uri).map_err(RunError::Endpoint)?;
     let mut listener = endpoint.listen().map_err(RunError::Transport)?;
     let mut target = TargetVm::new(api_socket.to_path_buf());
+    if let Some((mem_bytes, cpus)) = shape {
+        target.prepare(mem_bytes, cpus).map_err(RunError::Prepare)?;
+    }
     let options = ReceiveOptions::default();
     let mut attempt = 1;
     loop {

@@ -19,6 +19,8 @@ pub struct TargetVm {
     api_socket: std::path::PathBuf,
     incoming: Option<MigrationConfig>,
     vmm: Option<Vmm>,
+    /// Memory size and vCPU count `vmm` was built with.
+    shape: Option<(u64, u8)>,
     regions: Vec<RamRegion>,
     started: bool,
     /// Hash checked against the source's before resuming (when the source sent one).
@@ -35,10 +37,37 @@ impl TargetVm {
             api_socket,
             incoming: None,
             vmm: None,
+            shape: None,
             regions: Vec::new(),
             started: false,
             memory_hash: None,
         }
+    }
+
+    /// Builds the VM before the stream arrives (`receive --mem --cpus`): its memory is
+    /// mapped and never written, so the stream finds it pristine. A stream of another shape
+    /// replaces it.
+    pub fn prepare(&mut self, mem_bytes: u64, cpus: u8) -> Result<(), VmError> {
+        self.build(mem_bytes, cpus, String::new())
+    }
+
+    fn build(&mut self, mem_bytes: u64, cpus: u8, cmdline: String) -> Result<(), VmError> {
+        self.vmm = None;
+        self.shape = None;
+        let config = VmConfig {
+            mem_bytes,
+            cpus,
+            kernel: KernelSource::BuiltinTestGuest,
+            initrd: None,
+            cmdline,
+            api_socket: self.api_socket.clone(),
+        };
+        let out: SerialOut = Box::new(StdoutOut);
+        let vmm = Vmm::new_for_restore(config, out).map_err(boxed)?;
+        self.regions = regions_from_guest_memory(vmm.memory()).map_err(boxed)?;
+        self.vmm = Some(vmm);
+        self.shape = Some((mem_bytes, cpus));
+        Ok(())
     }
 
     /// Whether the guest was started (after which a failure cannot be retried).
@@ -74,22 +103,18 @@ impl MigrationTarget for TargetVm {
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(boxed)?;
         cfg.check_cpu(supported.as_slice()).map_err(boxed)?;
-        // A retry with the same shape keeps the VM: the migration crate proves its memory
-        // zero or resets it before accepting elided pages.
-        if self.vmm.is_none() || self.incoming.as_ref() != Some(&cfg) {
-            self.vmm = None;
-            let config = VmConfig {
-                mem_bytes: cfg.mem_bytes,
-                cpus: cfg.cpus,
-                kernel: KernelSource::BuiltinTestGuest,
-                initrd: None,
-                cmdline: cfg.cmdline.clone(),
-                api_socket: self.api_socket.clone(),
-            };
-            let out: SerialOut = Box::new(StdoutOut);
-            let vmm = Vmm::new_for_restore(config, out).map_err(boxed)?;
-            self.regions = regions_from_guest_memory(vmm.memory()).map_err(boxed)?;
-            self.vmm = Some(vmm);
+        // A prepared VM, or a retry, with the same shape keeps the VM: the migration crate
+        // proves its memory zero or resets it before accepting elided pages.
+        if self.vmm.is_none() || self.shape != Some((cfg.mem_bytes, cfg.cpus)) {
+            if let Some((mem, cpus)) = self.shape {
+                log::warn!(
+                    "Prepared for {mem} bytes and {cpus} vCPUs, the stream has {} and {}: \
+                     rebuilding the VM",
+                    cfg.mem_bytes,
+                    cfg.cpus
+                );
+            }
+            self.build(cfg.mem_bytes, cfg.cpus, cfg.cmdline.clone())?;
         }
         self.incoming = Some(cfg);
         Ok(())
