@@ -4,8 +4,9 @@
 //!
 //! Diagnostic rows split the difference: the raw copy into fresh memory (every page faulted in
 //! and cleared by the kernel as it arrives, as on the destination), the same with
-//! `MADV_HUGEPAGE`, the migration into pre-faulted destination memory, the sender alone into
-//! a null sink and the receiver alone from a stream held in memory.
+//! `MADV_HUGEPAGE`, the migration into pre-faulted destination memory next to a raw copy into
+//! resident memory of the whole size (the same work minus our protocol), the sender alone
+//! into a null sink and the receiver alone from a stream held in memory.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -37,13 +38,14 @@ pub(super) fn streaming() -> Result<Section, String> {
     src.writer().write(0, &data);
 
     // Interleaved, so a burst of load from elsewhere hits every kind alike.
-    let (mut raw, mut raw_fresh, mut raw_huge, mut mig) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut raw_fresh, mut raw_huge, mut raw_resident, mut mig) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut last = None;
     for rep in 0..STREAM_REPS {
         raw.push(raw_copy(&data, RawDest::Reused)?);
         raw_fresh.push(raw_copy(&data, RawDest::Fresh)?);
         raw_huge.push(raw_copy(&data, RawDest::FreshHuge)?);
+        raw_resident.push(raw_copy(&data, RawDest::Resident)?);
         let (d, sent, received, dst) = migrate(&mut src, &layout, false)?;
         mig.push(d);
         if rep + 1 == STREAM_REPS {
@@ -54,10 +56,11 @@ pub(super) fn streaming() -> Result<Section, String> {
         }
     }
     let (sent, received) = last.ok_or("no migration ran")?;
-    let (raw, raw_fresh, raw_huge, mig) = (
+    let (raw, raw_fresh, raw_huge, raw_resident, mig) = (
         Samples(raw),
         Samples(raw_fresh),
         Samples(raw_huge),
+        Samples(raw_resident),
         Samples(mig),
     );
 
@@ -82,6 +85,7 @@ pub(super) fn streaming() -> Result<Section, String> {
     let raw_gbps = raw.gbps(STREAM);
     let fresh_gbps = raw_fresh.gbps(STREAM);
     let huge_gbps = raw_huge.gbps(STREAM);
+    let resident_raw_gbps = raw_resident.gbps(STREAM);
     let mig_gbps = mig.gbps(data_bytes);
     let sender_gbps = sender.gbps(data_bytes);
     let receiver_gbps = receiver.gbps(data_bytes);
@@ -120,6 +124,18 @@ pub(super) fn streaming() -> Result<Section, String> {
         )
         .ratio(format!("{:.2}", resident_gbps / raw_gbps), ""),
         Row::new(
+            "  raw copy into resident 512 MiB (not reused)",
+            format!("{resident_raw_gbps:.2} GB/s"),
+            baseline.clone(),
+        )
+        .ratio(format!("{:.2}", resident_raw_gbps / raw_gbps), ""),
+        Row::new(
+            "  pre-faulted bulk pass vs that raw copy",
+            format!("{resident_gbps:.2} GB/s"),
+            format!("resident {resident_raw_gbps:.2} GB/s"),
+        )
+        .ratio(format!("{:.2}", resident_gbps / resident_raw_gbps), ""),
+        Row::new(
             "  sender alone (null sink)",
             format!("{sender_gbps:.2} GB/s"),
             baseline.clone(),
@@ -142,6 +158,8 @@ pub(super) fn streaming() -> Result<Section, String> {
         "raw_copy_fresh_hugepage_memory_gbps": round(huge_gbps, 3),
         "ratio_vs_raw_fresh_memory": round(mig_gbps / fresh_gbps, 3),
         "prefaulted_destination_bulk_pass_gbps": round(resident_gbps, 3),
+        "raw_copy_resident_memory_gbps": round(resident_raw_gbps, 3),
+        "ratio_prefaulted_vs_raw_resident_memory": round(resident_gbps / resident_raw_gbps, 3),
         "sender_null_sink_gbps": round(sender_gbps, 3),
         "receiver_from_memory_gbps": round(receiver_gbps, 3),
         "destination_identical": true,
@@ -150,6 +168,7 @@ pub(super) fn streaming() -> Result<Section, String> {
             "raw_copy": raw.ms(),
             "raw_copy_fresh_memory": raw_fresh.ms(),
             "raw_copy_fresh_hugepage_memory": raw_huge.ms(),
+            "raw_copy_resident_memory": raw_resident.ms(),
             "migration": mig.ms(),
             "prefaulted_destination_bulk_pass": resident.ms(),
             "sender_null_sink": sender.ms(),
@@ -182,6 +201,9 @@ enum RawDest {
     Fresh,
     /// The same with `MADV_HUGEPAGE`: one fault per 2 MiB where the kernel finds huge pages.
     FreshHuge,
+    /// A mapping of the whole size written beforehand: landing the bytes in distinct resident
+    /// memory, as the migration into pre-faulted memory does.
+    Resident,
 }
 
 /// Copies `data` over a fresh socketpair in `CHUNK` writes into `into`, as the sender writes
@@ -197,6 +219,10 @@ fn raw_copy(data: &[u8], into: RawDest) -> Result<Duration, String> {
         total
     };
     let map = AnonMapping::new(size).map_err(|e| format!("mapping {size} bytes: {e}"))?;
+    if into == RawDest::Resident {
+        // SAFETY: `map` is a live, writable mapping of `map.len()` bytes owned here.
+        unsafe { std::ptr::write_bytes(map.as_ptr(), 0, map.len()) };
+    }
     if into == RawDest::FreshHuge {
         // SAFETY: advice on the whole of a live private anonymous mapping we own; it changes
         // how pages are allocated, not their contents.
