@@ -450,6 +450,34 @@ mod tests {
     }
 
     #[test]
+    fn pages_zeroed_right_after_their_data_stay_given_back() {
+        // Data into 300 fresh pages (allocated by the second thread), then a zero run over
+        // them in the next record, with no drain in between: the allocation must not bring
+        // them back after they were given back. (The reader waits for each chunk it reads,
+        // and zero_run drains first as well; this pins the outcome, not the mechanism.)
+        let (map, mut rx) = setup(600);
+        let mut bytes = batch(&[run(0x10_0000, 300, false)], 0x5a);
+        bytes.extend(batch(&[run(0x10_0000, 300, true)], 0));
+        let mut c = Connection::from_bytes(bytes);
+        let mut reader = RecordReader::new(&mut c);
+        for _ in 0..2 {
+            let (h, off) = reader.next_header().unwrap();
+            rx.load_batch(&mut reader, &h, off).unwrap();
+        }
+        rx.finish();
+        assert!(rx.is_pristine());
+        assert_eq!(rx.stats().zero_pages_freed, 300);
+        let mut pm = Pagemap::open().expect("pagemap");
+        let mut states = Vec::new();
+        pm.classify(map.as_ptr() as usize, 600, &mut states)
+            .unwrap();
+        assert!(
+            states.iter().all(|s| s.is_known_zero()),
+            "no page is resident after the zero run"
+        );
+    }
+
+    #[test]
     fn written_memory_is_not_pristine_until_reset() {
         let map = Arc::new(AnonMapping::new(4 * PAGE_SIZE).unwrap());
         map.write(3 * PAGE_SIZE + 9, &[1]); // "firmware" loaded by the destination itself

@@ -546,3 +546,68 @@ fn destination_failures_are_reported_and_never_resume() {
         );
     }
 }
+
+#[test]
+fn a_destination_acknowledging_the_wrong_pass_stops_the_migration() {
+    use migration::stream::{send_reply, RecordReader};
+    use migration::wire::{PassMark, Ready, RecordKind};
+    let mut src = source();
+    let (mut a, mut b) = Connection::pair().unwrap();
+    // A destination that answers Ready, reads up to the first PassEnd and acknowledges
+    // another pass.
+    let dest = thread::spawn(move || {
+        let mut r = RecordReader::new(&mut b);
+        r.read_stream_header().unwrap();
+        let mut answered = false;
+        loop {
+            let Ok((h, off)) = r.next_header() else {
+                return answered;
+            };
+            let Ok(payload) = r.read_payload(&h, off) else {
+                return answered;
+            };
+            let reply = match h.kind {
+                RecordKind::MemoryLayout => (
+                    RecordKind::Ready,
+                    Ready {
+                        version: migration::FORMAT_VERSION,
+                        pristine: true,
+                    }
+                    .encode()
+                    .to_vec(),
+                ),
+                RecordKind::PassEnd => {
+                    let m = PassMark::decode(&payload, off, h.kind).unwrap();
+                    answered = true;
+                    (
+                        RecordKind::PassDone,
+                        PassMark { pass: m.pass + 7 }.encode().to_vec(),
+                    )
+                }
+                _ => continue,
+            };
+            if send_reply(r.transport(), reply.0, &reply.1).is_err() {
+                return answered;
+            }
+        }
+    });
+    let err = send_migration(&mut src, &mut a, SendOptions::default()).unwrap_err();
+    drop(a);
+    assert!(dest.join().unwrap(), "the fake destination saw a PassEnd");
+    assert!(
+        matches!(
+            err,
+            SourceError::PassMismatch {
+                expected: 0,
+                got: 7
+            }
+        ),
+        "{err}"
+    );
+    assert_source_recovered(&src);
+    assert!(
+        !src.calls.contains(&"pause"),
+        "never paused: {:?}",
+        src.calls
+    );
+}
