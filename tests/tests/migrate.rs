@@ -258,3 +258,46 @@ fn idle_4g_guest_costs_only_its_nonzero_memory() {
         "source faulted in memory: {rss_before} -> {src_rss} KiB"
     );
 }
+
+/// A writer that dirties memory twice as fast as the link (40 MB/s) sends it: without
+/// auto-converge pre-copy runs out of passes; with it the vCPUs are throttled until the rest
+/// fits the downtime limit.
+#[test]
+fn auto_converge_throttles_a_writer_faster_than_the_link() {
+    require_kvm!();
+    let dir = TempDir::new("mig-converge");
+    // 20,000 rewrites/s of 4 KiB: 80 MB/s into a 16 MiB working set.
+    let writer = "touch=16M rate=20000 seed=23";
+    let limits = [
+        "--max-bandwidth",
+        "40M",
+        "--downtime-ms",
+        "30",
+        "--max-passes",
+        "20",
+    ];
+    let mut outcomes = Vec::new();
+    for auto in [false, true] {
+        let name = if auto { "auto" } else { "plain" };
+        let mut src = Vm::run(&dir, &format!("src-{name}"), "256M", 1, writer);
+        src.rounds(0, 1);
+        let uri = format!("unix:{}", dir.join(&format!("{name}.sock")).display());
+        let mut dst = Vm::receive(&dir, &format!("dst-{name}"), &uri, &[]);
+        let mut extra = limits.to_vec();
+        if !auto {
+            extra.push("--no-auto-converge");
+        }
+        let stats = migrate_ok(&mut src, &uri, &extra);
+        assert_keeps_verifying(&mut dst, 1);
+        outcomes.push(stats);
+    }
+    let (plain, auto) = (&outcomes[0], &outcomes[1]);
+    assert_eq!(plain["converged"], false, "{plain}");
+    assert_eq!(plain["max_throttle_pct"], 0, "{plain}");
+    assert_eq!(plain["stats"]["stop_reason"], "max_passes", "{plain}");
+    assert_eq!(auto["converged"], true, "{auto}");
+    assert!(
+        auto["max_throttle_pct"].as_u64().is_some_and(|p| p >= 20),
+        "{auto}"
+    );
+}
