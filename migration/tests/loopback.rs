@@ -444,8 +444,13 @@ fn config_rejected_before_the_guest_is_touched() {
         "{err}"
     );
     assert!(matches!(r, Err(DestinationError::Config(_))));
-    // Dirty logging went on while the destination checked the configuration, and off again.
-    assert_eq!(src.calls, ["start_dirty_log", "stop_dirty_log"]);
+    // Dirty logging went on while the destination checked the configuration, and off again
+    // (unless the socket closed before the source got that far).
+    assert!(
+        src.calls.is_empty() || src.calls == ["start_dirty_log", "stop_dirty_log"],
+        "{:?}",
+        src.calls
+    );
     assert!(!src.logging());
     assert!(src.running);
     assert!(!dst.running);
