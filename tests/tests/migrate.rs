@@ -257,6 +257,13 @@ fn idle_4g_guest_costs_only_its_nonzero_memory() {
         src_rss <= rss_before + 8 * 1024,
         "source faulted in memory: {rss_before} -> {src_rss} KiB"
     );
+    // The VM built before the stream took on the stream's configuration: a snapshot of it
+    // carries the source's command line on.
+    let snap = dir.join("onward.snap");
+    migrate_ok(&mut dst, &format!("file:{}", snap.display()), &[]);
+    let head = std::fs::read(&snap).expect("snapshot");
+    let head = String::from_utf8_lossy(&head[..head.len().min(4096)]);
+    assert!(head.contains("touch=64M rate=0 seed=17"), "{head}");
 }
 
 /// A writer that dirties memory twice as fast as the link (40 MB/s) sends it: without

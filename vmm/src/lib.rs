@@ -241,6 +241,12 @@ impl Vmm {
         &self.config
     }
 
+    /// Records the guest command line of a VM received into one built beforehand (it is
+    /// informational: it travels on with the next migration).
+    pub fn set_cmdline(&mut self, cmdline: String) {
+        self.config.cmdline = cmdline;
+    }
+
     /// Guest memory; its bitmaps record the VMM's own writes.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory

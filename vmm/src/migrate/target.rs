@@ -115,6 +115,8 @@ impl MigrationTarget for TargetVm {
                 );
             }
             self.build(cfg.mem_bytes, cfg.cpus, cfg.cmdline.clone())?;
+        } else if let Some(vmm) = self.vmm.as_mut() {
+            vmm.set_cmdline(cfg.cmdline.clone());
         }
         self.incoming = Some(cfg);
         Ok(())
