@@ -19,8 +19,6 @@ pub struct TargetVm {
     api_socket: std::path::PathBuf,
     incoming: Option<MigrationConfig>,
     vmm: Option<Vmm>,
-    /// Memory size and vCPU count `vmm` was built with.
-    shape: Option<(u64, u8)>,
     regions: Vec<RamRegion>,
     started: bool,
     /// Hash checked against the source's before resuming (when the source sent one).
@@ -37,7 +35,6 @@ impl TargetVm {
             api_socket,
             incoming: None,
             vmm: None,
-            shape: None,
             regions: Vec::new(),
             started: false,
             memory_hash: None,
@@ -53,7 +50,6 @@ impl TargetVm {
 
     fn build(&mut self, mem_bytes: u64, cpus: u8, cmdline: String) -> Result<(), VmError> {
         self.vmm = None;
-        self.shape = None;
         let config = VmConfig {
             mem_bytes,
             cpus,
@@ -66,7 +62,6 @@ impl TargetVm {
         let vmm = Vmm::new_for_restore(config, out).map_err(boxed)?;
         self.regions = regions_from_guest_memory(vmm.memory()).map_err(boxed)?;
         self.vmm = Some(vmm);
-        self.shape = Some((mem_bytes, cpus));
         Ok(())
     }
 
@@ -105,18 +100,25 @@ impl MigrationTarget for TargetVm {
         cfg.check_cpu(supported.as_slice()).map_err(boxed)?;
         // A prepared VM, or a retry, with the same shape keeps the VM: the migration crate
         // proves its memory zero or resets it before accepting elided pages.
-        if self.vmm.is_none() || self.shape != Some((cfg.mem_bytes, cfg.cpus)) {
-            if let Some((mem, cpus)) = self.shape {
-                log::warn!(
-                    "Prepared for {mem} bytes and {cpus} vCPUs, the stream has {} and {}: \
-                     rebuilding the VM",
-                    cfg.mem_bytes,
-                    cfg.cpus
-                );
+        let built = self
+            .vmm
+            .as_ref()
+            .map(|v| (v.config().mem_bytes, v.config().cpus));
+        match self.vmm.as_mut() {
+            Some(vmm) if built == Some((cfg.mem_bytes, cfg.cpus)) => {
+                vmm.set_cmdline(cfg.cmdline.clone())
             }
-            self.build(cfg.mem_bytes, cfg.cpus, cfg.cmdline.clone())?;
-        } else if let Some(vmm) = self.vmm.as_mut() {
-            vmm.set_cmdline(cfg.cmdline.clone());
+            _ => {
+                if let Some((mem, cpus)) = built {
+                    log::warn!(
+                        "Prepared for {mem} bytes and {cpus} vCPUs, the stream has {} and {}: \
+                         rebuilding the VM",
+                        cfg.mem_bytes,
+                        cfg.cpus
+                    );
+                }
+                self.build(cfg.mem_bytes, cfg.cpus, cfg.cmdline.clone())?;
+            }
         }
         self.incoming = Some(cfg);
         Ok(())
