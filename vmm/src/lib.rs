@@ -264,12 +264,12 @@ impl Vmm {
         self.vm.fd()
     }
 
-    /// The KVM memory slots (slot number, guest address, size).
     /// Ask for transparent huge pages behind guest RAM (a destination, once its guest runs).
     pub fn advise_huge_pages(&self) {
         crate::kvm::memory::advise_huge_pages(&self.memory);
     }
 
+    /// The KVM memory slots (slot number, guest address, size).
     pub fn memory_slots(&self) -> &[MemorySlot] {
         self.vm.slots()
     }
