@@ -188,24 +188,24 @@ impl RamRegion {
     }
 
     /// Allocates pages `page..page + pages` in one call (`MADV_POPULATE_WRITE`) before they
-    /// are written, much cheaper than one fault per page. Only for private anonymous memory;
-    /// `Ok(false)` when there is nothing to do or the kernel lacks the call (before 5.14).
-    pub(crate) fn populate(&self, page: usize, pages: usize) -> io::Result<bool> {
+    /// are written, much cheaper than one fault per page. Only for private anonymous memory.
+    /// False when it did not: not private anonymous, a kernel without the call (before 5.14),
+    /// or an error (logged); callers then stop asking and let writes fault pages in.
+    pub(crate) fn populate(&self, page: usize, pages: usize) -> bool {
         if self.backing != Backing::PrivateAnonymous {
-            return Ok(false);
+            return false;
         }
         let ptr = self.page_ptr(page, pages);
         // SAFETY: the range is page-aligned and inside our private anonymous mapping;
         // populating allocates (zero-filled) pages and leaves any existing contents alone.
         let rc = unsafe { libc::madvise(ptr.cast(), pages * PAGE_SIZE, MADV_POPULATE_WRITE) };
-        if rc == 0 {
-            return Ok(true);
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                log::debug!("Populating guest pages failed, faulting them instead: {e}");
+            }
         }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINVAL) => Ok(false),
-            _ => Err(e),
-        }
+        rc == 0
     }
 
     /// Makes pages `page..page + pages` read as zero without writing them where possible:

@@ -195,14 +195,10 @@ impl Worker {
                             return;
                         }
                         let n = (page + pages - at).min(CHUNK_PAGES);
-                        match regions[r].populate(at, n) {
-                            Ok(true) => shared.0.advance(n),
-                            Ok(false) => return,
-                            Err(e) => {
-                                log::debug!("Allocating guest pages failed: {e}");
-                                return;
-                            }
+                        if !regions[r].populate(at, n) {
+                            return;
                         }
+                        shared.0.advance(n);
                         at += n;
                     }
                 }
