@@ -174,27 +174,28 @@ impl RamReceiver {
 
         // Queue every fresh data run for allocation before reading the first one, so the
         // allocating thread runs ahead through the whole record. A page never written here
-        // is not allocated yet; one already written needs nothing.
-        let tickets: Vec<Ticket> = placed
+        // is not allocated yet; one already written needs nothing. (Runs do not overlap, so
+        // no run of this batch changes whether another is fresh.)
+        let tickets: Vec<(bool, Ticket)> = placed
             .iter()
             .map(|p| {
                 let fresh = !p.zero && !self.maybe_nonzero[p.region].get(p.page);
-                if fresh && !self.final_pass {
+                let ticket = if fresh && !self.final_pass {
                     self.populator.queue(p.region, p.page, p.pages)
                 } else {
                     Ticket::NONE
-                }
+                };
+                (fresh, ticket)
             })
             .collect();
 
         let mut crc = crc32c::crc32c_append(crc32c::crc32c(&prefix), &table);
-        for (p, &ticket) in placed.iter().zip(&tickets) {
+        for (p, &(fresh, ticket)) in placed.iter().zip(&tickets) {
             if p.zero {
                 self.stats.zero_pages += p.pages as u64;
                 self.zero_run(p.region, p.page, p.pages)?;
                 continue;
             }
-            let fresh = !self.maybe_nonzero[p.region].get(p.page);
             if fresh && ticket == Ticket::NONE {
                 self.populate_now(p);
             }
@@ -227,15 +228,8 @@ impl RamReceiver {
     /// Allocates a fresh run in one call in this thread (rather than fault page by page
     /// inside the read), while the kernel allows it.
     fn populate_now(&mut self, p: &Placed) {
-        if !self.populate {
-            return;
-        }
-        match self.regions[p.region].populate(p.page, p.pages) {
-            Ok(done) => self.populate = done,
-            Err(e) => {
-                log::debug!("Populating guest pages failed, faulting them instead: {e}");
-                self.populate = false;
-            }
+        if self.populate {
+            self.populate = self.regions[p.region].populate(p.page, p.pages);
         }
     }
 
