@@ -10,7 +10,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -256,6 +256,16 @@ impl Listener {
         })
     }
 
+    /// A duplicate of the listening socket that another thread may shut down to wake a blocked
+    /// [`Listener::accept`] (it then fails). `None` for `file:`, which never blocks.
+    pub fn wake_handle(&self) -> Option<OwnedFd> {
+        match self {
+            Listener::Unix(l, _) => l.try_clone().ok().map(OwnedFd::from),
+            Listener::Tcp(l) => l.try_clone().ok().map(OwnedFd::from),
+            Listener::File(..) => None,
+        }
+    }
+
     /// Waits for the source and returns the connection (the file itself for `file:`).
     pub fn accept(&mut self) -> Result<Connection, TransportError> {
         let ep = self
@@ -333,6 +343,16 @@ impl Connection {
         match self {
             Connection::Memory(m) => m.data,
             _ => Vec::new(),
+        }
+    }
+
+    /// A duplicate of the socket that another thread may shut down to wake a blocked read or
+    /// write (which then sees the end of the stream). `None` for files and memory.
+    pub fn wake_handle(&self) -> Option<OwnedFd> {
+        match self {
+            Connection::Unix(s) => s.try_clone().ok().map(OwnedFd::from),
+            Connection::Tcp(s) => s.try_clone().ok().map(OwnedFd::from),
+            Connection::File(_) | Connection::Memory(_) => None,
         }
     }
 
@@ -558,5 +578,43 @@ mod tests {
             .connect()
             .unwrap_err();
         assert!(err.to_string().contains("unix:/nonexistent/dir/sock"));
+    }
+
+    fn shut_down(fd: OwnedFd) {
+        // SAFETY: shutdown(2) on a socket descriptor we own; no memory is involved.
+        unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
+    #[test]
+    fn wake_handles_end_a_blocked_accept_and_read() {
+        let dir = std::env::temp_dir().join(format!("minivmm-wake-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for ep in [
+            Endpoint::Unix(dir.join("m.sock")),
+            Endpoint::parse("tcp:127.0.0.1:0").unwrap(),
+        ] {
+            let mut l = ep.listen().unwrap();
+            let handle = l.wake_handle().expect("sockets have a wake handle");
+            let waker = std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                shut_down(handle);
+            });
+            assert!(l.accept().is_err(), "{ep}: accept woken");
+            waker.join().unwrap();
+        }
+        let (mut a, _b) = Connection::pair().unwrap();
+        let handle = a.wake_handle().expect("sockets have a wake handle");
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            shut_down(handle);
+        });
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            a.recv(&mut buf).unwrap_or(0),
+            0,
+            "read woken at end of stream"
+        );
+        waker.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

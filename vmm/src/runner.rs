@@ -16,7 +16,7 @@ use crate::devices::serial::{SerialInput, StdoutOut};
 use crate::exit::{ExitSignal, VmExit};
 use crate::migrate::target::TargetVm;
 use crate::migrate::VmmControl;
-use crate::signals::{block_exit_signals, SignalSubscriber};
+use crate::signals::{block_exit_signals, SignalSubscriber, SignalWatch};
 use crate::terminal::RawModeGuard;
 use crate::{error_chain, RunState, Vmm, VmmError};
 use migration::{receive_migration, Endpoint, ReceiveOptions};
@@ -70,11 +70,13 @@ impl MutEventSubscriber for ExitWatcher {
 /// Run the VM described by `config` until it ends; returns why it ended. `on_socket` is told
 /// the control socket's path once it is bound.
 pub fn run(config: VmConfig, on_socket: impl FnOnce(&Path)) -> Result<VmExit, RunError> {
+    // Before any thread exists, so every thread inherits the mask, and before the control
+    // socket is bound: whoever sees the socket may signal us, and the signal must then wait
+    // for the event loop instead of killing the process.
+    block_exit_signals().map_err(RunError::Signals)?;
     let mut sources = BootSources::open(&config).map_err(RunError::Boot)?;
     let socket = control::bind(&config.api_socket).map_err(RunError::Control)?;
     on_socket(socket.path());
-    // Before any thread exists, so every thread inherits the mask.
-    block_exit_signals().map_err(RunError::Signals)?;
     let vmm = Vmm::new(config, &mut sources, Box::new(StdoutOut)).map_err(RunError::Vmm)?;
     serve(vmm, socket)
 }
@@ -88,11 +90,14 @@ pub fn receive(
     shape: Option<(u64, u8)>,
     on_socket: impl FnOnce(&Path),
 ) -> Result<VmExit, RunError> {
+    block_exit_signals().map_err(RunError::Signals)?;
     let socket = control::bind(api_socket).map_err(RunError::Control)?;
     on_socket(socket.path());
-    block_exit_signals().map_err(RunError::Signals)?;
+    // No event loop yet: a signal while waiting or receiving wakes the blocked socket instead.
+    let signals = SignalWatch::start().map_err(RunError::Signals)?;
     let endpoint = Endpoint::parse(uri).map_err(RunError::Endpoint)?;
     let mut listener = endpoint.listen().map_err(RunError::Transport)?;
+    signals.guard(listener.wake_handle());
     let mut target = TargetVm::new(api_socket.to_path_buf());
     if let Some((mem_bytes, cpus)) = shape {
         target.prepare(mem_bytes, cpus).map_err(RunError::Prepare)?;
@@ -104,12 +109,25 @@ pub fn receive(
             .accept()
             .map_err(RunError::Transport)
             .and_then(|mut conn| {
+                signals.guard(conn.wake_handle());
                 receive_migration(&mut target, &mut conn, &options).map_err(RunError::Receive)
             });
         match result {
             Ok(stats) => {
                 info!("incoming migration complete: {stats}");
                 break;
+            }
+            // The guest never started, so nothing is lost: the source keeps running.
+            Err(e) if !target.started() && signals.signal().is_some() => {
+                let sig = signals.stop().unwrap_or(libc::SIGTERM);
+                match e {
+                    RunError::Transport(_) => warn!("signal {sig} while waiting for a migration"),
+                    e => warn!(
+                        "signal {sig}: incoming migration abandoned, guest not started ({})",
+                        error_chain(&e)
+                    ),
+                }
+                return Ok(VmExit::Signal(sig));
             }
             // A started guest cannot be received again; out of attempts is the end too.
             Err(e) if target.started() || attempt >= attempts => return Err(e),
@@ -123,7 +141,12 @@ pub fn receive(
         }
     }
     drop(listener);
+    let late_signal = signals.stop();
     let vmm = target.into_vmm().ok_or(RunError::NoVm)?;
+    if let Some(sig) = late_signal {
+        // It came as the guest started here: end it like a signal to a running VM.
+        vmm.exit_signal().trigger(VmExit::Signal(sig));
+    }
     // Received into small pages (faster to fill fresh); huge pages from now on.
     vmm.advise_huge_pages();
     serve(vmm, socket)

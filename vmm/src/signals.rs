@@ -6,10 +6,12 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{info, warn};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit::{ExitSignal, VmExit};
 
@@ -47,31 +49,43 @@ pub struct SignalSubscriber {
 
 impl SignalSubscriber {
     pub fn new(exit: Arc<ExitSignal>) -> io::Result<SignalSubscriber> {
-        let set = exit_sigset();
-        // SAFETY: creates a new signalfd for a valid set; the result is checked.
-        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(SignalSubscriber { fd, exit })
+        Ok(SignalSubscriber {
+            fd: exit_signalfd()?,
+            exit,
+        })
     }
 
     fn read_signal(&self) -> Option<i32> {
-        // SAFETY: signalfd_siginfo is plain data.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let len = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reads at most `len` bytes into `info`, which is `len` bytes long.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                len,
-            )
-        };
-        (n == len as isize).then_some(info.ssi_signo as i32)
+        read_signal(&self.fd)
     }
+}
+
+/// A non-blocking signalfd for the exit signals (which must be blocked to arrive there).
+fn exit_signalfd() -> io::Result<OwnedFd> {
+    let set = exit_sigset();
+    // SAFETY: creates a new signalfd for a valid set; the result is checked.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Takes one pending exit signal off `fd`, if there is one.
+fn read_signal(fd: &OwnedFd) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let len = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reads at most `len` bytes into `info`, which is `len` bytes long.
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            len,
+        )
+    };
+    (n == len as isize).then_some(info.ssi_signo as i32)
 }
 
 impl MutEventSubscriber for SignalSubscriber {
@@ -85,6 +99,122 @@ impl MutEventSubscriber for SignalSubscriber {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
             warn!("signals cannot be polled: {e:?}");
+        }
+    }
+}
+
+/// Watches for the exit signals while `minivmm receive` waits for and loads a migration, before
+/// any event loop exists. A signal shuts down every socket handed to [`SignalWatch::guard`],
+/// so the blocked accept or read returns and the receive fails, and is remembered: the caller
+/// then ends instead of waiting for another attempt or starting the guest.
+pub struct SignalWatch {
+    shared: Arc<Mutex<Watched>>,
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Watched {
+    signal: Option<i32>,
+    sockets: Vec<OwnedFd>,
+}
+
+impl SignalWatch {
+    /// Starts the watching thread. The exit signals must already be blocked.
+    pub fn start() -> io::Result<SignalWatch> {
+        let fd = exit_signalfd()?;
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let shared = Arc::new(Mutex::new(Watched::default()));
+        let thread = std::thread::Builder::new().name("signals".into()).spawn({
+            let (shared, stop) = (shared.clone(), stop.clone());
+            move || watch(&fd, &stop, &shared)
+        })?;
+        Ok(SignalWatch {
+            shared,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Shut `socket` down when a signal arrives (at once if one already has).
+    pub fn guard(&self, socket: Option<OwnedFd>) {
+        let Some(socket) = socket else { return };
+        let mut w = lock(&self.shared);
+        if w.signal.is_some() {
+            shut_down(&socket);
+        }
+        w.sockets.push(socket);
+    }
+
+    /// The signal that arrived, if any.
+    pub fn signal(&self) -> Option<i32> {
+        lock(&self.shared).signal
+    }
+
+    /// Stops watching; signals from now on stay pending for the event loop's signalfd.
+    /// Returns the signal that arrived while watching, if any.
+    pub fn stop(mut self) -> Option<i32> {
+        self.join();
+        self.signal()
+    }
+
+    fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            // A failed write leaves the thread running until a signal; it holds only its fds.
+            let _ = self.stop.write(1);
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for SignalWatch {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+fn lock(w: &Mutex<Watched>) -> MutexGuard<'_, Watched> {
+    w.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn shut_down(socket: &OwnedFd) {
+    // SAFETY: shutdown(2) on a socket this process owns; no memory is involved.
+    unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+}
+
+/// The watching thread: waits for a signal or the stop request. It reads the signalfd only
+/// when poll says a signal is there, so after a stop request nothing is taken off it.
+fn watch(fd: &OwnedFd, stop: &EventFd, shared: &Mutex<Watched>) {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            warn!("signals cannot be polled: {}", io::Error::last_os_error());
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if let Some(sig) = read_signal(fd) {
+            info!("signal {sig}: abandoning the incoming migration");
+            let mut w = lock(shared);
+            w.signal.get_or_insert(sig);
+            w.sockets.iter().for_each(shut_down);
         }
     }
 }

@@ -275,6 +275,55 @@ fn sigterm_and_sigint_shut_down_cleanly() {
     }
 }
 
+/// `minivmm receive` has no event loop until a guest arrives; a signal while it waits, or
+/// while a stream is half received, still ends it cleanly, without starting a guest.
+#[test]
+fn receive_ends_cleanly_on_a_signal_while_waiting_or_receiving() {
+    for (sig, tag, feed) in [
+        (libc::SIGTERM, "rx-wait", &b""[..]),
+        (libc::SIGINT, "rx-part", &b"MINIVMM"[..]),
+    ] {
+        let api = sock(&format!("{tag}-api"));
+        let listen = sock(tag);
+        let child = Command::new(BIN)
+            .arg("receive")
+            .arg("--listen")
+            .arg(format!("unix:{}", listen.display()))
+            .arg("--api-socket")
+            .arg(&api)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut vm = Vm(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut peer = loop {
+            if let Ok(c) = UnixStream::connect(&listen) {
+                break c;
+            }
+            assert!(Instant::now() < deadline, "listen socket never appeared");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        peer.write_all(feed).expect("feed");
+        // SAFETY: kill(2) on our own child; no memory involved.
+        unsafe { libc::kill(vm.0.id() as i32, sig) };
+        let status = wait_exit(&mut vm);
+        let mut err = String::new();
+        vm.0.stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut err)
+            .expect("read");
+        assert!(status.success(), "{tag}: signal {sig} exits 0: {err}");
+        assert!(err.contains(&format!("signal {sig}")), "{tag}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!api.exists() && !listen.exists(), "{tag}: sockets removed");
+        let mut rest = Vec::new();
+        assert_eq!(peer.read_to_end(&mut rest).unwrap_or(0), 0, "no reply");
+    }
+}
+
 #[test]
 fn stale_socket_file_is_replaced() {
     require_kvm!();
