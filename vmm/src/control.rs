@@ -67,6 +67,19 @@ pub enum Request {
     Migrate(MigrateRequest),
 }
 
+impl Request {
+    /// The request's `cmd`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Shutdown => "shutdown",
+            Request::Migrate(_) => "migrate",
+        }
+    }
+}
+
 /// Arguments of `migrate`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -221,6 +234,11 @@ impl<H: RequestHandler> ControlServer<H> {
             handler,
             conns: HashMap::new(),
         }
+    }
+
+    /// The socket back, to be served by another server; open connections are closed.
+    pub fn into_socket(self) -> ControlSocket {
+        self.socket
     }
 
     fn accept(&mut self, ops: &mut EventOps) {

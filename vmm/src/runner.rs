@@ -14,6 +14,7 @@ use crate::config::VmConfig;
 use crate::control::{self, ControlError, ControlServer, ControlSocket};
 use crate::devices::serial::{SerialInput, StdoutOut};
 use crate::exit::{ExitSignal, VmExit};
+use crate::migrate::incoming::{ControlThread, Incoming, IncomingError};
 use crate::migrate::target::TargetVm;
 use crate::migrate::VmmControl;
 use crate::signals::{block_exit_signals, SignalSubscriber, SignalWatch};
@@ -48,6 +49,8 @@ pub enum RunError {
     NoVm,
     #[error("cannot build the expected VM before the migration")]
     Prepare(#[source] migration::VmError),
+    #[error("cannot serve the control socket while waiting")]
+    Incoming(#[source] IncomingError),
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -82,7 +85,9 @@ pub fn run(config: VmConfig, on_socket: impl FnOnce(&Path)) -> Result<VmExit, Ru
 }
 
 /// `minivmm receive`: wait for an incoming migration (or load a snapshot), then serve the
-/// restored VM like `run` does. Returns why it ended.
+/// restored VM like `run` does. Returns why it ended. Until the guest runs, the control socket
+/// is served by a [`ControlThread`], and a signal or a `shutdown` request gives up the receive
+/// (see [`crate::migrate::incoming`]).
 pub fn receive(
     uri: &str,
     api_socket: &Path,
@@ -93,11 +98,16 @@ pub fn receive(
     block_exit_signals().map_err(RunError::Signals)?;
     let socket = control::bind(api_socket).map_err(RunError::Control)?;
     on_socket(socket.path());
-    // No event loop yet: a signal while waiting or receiving wakes the blocked socket instead.
-    let signals = SignalWatch::start().map_err(RunError::Signals)?;
     let endpoint = Endpoint::parse(uri).map_err(RunError::Endpoint)?;
     let mut listener = endpoint.listen().map_err(RunError::Transport)?;
-    signals.guard(listener.wake_handle());
+    let incoming = Incoming::new(endpoint.to_string());
+    incoming.waiting_on(listener.wake_handle());
+    let signals = SignalWatch::start({
+        let incoming = incoming.clone();
+        move |sig| incoming.end(VmExit::Signal(sig))
+    })
+    .map_err(RunError::Signals)?;
+    let control = ControlThread::start(socket, incoming.clone()).map_err(RunError::Incoming)?;
     let mut target = TargetVm::new(api_socket.to_path_buf());
     if let Some((mem_bytes, cpus)) = shape {
         target.prepare(mem_bytes, cpus).map_err(RunError::Prepare)?;
@@ -109,7 +119,7 @@ pub fn receive(
             .accept()
             .map_err(RunError::Transport)
             .and_then(|mut conn| {
-                signals.guard(conn.wake_handle());
+                incoming.receiving(conn.wake_handle());
                 receive_migration(&mut target, &mut conn, &options).map_err(RunError::Receive)
             });
         match result {
@@ -118,16 +128,20 @@ pub fn receive(
                 break;
             }
             // The guest never started, so nothing is lost: the source keeps running.
-            Err(e) if !target.started() && signals.signal().is_some() => {
-                let sig = signals.stop().unwrap_or(libc::SIGTERM);
+            Err(e) if !target.started() && incoming.ended().is_some() => {
+                let why = incoming.ended().unwrap_or(VmExit::ShutdownRequest);
+                let what = match why {
+                    VmExit::Signal(sig) => format!("signal {sig}"),
+                    _ => "shutdown request".to_string(),
+                };
                 match e {
-                    RunError::Transport(_) => warn!("signal {sig} while waiting for a migration"),
+                    RunError::Transport(_) => warn!("{what} while waiting for a migration"),
                     e => warn!(
-                        "signal {sig}: incoming migration abandoned, guest not started ({})",
+                        "{what}: incoming migration abandoned, guest not started ({})",
                         error_chain(&e)
                     ),
                 }
-                return Ok(VmExit::Signal(sig));
+                return Ok(why);
             }
             // A started guest cannot be received again; out of attempts is the end too.
             Err(e) if target.started() || attempt >= attempts => return Err(e),
@@ -136,16 +150,21 @@ pub fn receive(
                     "incoming migration attempt {attempt} of {attempts} failed: {}; waiting for the next",
                     error_chain(&e)
                 );
+                incoming.waiting();
                 attempt += 1;
             }
         }
     }
     drop(listener);
-    let late_signal = signals.stop();
+    signals.stop();
+    let socket = match control.stop() {
+        Some(s) => s,
+        None => control::bind(api_socket).map_err(RunError::Control)?,
+    };
     let vmm = target.into_vmm().ok_or(RunError::NoVm)?;
-    if let Some(sig) = late_signal {
-        // It came as the guest started here: end it like a signal to a running VM.
-        vmm.exit_signal().trigger(VmExit::Signal(sig));
+    if let Some(why) = incoming.ended() {
+        // It came as the guest started here: end it like one to a running VM.
+        vmm.exit_signal().trigger(why);
     }
     // Received into small pages (faster to fill fresh); huge pages from now on.
     vmm.advise_huge_pages();

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -103,59 +103,31 @@ impl MutEventSubscriber for SignalSubscriber {
     }
 }
 
-/// Watches for the exit signals while `minivmm receive` waits for and loads a migration, before
-/// any event loop exists. A signal shuts down every socket handed to [`SignalWatch::guard`],
-/// so the blocked accept or read returns and the receive fails, and is remembered: the caller
-/// then ends instead of waiting for another attempt or starting the guest.
+/// Watches for the exit signals on a thread of its own, for the time before an event loop
+/// exists (`minivmm receive` waiting for a migration): each signal is handed to a callback.
 pub struct SignalWatch {
-    shared: Arc<Mutex<Watched>>,
     stop: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
 }
 
-#[derive(Default)]
-struct Watched {
-    signal: Option<i32>,
-    sockets: Vec<OwnedFd>,
-}
-
 impl SignalWatch {
     /// Starts the watching thread. The exit signals must already be blocked.
-    pub fn start() -> io::Result<SignalWatch> {
+    pub fn start(on_signal: impl Fn(i32) + Send + 'static) -> io::Result<SignalWatch> {
         let fd = exit_signalfd()?;
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let shared = Arc::new(Mutex::new(Watched::default()));
         let thread = std::thread::Builder::new().name("signals".into()).spawn({
-            let (shared, stop) = (shared.clone(), stop.clone());
-            move || watch(&fd, &stop, &shared)
+            let stop = stop.clone();
+            move || watch(&fd, &stop, on_signal)
         })?;
         Ok(SignalWatch {
-            shared,
             stop,
             thread: Some(thread),
         })
     }
 
-    /// Shut `socket` down when a signal arrives (at once if one already has).
-    pub fn guard(&self, socket: Option<OwnedFd>) {
-        let Some(socket) = socket else { return };
-        let mut w = lock(&self.shared);
-        if w.signal.is_some() {
-            shut_down(&socket);
-        }
-        w.sockets.push(socket);
-    }
-
-    /// The signal that arrived, if any.
-    pub fn signal(&self) -> Option<i32> {
-        lock(&self.shared).signal
-    }
-
     /// Stops watching; signals from now on stay pending for the event loop's signalfd.
-    /// Returns the signal that arrived while watching, if any.
-    pub fn stop(mut self) -> Option<i32> {
+    pub fn stop(mut self) {
         self.join();
-        self.signal()
     }
 
     fn join(&mut self) {
@@ -173,48 +145,31 @@ impl Drop for SignalWatch {
     }
 }
 
-fn lock(w: &Mutex<Watched>) -> MutexGuard<'_, Watched> {
-    w.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn shut_down(socket: &OwnedFd) {
-    // SAFETY: shutdown(2) on a socket this process owns; no memory is involved.
-    unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
-}
-
 /// The watching thread: waits for a signal or the stop request. It reads the signalfd only
 /// when poll says a signal is there, so after a stop request nothing is taken off it.
-fn watch(fd: &OwnedFd, stop: &EventFd, shared: &Mutex<Watched>) {
+fn watch(fd: &OwnedFd, stop: &EventFd, on_signal: impl Fn(i32)) {
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
+        let mut fds = [fd.as_raw_fd(), stop.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
         // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
         if r < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            warn!("signals cannot be polled: {}", io::Error::last_os_error());
+            warn!("signals cannot be polled: {e}");
             return;
         }
         if fds[1].revents != 0 {
             return;
         }
-        if let Some(sig) = read_signal(fd) {
-            info!("signal {sig}: abandoning the incoming migration");
-            let mut w = lock(shared);
-            w.signal.get_or_insert(sig);
-            w.sockets.iter().for_each(shut_down);
+        while let Some(sig) = read_signal(fd) {
+            info!("signal {sig}");
+            on_signal(sig);
         }
     }
 }

@@ -275,13 +275,22 @@ fn sigterm_and_sigint_shut_down_cleanly() {
     }
 }
 
-/// `minivmm receive` has no event loop until a guest arrives; a signal while it waits, or
-/// while a stream is half received, still ends it cleanly, without starting a guest.
+/// `minivmm receive` has no event loop until a guest arrives. Meanwhile its control socket
+/// answers (status says what it does, requests needing a VM are refused, shutdown gives up),
+/// and a signal or a shutdown, while it waits or while a stream is half received, ends it
+/// cleanly without starting a guest.
 #[test]
-fn receive_ends_cleanly_on_a_signal_while_waiting_or_receiving() {
-    for (sig, tag, feed) in [
-        (libc::SIGTERM, "rx-wait", &b""[..]),
-        (libc::SIGINT, "rx-part", &b"MINIVMM"[..]),
+fn receive_answers_and_ends_cleanly_before_a_guest_arrives() {
+    // (how it is ended, bytes of a stream a source sends first, the state status reports)
+    for (end, tag, feed, state) in [
+        (Some(libc::SIGTERM), "rx-wait", None, "waiting"),
+        (
+            Some(libc::SIGINT),
+            "rx-part",
+            Some(&b"MINIVMM"[..]),
+            "receiving",
+        ),
+        (None, "rx-shut", Some(&b"MINIVMM"[..]), "receiving"),
     ] {
         let api = sock(&format!("{tag}-api"));
         let listen = sock(tag);
@@ -298,16 +307,45 @@ fn receive_ends_cleanly_on_a_signal_while_waiting_or_receiving() {
             .expect("spawn");
         let mut vm = Vm(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut peer = loop {
-            if let Ok(c) = UnixStream::connect(&listen) {
-                break c;
-            }
+        while !listen.exists() {
             assert!(Instant::now() < deadline, "listen socket never appeared");
             std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut peer = feed.map(|bytes| {
+            let mut c = UnixStream::connect(&listen).expect("connect as the source");
+            c.write_all(bytes).expect("feed");
+            c
+        });
+        let stream = UnixStream::connect(&api).expect("control socket");
+        let mut conn = (stream.try_clone().expect("clone"), BufReader::new(stream));
+        // The first status may come before the receiving thread took the connection.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = ask(&mut conn, r#"{"cmd":"status"}"#);
+            assert_eq!(r["ok"], true, "{r}");
+            if r["state"] == state {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{tag}: status stays {r}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let r = ask(&mut conn, r#"{"cmd":"migrate","to":"file:/dev/null"}"#);
+        let refusal = r["error"].as_str().unwrap_or("");
+        assert!(
+            refusal.contains("no VM to migrate") && refusal.contains(state),
+            "{tag}: {r}"
+        );
+        let needle = match end {
+            Some(sig) => {
+                // SAFETY: kill(2) on our own child; no memory involved.
+                unsafe { libc::kill(vm.0.id() as i32, sig) };
+                format!("signal {sig}")
+            }
+            None => {
+                assert_eq!(ask(&mut conn, r#"{"cmd":"shutdown"}"#)["ok"], true);
+                "shutdown request".to_string()
+            }
         };
-        peer.write_all(feed).expect("feed");
-        // SAFETY: kill(2) on our own child; no memory involved.
-        unsafe { libc::kill(vm.0.id() as i32, sig) };
         let status = wait_exit(&mut vm);
         let mut err = String::new();
         vm.0.stderr
@@ -315,12 +353,14 @@ fn receive_ends_cleanly_on_a_signal_while_waiting_or_receiving() {
             .expect("stderr")
             .read_to_string(&mut err)
             .expect("read");
-        assert!(status.success(), "{tag}: signal {sig} exits 0: {err}");
-        assert!(err.contains(&format!("signal {sig}")), "{tag}: {err}");
+        assert!(status.success(), "{tag}: exits 0: {err}");
+        assert!(err.contains(&needle), "{tag}: {err}");
         assert!(!err.contains("panicked"), "{err}");
         assert!(!api.exists() && !listen.exists(), "{tag}: sockets removed");
-        let mut rest = Vec::new();
-        assert_eq!(peer.read_to_end(&mut rest).unwrap_or(0), 0, "no reply");
+        if let Some(peer) = &mut peer {
+            let mut rest = Vec::new();
+            assert_eq!(peer.read_to_end(&mut rest).unwrap_or(0), 0, "no reply");
+        }
     }
 }
 

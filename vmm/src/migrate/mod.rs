@@ -1,8 +1,10 @@
 //! Live migration glue: the running VM as a migration source ([`source`]), the worker thread
 //! that sends it while the event loop keeps serving ([`worker`]), the destination VM
-//! ([`target`]) and the `minivmm migrate` client ([`client`]).
+//! ([`target`]), the destination before its guest runs ([`incoming`]) and the
+//! `minivmm migrate` client ([`client`]).
 
 pub mod client;
+pub mod incoming;
 pub mod source;
 pub mod target;
 pub mod throttle;

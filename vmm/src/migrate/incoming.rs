@@ -1,0 +1,260 @@
+//! `minivmm receive` before it has a guest. The process waits for the source (or opens a
+//! snapshot) and loads the stream with no event loop running, so two things stand in for one
+//! until the guest starts:
+//!
+//! - the control socket is served on a thread of its own ([`ControlThread`]): `status` says
+//!   whether the process waits or receives, `shutdown` gives up, and the other requests are
+//!   refused because there is no VM to act on (a client never hangs on an unanswered socket);
+//! - [`Incoming::end`] (a signal, a `shutdown` request) shuts down the sockets the receive is
+//!   blocked on, so it fails at once and the guest is never started: the source, which has no
+//!   confirmation, keeps running.
+//!
+//! When the guest runs, the control socket goes back to the event loop: connections opened
+//! while waiting are closed then, and their clients connect again.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use log::{info, warn};
+use serde_json::{json, Value};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::control::{error_reply, ControlServer, ControlSocket, Request, RequestHandler};
+use crate::exit::VmExit;
+
+/// Errors starting the interim control server.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    #[error("cannot set up the control socket's event loop")]
+    EventManager(#[source] event_manager::Error),
+    #[error("cannot create the control thread's stop eventfd")]
+    EventFd(#[source] io::Error),
+    #[error("cannot start the control thread")]
+    Thread(#[source] io::Error),
+}
+
+/// What the destination is doing, for `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Waiting,
+    Receiving,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Waiting => "waiting",
+            Phase::Receiving => "receiving",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    phase: Phase,
+    ended: Option<VmExit>,
+    listener: Option<OwnedFd>,
+    connection: Option<OwnedFd>,
+}
+
+/// The state of an incoming migration that the signal watcher and the control thread share
+/// with the receiving thread.
+#[derive(Debug)]
+pub struct Incoming {
+    listen: String,
+    state: Mutex<State>,
+}
+
+impl Incoming {
+    /// `listen` names the endpoint, for replies.
+    pub fn new(listen: String) -> Arc<Incoming> {
+        Arc::new(Incoming {
+            listen,
+            state: Mutex::new(State {
+                phase: Phase::Waiting,
+                ended: None,
+                listener: None,
+                connection: None,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The listening socket (a handle from `Listener::wake_handle`), shut down by [`end`].
+    ///
+    /// [`end`]: Incoming::end
+    pub fn waiting_on(&self, listener: Option<OwnedFd>) {
+        let mut s = self.lock();
+        s.listener = listener;
+        s.shut_down_if_ended();
+    }
+
+    /// A source connected: `connection` (from `Connection::wake_handle`) is shut down by
+    /// [`end`](Incoming::end).
+    pub fn receiving(&self, connection: Option<OwnedFd>) {
+        let mut s = self.lock();
+        s.phase = Phase::Receiving;
+        s.connection = connection;
+        s.shut_down_if_ended();
+    }
+
+    /// The attempt failed; back to waiting for the next source.
+    pub fn waiting(&self) {
+        let mut s = self.lock();
+        s.phase = Phase::Waiting;
+        s.connection = None;
+    }
+
+    /// Give up the incoming migration (the first reason wins): the blocked accept or read
+    /// fails at once.
+    pub fn end(&self, why: VmExit) {
+        let mut s = self.lock();
+        info!("incoming migration given up: {why:?}");
+        s.ended.get_or_insert(why);
+        s.shut_down_if_ended();
+    }
+
+    /// Why the incoming migration was given up, if it was.
+    pub fn ended(&self) -> Option<VmExit> {
+        self.lock().ended.clone()
+    }
+}
+
+impl State {
+    fn shut_down_if_ended(&self) {
+        if self.ended.is_none() {
+            return;
+        }
+        for fd in self.listener.iter().chain(self.connection.iter()) {
+            // SAFETY: shutdown(2) on a socket this process owns; no memory is involved.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+}
+
+/// Answers control requests while there is no guest.
+struct WaitingControl(Arc<Incoming>);
+
+impl RequestHandler for WaitingControl {
+    fn handle(&mut self, req: Request, _conn: &UnixStream) -> Option<Value> {
+        let phase = self.0.lock().phase.as_str();
+        let listen = &self.0.listen;
+        Some(match req {
+            Request::Status => json!({"ok": true, "state": phase, "listen": listen}),
+            Request::Shutdown => {
+                self.0.end(VmExit::ShutdownRequest);
+                json!({"ok": true})
+            }
+            other => error_reply(&format!(
+                "no VM to {} yet: this minivmm is {phase} for an incoming migration on {listen}",
+                other.name()
+            )),
+        })
+    }
+}
+
+/// The control server plus the eventfd that stops its thread.
+struct Served {
+    server: ControlServer<WaitingControl>,
+    stop: EventFd,
+    stopped: bool,
+}
+
+impl MutEventSubscriber for Served {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.stop.as_raw_fd() {
+            self.stopped = true;
+        } else {
+            self.server.process(events, ops);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.stop, EventSet::IN)) {
+            warn!("control thread's stop eventfd cannot be polled: {e:?}");
+        }
+        self.server.init(ops);
+    }
+}
+
+/// The control socket served on its own thread until the guest starts. Dropped without
+/// [`ControlThread::stop`], it stops the thread and removes the socket.
+pub struct ControlThread {
+    served: Option<Arc<Mutex<Served>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlThread {
+    pub fn start(
+        socket: ControlSocket,
+        incoming: Arc<Incoming>,
+    ) -> Result<ControlThread, IncomingError> {
+        let mut em =
+            EventManager::<Arc<Mutex<Served>>>::new().map_err(IncomingError::EventManager)?;
+        let served = Arc::new(Mutex::new(Served {
+            server: ControlServer::new(socket, Arc::new(Mutex::new(WaitingControl(incoming)))),
+            stop: EventFd::new(EFD_NONBLOCK).map_err(IncomingError::EventFd)?,
+            stopped: false,
+        }));
+        em.add_subscriber(served.clone());
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn({
+                let served = served.clone();
+                move || loop {
+                    if lock(&served).stopped {
+                        break;
+                    }
+                    // EINTR comes back as Ok(0); an error is a broken epoll set.
+                    if let Err(e) = em.run() {
+                        warn!("control socket event loop failed: {e:?}");
+                        break;
+                    }
+                }
+            })
+            .map_err(IncomingError::Thread)?;
+        Ok(ControlThread {
+            served: Some(served),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops serving and hands the socket back (`None` if the thread died with it).
+    pub fn stop(mut self) -> Option<ControlSocket> {
+        if !self.join() {
+            return None;
+        }
+        let served = Arc::try_unwrap(self.served.take()?).ok()?;
+        let served = served.into_inner().unwrap_or_else(|e| e.into_inner());
+        Some(served.server.into_socket())
+    }
+
+    /// Stops the thread; false if it panicked.
+    fn join(&mut self) -> bool {
+        let Some(thread) = self.thread.take() else {
+            return true;
+        };
+        if let Some(served) = &self.served {
+            // A failed write means the counter is full: the thread is already woken.
+            let _ = lock(served).stop.write(1);
+        }
+        thread.join().is_ok()
+    }
+}
+
+impl Drop for ControlThread {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+fn lock(served: &Mutex<Served>) -> MutexGuard<'_, Served> {
+    served.lock().unwrap_or_else(|e| e.into_inner())
+}
