@@ -103,6 +103,17 @@ pub enum DestinationError {
     Resume(#[source] VmError),
 }
 
+impl DestinationError {
+    /// The connection closed before sending a byte: a probe (a health check, a second
+    /// destination asking whether the socket is live), not a migration attempt.
+    pub fn is_empty_stream(&self) -> bool {
+        matches!(
+            self,
+            DestinationError::Wire(WireError::Truncated { offset: 0, .. })
+        )
+    }
+}
+
 /// Receives a migration (or loads a snapshot) into `target`, then resumes it.
 pub fn receive_migration<T: MigrationTarget + ?Sized>(
     target: &mut T,
@@ -118,6 +129,10 @@ pub fn receive_migration<T: MigrationTarget + ?Sized>(
     let mut reader = RecordReader::new(transport);
     let result = receive(target, &mut reader, options);
     if let Err(e) = &result {
+        if e.is_empty_stream() {
+            log::info!("a connection closed without sending anything");
+            return result;
+        }
         log::error!("Receiving the migration failed: {e}");
         if peer {
             let _ = send_reply(

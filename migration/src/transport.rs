@@ -66,6 +66,8 @@ pub enum TransportError {
     Connect(Endpoint, #[source] io::Error),
     #[error("Listening on {0} failed")]
     Listen(Endpoint, #[source] io::Error),
+    #[error("{0} is in use: another process listens on it")]
+    InUse(Endpoint),
     #[error("Accepting a connection on {0} failed")]
     Accept(Endpoint, #[source] io::Error),
     #[error("Opening snapshot {0} failed")]
@@ -179,16 +181,30 @@ impl Endpoint {
         }
     }
 
-    /// Destination side: binds the socket (a stale unix socket file is replaced), or opens
-    /// the snapshot file for reading. Then [`Listener::accept`] gives the one connection.
+    /// Destination side: binds the socket (a stale unix socket file is replaced, a live one
+    /// refused), or opens the snapshot file for reading. Then [`Listener::accept`] gives the
+    /// connection.
     pub fn listen(&self) -> Result<Listener, TransportError> {
         match self {
             Endpoint::Unix(path) => {
-                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-                    let _ = std::fs::remove_file(path);
+                let l = match UnixListener::bind(path) {
+                    Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                        let is_socket = std::fs::symlink_metadata(path)
+                            .is_ok_and(|m| m.file_type().is_socket());
+                        if !is_socket {
+                            return Err(TransportError::Listen(self.clone(), e));
+                        }
+                        // The probe is an empty connection, which a waiting destination
+                        // ignores (see `DestinationError::is_empty_stream`).
+                        if UnixStream::connect(path).is_ok() {
+                            return Err(TransportError::InUse(self.clone()));
+                        }
+                        let _ = std::fs::remove_file(path);
+                        UnixListener::bind(path)
+                    }
+                    other => other,
                 }
-                let l = UnixListener::bind(path)
-                    .map_err(|e| TransportError::Listen(self.clone(), e))?;
+                .map_err(|e| TransportError::Listen(self.clone(), e))?;
                 Ok(Listener::Unix(l, path.clone()))
             }
             Endpoint::Tcp { host, port } => {

@@ -20,7 +20,7 @@ use crate::migrate::VmmControl;
 use crate::signals::{block_exit_signals, SignalSubscriber, SignalWatch};
 use crate::terminal::RawModeGuard;
 use crate::{error_chain, RunState, Vmm, VmmError};
-use migration::{receive_migration, Endpoint, ReceiveOptions};
+use migration::{receive_migration, Endpoint, Listener, ReceiveOptions};
 
 /// Errors of `minivmm run`.
 #[derive(Debug, thiserror::Error)]
@@ -96,10 +96,12 @@ pub fn receive(
     on_socket: impl FnOnce(&Path),
 ) -> Result<VmExit, RunError> {
     block_exit_signals().map_err(RunError::Signals)?;
-    let socket = control::bind(api_socket).map_err(RunError::Control)?;
-    on_socket(socket.path());
+    // Listening before the control socket appears: whoever waits for that socket may start
+    // the migration at once.
     let endpoint = Endpoint::parse(uri).map_err(RunError::Endpoint)?;
     let mut listener = endpoint.listen().map_err(RunError::Transport)?;
+    let socket = control::bind(api_socket).map_err(RunError::Control)?;
+    on_socket(socket.path());
     let incoming = Incoming::new(endpoint.to_string());
     incoming.waiting_on(listener.wake_handle());
     let signals = SignalWatch::start({
@@ -112,48 +114,9 @@ pub fn receive(
     if let Some((mem_bytes, cpus)) = shape {
         target.prepare(mem_bytes, cpus).map_err(RunError::Prepare)?;
     }
-    let options = ReceiveOptions::default();
-    let mut attempt = 1;
-    loop {
-        let result = listener
-            .accept()
-            .map_err(RunError::Transport)
-            .and_then(|mut conn| {
-                incoming.receiving(conn.wake_handle());
-                receive_migration(&mut target, &mut conn, &options).map_err(RunError::Receive)
-            });
-        match result {
-            Ok(stats) => {
-                info!("incoming migration complete: {stats}");
-                break;
-            }
-            // The guest never started, so nothing is lost: the source keeps running.
-            Err(e) if !target.started() && incoming.ended().is_some() => {
-                let why = incoming.ended().unwrap_or(VmExit::ShutdownRequest);
-                let what = match why {
-                    VmExit::Signal(sig) => format!("signal {sig}"),
-                    _ => "shutdown request".to_string(),
-                };
-                match e {
-                    RunError::Transport(_) => warn!("{what} while waiting for a migration"),
-                    e => warn!(
-                        "{what}: incoming migration abandoned, guest not started ({})",
-                        error_chain(&e)
-                    ),
-                }
-                return Ok(why);
-            }
-            // A started guest cannot be received again; out of attempts is the end too.
-            Err(e) if target.started() || attempt >= attempts => return Err(e),
-            Err(e) => {
-                warn!(
-                    "incoming migration attempt {attempt} of {attempts} failed: {}; waiting for the next",
-                    error_chain(&e)
-                );
-                incoming.waiting();
-                attempt += 1;
-            }
-        }
+    let given_up = accept_migration(&mut listener, &mut target, &incoming, attempts)?;
+    if let Some(why) = given_up {
+        return Ok(why);
     }
     drop(listener);
     signals.stop();
@@ -169,6 +132,64 @@ pub fn receive(
     // Received into small pages (faster to fill fresh); huge pages from now on.
     vmm.advise_huge_pages();
     serve(vmm, socket)
+}
+
+/// Accept sources until one migration is received and its guest runs (`None`), or the
+/// receive is given up before that (`Some(why)`: a signal, a shutdown request). A connection
+/// that sends nothing is a probe; a failed attempt is retried while `attempts` allow.
+fn accept_migration(
+    listener: &mut Listener,
+    target: &mut TargetVm,
+    incoming: &Incoming,
+    attempts: u32,
+) -> Result<Option<VmExit>, RunError> {
+    let options = ReceiveOptions::default();
+    let is_file = matches!(listener, Listener::File(..));
+    let mut attempt = 1;
+    loop {
+        let result = listener
+            .accept()
+            .map_err(RunError::Transport)
+            .and_then(|mut conn| {
+                incoming.receiving(conn.wake_handle());
+                receive_migration(target, &mut conn, &options).map_err(RunError::Receive)
+            });
+        let e = match result {
+            Ok(stats) => {
+                info!("incoming migration complete: {stats}");
+                return Ok(None);
+            }
+            Err(e) => e,
+        };
+        // A started guest cannot be received again.
+        if target.started() {
+            return Err(e);
+        }
+        // Nothing is lost: the source has no acknowledgement and keeps running.
+        if let Some(why) = incoming.ended() {
+            let what = match why {
+                VmExit::Signal(sig) => format!("signal {sig}"),
+                _ => "shutdown request".to_string(),
+            };
+            match e {
+                RunError::Transport(_) => warn!("{what} while waiting for a migration"),
+                e => warn!("{what}: incoming migration given up ({})", error_chain(&e)),
+            }
+            return Ok(Some(why));
+        }
+        match e {
+            RunError::Receive(e) if e.is_empty_stream() && !is_file => {}
+            e if attempt >= attempts => return Err(e),
+            e => {
+                warn!(
+                    "incoming migration attempt {attempt} of {attempts} failed: {}; waiting for the next",
+                    error_chain(&e)
+                );
+                attempt += 1;
+            }
+        }
+        incoming.waiting();
+    }
 }
 
 /// Serve a built VM (started unless already running) until it ends.

@@ -364,6 +364,63 @@ fn receive_answers_and_ends_cleanly_before_a_guest_arrives() {
     }
 }
 
+/// A connection that closes without a byte (a health check) is not a migration attempt, and a
+/// second destination on the same path is refused instead of taking the path over.
+#[test]
+fn receive_ignores_probes_and_refuses_a_second_listener() {
+    let api = sock("probe-api");
+    let listen = sock("probe");
+    let child = Command::new(BIN)
+        .arg("receive")
+        .arg("--listen")
+        .arg(format!("unix:{}", listen.display()))
+        .arg("--api-socket")
+        .arg(&api)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut vm = Vm(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(&api).is_err() {
+        assert!(Instant::now() < deadline, "control socket never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for _ in 0..3 {
+        drop(UnixStream::connect(&listen).expect("probe"));
+    }
+    let api2 = sock("probe-api2");
+    assert_fails(
+        &[
+            "receive",
+            "--listen",
+            &format!("unix:{}", listen.display()),
+            "--api-socket",
+            api2.to_str().expect("utf-8"),
+        ],
+        1,
+        "in use",
+    );
+    assert!(listen.exists(), "the first destination keeps its socket");
+    let stream = UnixStream::connect(&api).expect("control socket");
+    let mut conn = (stream.try_clone().expect("clone"), BufReader::new(stream));
+    // The probes end quickly; the destination is back to waiting after each.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = ask(&mut conn, r#"{"cmd":"status"}"#);
+        if r["state"] == "waiting" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "status stays {r}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(vm.0.try_wait().expect("wait").is_none(), "still running");
+    assert_eq!(ask(&mut conn, r#"{"cmd":"shutdown"}"#)["ok"], true);
+    assert!(wait_exit(&mut vm).success());
+    assert!(!listen.exists() && !api.exists(), "sockets removed");
+}
+
 #[test]
 fn stale_socket_file_is_replaced() {
     require_kvm!();
