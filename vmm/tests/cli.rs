@@ -275,6 +275,29 @@ fn sigterm_and_sigint_shut_down_cleanly() {
     }
 }
 
+/// A `minivmm receive --listen unix:LISTEN`, once its control socket answers (by then it
+/// listens on LISTEN too).
+fn spawn_receiver(listen: &Path, api: &Path) -> Vm {
+    let child = Command::new(BIN)
+        .arg("receive")
+        .arg("--listen")
+        .arg(format!("unix:{}", listen.display()))
+        .arg("--api-socket")
+        .arg(api)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let vm = Vm(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(api).is_err() {
+        assert!(Instant::now() < deadline, "control socket never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm
+}
+
 /// `minivmm receive` has no event loop until a guest arrives. Meanwhile its control socket
 /// answers (status says what it does, requests needing a VM are refused, shutdown gives up),
 /// and a signal or a shutdown, while it waits or while a stream is half received, ends it
@@ -294,23 +317,7 @@ fn receive_answers_and_ends_cleanly_before_a_guest_arrives() {
     ] {
         let api = sock(&format!("{tag}-api"));
         let listen = sock(tag);
-        let child = Command::new(BIN)
-            .arg("receive")
-            .arg("--listen")
-            .arg(format!("unix:{}", listen.display()))
-            .arg("--api-socket")
-            .arg(&api)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let mut vm = Vm(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !listen.exists() {
-            assert!(Instant::now() < deadline, "listen socket never appeared");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut vm = spawn_receiver(&listen, &api);
         let mut peer = feed.map(|bytes| {
             let mut c = UnixStream::connect(&listen).expect("connect as the source");
             c.write_all(bytes).expect("feed");
@@ -370,23 +377,7 @@ fn receive_answers_and_ends_cleanly_before_a_guest_arrives() {
 fn receive_ignores_probes_and_refuses_a_second_listener() {
     let api = sock("probe-api");
     let listen = sock("probe");
-    let child = Command::new(BIN)
-        .arg("receive")
-        .arg("--listen")
-        .arg(format!("unix:{}", listen.display()))
-        .arg("--api-socket")
-        .arg(&api)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut vm = Vm(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(&api).is_err() {
-        assert!(Instant::now() < deadline, "control socket never appeared");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut vm = spawn_receiver(&listen, &api);
     for _ in 0..3 {
         drop(UnixStream::connect(&listen).expect("probe"));
     }
