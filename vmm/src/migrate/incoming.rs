@@ -51,6 +51,13 @@ impl Phase {
             Phase::Receiving => "receiving",
         }
     }
+
+    fn doing(self) -> &'static str {
+        match self {
+            Phase::Waiting => "waiting for",
+            Phase::Receiving => "receiving",
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -144,17 +151,18 @@ struct WaitingControl(Arc<Incoming>);
 
 impl RequestHandler for WaitingControl {
     fn handle(&mut self, req: Request, _conn: &UnixStream) -> Option<Value> {
-        let phase = self.0.lock().phase.as_str();
+        let phase = self.0.lock().phase;
         let listen = &self.0.listen;
         Some(match req {
-            Request::Status => json!({"ok": true, "state": phase, "listen": listen}),
+            Request::Status => json!({"ok": true, "state": phase.as_str(), "listen": listen}),
             Request::Shutdown => {
                 self.0.end(VmExit::ShutdownRequest);
                 json!({"ok": true})
             }
             other => error_reply(&format!(
-                "no VM to {} yet: this minivmm is {phase} for an incoming migration on {listen}",
-                other.name()
+                "no VM to {} yet: this minivmm is {} an incoming migration on {listen}",
+                other.name(),
+                phase.doing()
             )),
         })
     }
@@ -257,4 +265,66 @@ impl Drop for ControlThread {
 
 fn lock(served: &Mutex<Served>) -> MutexGuard<'_, Served> {
     served.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// One end of a socket pair (its peer kept open, so only a shutdown ends reads) and a
+    /// handle to guard it with.
+    fn guarded_pair() -> (UnixStream, UnixStream, Option<OwnedFd>) {
+        let (a, b) = UnixStream::pair().expect("pair");
+        // Without the shutdown a read would time out (an error) instead of returning 0.
+        a.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let handle = a.try_clone().ok().map(OwnedFd::from);
+        (a, b, handle)
+    }
+
+    #[test]
+    fn end_wakes_the_guarded_sockets_even_those_guarded_after_it() {
+        let incoming = Incoming::new("unix:/x".into());
+        let (mut listener, _peer, handle) = guarded_pair();
+        incoming.waiting_on(handle);
+        assert_eq!(incoming.ended(), None);
+        incoming.end(VmExit::Signal(libc::SIGTERM));
+        incoming.end(VmExit::ShutdownRequest);
+        assert_eq!(incoming.ended(), Some(VmExit::Signal(libc::SIGTERM)));
+        let mut buf = [0u8; 1];
+        assert_eq!(listener.read(&mut buf).expect("read"), 0, "shut down");
+        let (mut conn, _peer2, handle) = guarded_pair();
+        incoming.receiving(handle);
+        assert_eq!(conn.read(&mut buf).expect("read"), 0, "shut down at once");
+    }
+
+    #[test]
+    fn waiting_control_reports_the_phase_and_refuses_what_needs_a_vm() {
+        let incoming = Incoming::new("unix:/tmp/m.sock".into());
+        let mut control = WaitingControl(incoming.clone());
+        let (conn, _peer) = UnixStream::pair().expect("pair");
+        let r = control.handle(Request::Status, &conn).expect("reply");
+        assert_eq!(
+            (r["state"].as_str(), r["listen"].as_str()),
+            (Some("waiting"), Some("unix:/tmp/m.sock"))
+        );
+        incoming.receiving(None);
+        let r = control.handle(Request::Pause, &conn).expect("reply");
+        assert_eq!(r["ok"], false);
+        assert_eq!(
+            r["error"],
+            "no VM to pause yet: this minivmm is receiving an incoming migration on unix:/tmp/m.sock"
+        );
+        incoming.waiting();
+        assert_eq!(
+            control.handle(Request::Status, &conn).expect("reply")["state"],
+            "waiting"
+        );
+        assert_eq!(
+            control.handle(Request::Shutdown, &conn).expect("reply")["ok"],
+            true
+        );
+        assert_eq!(incoming.ended(), Some(VmExit::ShutdownRequest));
+    }
 }
