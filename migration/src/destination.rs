@@ -71,6 +71,8 @@ impl Default for ReceiveOptions {
 pub enum DestinationError {
     #[error("Invalid migration stream")]
     Wire(#[from] WireError),
+    #[error("The source gave the migration up: {0}")]
+    Aborted(String),
     #[error("Loading guest RAM failed")]
     Ram(#[from] RamLoadError),
     #[error("Unexpected {kind} record at offset {offset}: expected {expected}")]
@@ -291,8 +293,17 @@ fn load_body(
                 log::debug!("End at offset {offset} after {} records", reader.records());
                 return Ok(states);
             }
+            RecordKind::Abort => return Err(aborted(reader, &h, offset)),
             _ => return Err(unexpected("a RAM pass, device state or End")),
         }
+    }
+}
+
+/// The source's `Abort` record as an error (or the error reading it).
+fn aborted(reader: &mut RecordReader<'_>, h: &RecordHeader, offset: u64) -> DestinationError {
+    match reader.read_payload(h, offset) {
+        Ok(reason) => DestinationError::Aborted(String::from_utf8_lossy(&reason).into_owned()),
+        Err(e) => e.into(),
     }
 }
 
@@ -310,6 +321,9 @@ fn expect_at(
     what: &'static str,
 ) -> Result<(Vec<u8>, u64), DestinationError> {
     let (h, offset): (RecordHeader, u64) = reader.next_header()?;
+    if h.kind == RecordKind::Abort {
+        return Err(aborted(reader, &h, offset));
+    }
     if h.kind != kind {
         return Err(DestinationError::Unexpected {
             offset,

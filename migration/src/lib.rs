@@ -54,6 +54,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cancel;
 pub mod destination;
 pub mod dirty;
 pub mod fake;
@@ -74,6 +75,7 @@ pub mod zero;
 #[cfg(test)]
 mod roundtrip_tests;
 
+pub use cancel::Cancel;
 pub use destination::{receive_migration, DestinationError, MigrationTarget, ReceiveOptions};
 pub use dirty::{DirtyBitmap, DirtyLog, VmError};
 pub use memory::{

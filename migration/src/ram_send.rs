@@ -14,6 +14,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
+use crate::cancel::Cancel;
 use crate::dirty::DirtyBitmap;
 use crate::memory::{Backing, RamRegion};
 use crate::pagemap::{PageState, Pagemap, BATCH_PAGES};
@@ -79,6 +80,7 @@ pub struct RamSender {
     paused: bool,
     pass_start: Instant,
     pass_bytes: u64,
+    cancel: Cancel,
     #[cfg(test)]
     pub(crate) scan_hook: Option<Box<dyn FnMut(usize, usize) + Send>>,
 }
@@ -114,9 +116,15 @@ impl RamSender {
             paused: false,
             pass_start: Instant::now(),
             pass_bytes: 0,
+            cancel: Cancel::default(),
             #[cfg(test)]
             scan_hook: None,
         }
+    }
+
+    /// Checked before each record is written: once set, passes fail with a cancellation.
+    pub fn set_cancel(&mut self, cancel: Cancel) {
+        self.cancel = cancel;
     }
 
     pub fn regions(&self) -> &[RamRegion] {
@@ -340,6 +348,7 @@ impl RamSender {
         if b.runs.is_empty() {
             return Ok(());
         }
+        self.cancel.check()?;
         b.table.clear();
         encode_batch_prefix(b.runs.len() as u32, b.data_pages as u32, &mut b.table);
         for run in &b.runs {

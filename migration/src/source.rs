@@ -12,6 +12,7 @@ use std::collections::HashSet;
 use std::io;
 use std::time::{Duration, Instant};
 
+use crate::cancel::{is_cancellation, Cancel};
 use crate::dirty::{DirtyLog, VmError};
 use crate::memory::{layout_of, GuestRam, RamRegion};
 use crate::precopy::{self, Decision, Limits, StopReason};
@@ -73,6 +74,8 @@ pub struct SendOptions {
     pub use_pagemap: bool,
     /// Most data pages per record (1..=1024).
     pub batch_pages: usize,
+    /// Gives the migration up when set (before any record of guest memory, between passes).
+    pub cancel: Cancel,
     /// Test hook run after each page's zero check, before the page is queued.
     #[cfg(test)]
     pub(crate) scan_hook: Option<Box<dyn FnMut(usize, usize) + Send>>,
@@ -88,6 +91,7 @@ impl Default for SendOptions {
             progress: None,
             use_pagemap: true,
             batch_pages: wire::MAX_BATCH_DATA_PAGES,
+            cancel: Cancel::default(),
             #[cfg(test)]
             scan_hook: None,
         }
@@ -111,6 +115,8 @@ pub enum SourceError {
     PassMismatch { expected: u32, got: u32 },
     #[error("Destination failed: {0}")]
     Destination(String),
+    #[error("The migration was cancelled")]
+    Cancelled,
     #[error("Starting dirty logging failed")]
     StartDirtyLog(#[source] VmError),
     #[error("Fetching the dirty log of region {region} failed")]
@@ -240,6 +246,7 @@ fn run<S: MigrationSource + ?Sized>(
             use_pagemap: options.use_pagemap,
         },
     );
+    sender.set_cancel(options.cancel.clone());
     #[cfg(test)]
     {
         sender.scan_hook = options.scan_hook.take();
@@ -256,6 +263,9 @@ fn run<S: MigrationSource + ?Sized>(
     let reason = loop {
         if peer {
             wait_until_applied(&mut w, pass.pass)?;
+        }
+        if options.cancel.is_cancelled() {
+            return Err(abort(&mut w));
         }
         let dirty = collect_dirty(source, &mut sender)?;
         pass.close(sender.pass_elapsed(), dirty);
@@ -284,6 +294,11 @@ fn run<S: MigrationSource + ?Sized>(
             stats.passes.len(),
             stats.expected_downtime_us / 1000
         );
+    }
+
+    // Cancellation is honoured up to here; once the guest is paused the migration completes.
+    if options.cancel.is_cancelled() {
+        return Err(abort(&mut w));
     }
 
     // Stop and copy.
@@ -454,7 +469,19 @@ fn wait_until_applied(w: &mut RecordWriter<'_>, pass: u32) -> Result<(), SourceE
 }
 
 /// A failed write often means the destination gave up: report its message if it sent one.
+/// Tells the destination the migration is given up (best effort: it may be gone).
+fn abort(w: &mut RecordWriter<'_>) -> SourceError {
+    let reason = crate::wire::encode_message("cancelled on the source");
+    if let Err(e) = w.write_record(RecordKind::Abort, &[&reason]) {
+        log::info!("The destination did not take the Abort record: {e}");
+    }
+    SourceError::Cancelled
+}
+
 fn send_error(w: &mut RecordWriter<'_>, e: io::Error) -> SourceError {
+    if is_cancellation(&e) {
+        return abort(w);
+    }
     let t = w.transport();
     if t.has_peer() && t.set_read_timeout(Some(Duration::from_secs(2))).is_ok() {
         if let Ok((RecordKind::Error, msg)) = read_reply(t) {

@@ -109,6 +109,8 @@ pub enum RecordKind {
     End = 0x0006,
     /// End of a live pass: the destination replies `PassDone` once it applied it.
     PassEnd = 0x0007,
+    /// The source gave the migration up (it was cancelled), with a UTF-8 reason.
+    Abort = 0x0008,
     /// Destination reply after the layout: version and whether its memory is pristine.
     Ready = 0x0101,
     /// Destination reply after `End`: the guest runs on the destination.
@@ -130,6 +132,7 @@ impl RecordKind {
             0x0005 => RecordKind::DeviceState,
             0x0006 => RecordKind::End,
             0x0007 => RecordKind::PassEnd,
+            0x0008 => RecordKind::Abort,
             0x0101 => RecordKind::Ready,
             0x0102 => RecordKind::Running,
             0x0103 => RecordKind::Error,
@@ -151,7 +154,7 @@ impl RecordKind {
             RecordKind::End => 20,
             RecordKind::Ready => 8,
             RecordKind::Running => MAX_MESSAGE_LEN,
-            RecordKind::Error => MAX_MESSAGE_LEN,
+            RecordKind::Error | RecordKind::Abort => MAX_MESSAGE_LEN,
             RecordKind::PassEnd | RecordKind::PassDone => 4,
         }
     }

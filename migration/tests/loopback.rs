@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use migration::fake::{fake_target, FailAt, FakeVm, GuestWriter};
 use migration::{
-    receive_migration, send_migration, Connection, DestinationError, Endpoint, Limits,
+    receive_migration, send_migration, Cancel, Connection, DestinationError, Endpoint, Limits,
     MigrationStats, ReceiveOptions, ReceiveStats, SendOptions, SourceError, StateBlob, Transport,
     PAGE_SIZE,
 };
@@ -615,4 +615,51 @@ fn a_destination_acknowledging_the_wrong_pass_stops_the_migration() {
         "never paused: {:?}",
         src.calls
     );
+}
+
+/// A cancelled migration ends with an `Abort` record: the destination names the reason and
+/// never resumes, the source guest runs on. Cancelled before the first record (it fails in
+/// the bulk pass) and from the progress callback after the bulk pass, with a busy guest.
+#[test]
+fn a_cancelled_migration_aborts_the_destination_and_keeps_the_source() {
+    for during in [false, true] {
+        let mut src = source();
+        let cancel = Cancel::new();
+        let mut opts = SendOptions {
+            cancel: cancel.clone(),
+            batch_pages: 64,
+            ..Default::default()
+        };
+        if during {
+            let mut rng = Lcg(9);
+            src.run_guest(move |w| {
+                scribble(w, LAYOUT, &mut rng, 16);
+                thread::sleep(Duration::from_micros(200));
+            });
+            opts.limits = Limits {
+                downtime: Duration::ZERO,
+                max_passes: 1000,
+            };
+            // After the bulk pass, whatever the pre-copy decides next.
+            let c = cancel.clone();
+            opts.progress = Some(Box::new(move |_| c.cancel()));
+        } else {
+            cancel.cancel();
+        }
+        let (s, r, dst) = migrate(
+            &mut src,
+            fake_target(LAYOUT),
+            opts,
+            ReceiveOptions::default(),
+        );
+        assert!(matches!(s, Err(SourceError::Cancelled)), "{during}: {s:?}");
+        match r {
+            Err(DestinationError::Aborted(reason)) => {
+                assert!(reason.contains("cancelled"), "{reason}")
+            }
+            other => panic!("{during}: the destination must name the abort: {other:?}"),
+        }
+        assert!(!dst.running && !dst.calls.contains(&"resume"), "{during}");
+        assert_source_recovered(&src);
+    }
 }

@@ -308,3 +308,83 @@ fn auto_converge_throttles_a_writer_faster_than_the_link() {
         "{auto}"
     );
 }
+
+/// `migrate --cancel` gives a running migration up: the destination names the reason and
+/// exits without a guest, the source's guest runs on, and the next migration succeeds.
+#[test]
+fn cancel_gives_the_migration_up_and_the_source_keeps_running() {
+    require_kvm!();
+    let dir = TempDir::new("mig-cancel");
+    let mut src = Vm::run(&dir, "src", "512M", 1, "touch=64M rate=1000 seed=27");
+    src.rounds(0, 1);
+    let uri = format!("unix:{}", dir.join("c.sock").display());
+    let mut dst = Vm::receive(&dir, "victim", &uri, &[]);
+    let (api, to) = (src.api.clone(), uri.clone());
+    // 64 MiB at 8 MB/s: the bulk pass alone takes 8 s.
+    let mig = std::thread::spawn(move || migrate(&api, &to, &["--max-bandwidth", "8M"]));
+    let deadline = std::time::Instant::now() + T;
+    while e2e::control(&dst.api, r#"{"cmd":"status"}"#).map(|r| r["state"].clone())
+        != Ok("receiving".into())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut cancel = e2e::Proc::minivmm(
+        "cancel",
+        &[
+            "migrate",
+            "--cancel",
+            "--api-socket",
+            src.api.to_str().expect("utf-8"),
+        ],
+    );
+    let st = cancel.wait_exit(T).expect("cancel exits");
+    assert!(st.success(), "cancel accepted: {}", cancel.stderr());
+    let m = mig.join().expect("migrate thread");
+    assert!(!m.ok, "a cancelled migration fails: {}", m.json);
+    assert!(m.stderr.contains("cancelled"), "{}", m.stderr);
+    let st = dst.proc.wait_exit(T).expect("destination exits");
+    assert!(!st.success(), "the destination ends non-zero");
+    assert!(
+        dst.proc
+            .stderr()
+            .contains("The source gave the migration up: cancelled on the source"),
+        "{}",
+        dst.proc.stderr()
+    );
+    assert!(
+        !dst.proc.lines().iter().any(|l| l.contains("VERIFY")),
+        "no guest ran at the destination"
+    );
+    assert!(
+        src.proc.alive(),
+        "the source survives a cancelled migration"
+    );
+    src.rounds(0, 1);
+    assert_no_failure(&src.proc);
+    // Nothing is running now: a second cancel is refused.
+    let mut again = e2e::Proc::minivmm(
+        "cancel-again",
+        &[
+            "migrate",
+            "--cancel",
+            "--api-socket",
+            src.api.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(again.wait_exit(T).and_then(|s| s.code()), Some(1));
+    assert!(
+        again.stderr().contains("no migration is running"),
+        "{}",
+        again.stderr()
+    );
+
+    let uri = format!("unix:{}", dir.join("after.sock").display());
+    let mut dst = Vm::receive(&dir, "after", &uri, &[]);
+    let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
+    assert_hashes_match(&stats);
+    assert_keeps_verifying(&mut dst, 1);
+}

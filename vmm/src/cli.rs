@@ -91,8 +91,15 @@ pub struct ReceiveArgs {
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     /// Destination: unix:PATH, tcp:HOST:PORT or file:PATH (snapshot).
-    #[arg(long, value_name = "URI")]
-    pub to: String,
+    #[arg(long, value_name = "URI", required_unless_present = "cancel")]
+    pub to: Option<String>,
+    /// Give up the migration this VM is running (until its guest is paused for the final
+    /// pass); the guest runs on here and the `migrate` that started it exits 1.
+    #[arg(long, conflicts_with_all = [
+        "to", "downtime_ms", "max_bandwidth", "max_passes", "no_zero_elision", "keep_running",
+        "verify_memory", "no_auto_converge", "json", "fail_after_bytes",
+    ])]
+    pub cancel: bool,
     /// Control socket of the VM to migrate (default as for `run`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -166,5 +173,21 @@ mod tests {
         assert!(Cli::try_parse_from(["minivmm", "run", "--mem"]).is_err());
         assert!(Cli::try_parse_from(["minivmm", "frobnicate"]).is_err());
         assert!(Cli::try_parse_from(["minivmm", "run", "--cpus", "x"]).is_err());
+    }
+
+    #[test]
+    fn migrate_needs_a_destination_or_cancel_alone() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["minivmm", "migrate"], args].concat());
+        assert!(parse(&[]).is_err(), "neither --to nor --cancel");
+        assert!(parse(&["--to", "unix:/m"]).is_ok());
+        let Ok(Cli {
+            command: Command::Migrate(a),
+        }) = parse(&["--cancel", "--api-socket", "/s"])
+        else {
+            panic!("--cancel alone parses")
+        };
+        assert!(a.cancel && a.to.is_none());
+        assert!(parse(&["--cancel", "--to", "unix:/m"]).is_err());
+        assert!(parse(&["--cancel", "--max-passes", "3"]).is_err());
     }
 }

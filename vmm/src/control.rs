@@ -3,6 +3,7 @@
 //! ```text
 //! → {"cmd":"status"}   ← {"ok":true,"state":"running","mem_bytes":536870912,"cpus":1,"uptime_ms":1234}
 //! → {"cmd":"pause"}    ← {"ok":true}          (also "resume", "shutdown")
+//! → {"cmd":"cancel"}   ← {"ok":true}          (gives the running migration up)
 //! → not json           ← {"ok":false,"error":"invalid JSON: ..."}   (the connection stays usable)
 //! ```
 //!
@@ -65,6 +66,9 @@ pub enum Request {
     /// Live-migrate (or snapshot) the VM. The reply comes when it is done; progress lines
     /// `{"progress":{...}}` may come before it.
     Migrate(MigrateRequest),
+    /// Give the running migration up (honoured until the guest is paused for the final
+    /// pass); its own reply then says whether it was cancelled or completed.
+    Cancel,
 }
 
 impl Request {
@@ -76,6 +80,7 @@ impl Request {
             Request::Resume => "resume",
             Request::Shutdown => "shutdown",
             Request::Migrate(_) => "migrate",
+            Request::Cancel => "cancel",
         }
     }
 }
@@ -114,7 +119,7 @@ fn default_true() -> bool {
 }
 
 /// The commands [`Request`] knows, for the "unknown command" error.
-pub const COMMANDS: &[&str] = &["status", "pause", "resume", "shutdown", "migrate"];
+pub const COMMANDS: &[&str] = &["status", "pause", "resume", "shutdown", "migrate", "cancel"];
 
 /// Why a request line was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -123,7 +128,7 @@ pub enum RequestError {
     Json(String),
     #[error("request must be a JSON object with a string \"cmd\" field")]
     NoCmd,
-    #[error("unknown command {0:?} (known: status, pause, resume, shutdown, migrate)")]
+    #[error("unknown command {0:?} (known: status, pause, resume, shutdown, migrate, cancel)")]
     UnknownCommand(String),
     #[error("invalid {cmd:?} request: {reason}")]
     BadArguments { cmd: String, reason: String },

@@ -349,7 +349,9 @@ impl Vmm {
                 self.exit.trigger(VmExit::ShutdownRequest);
                 json!({"ok": true})
             }
-            Request::Migrate(_) => error_reply("migrate is handled by the migration worker"),
+            Request::Migrate(_) | Request::Cancel => {
+                error_reply("migrate and cancel are handled by the migration worker")
+            }
         }
     }
 }

@@ -96,6 +96,13 @@ fn finish(r: Result<VmExit, runner::RunError>) -> ExitCode {
 }
 
 fn migrate(args: &vmm::cli::MigrateArgs) -> ExitCode {
+    let api = args
+        .api_socket
+        .clone()
+        .unwrap_or_else(vmm::config::default_api_socket);
+    if args.cancel {
+        return cancel(&api);
+    }
     let bandwidth = match args.max_bandwidth.as_deref().map(vmm::config::parse_size) {
         None => None,
         Some(Ok(0)) => {
@@ -108,10 +115,6 @@ fn migrate(args: &vmm::cli::MigrateArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let api = args
-        .api_socket
-        .clone()
-        .unwrap_or_else(vmm::config::default_api_socket);
     let req = vmm::migrate::client::request(args, bandwidth);
     match vmm::migrate::client::migrate(&api, &req, args.json) {
         Ok(v) => {
@@ -121,6 +124,24 @@ fn migrate(args: &vmm::cli::MigrateArgs) -> ExitCode {
                 println!("{}", vmm::migrate::client::summary_text(&v));
             }
             ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `minivmm migrate --cancel`.
+fn cancel(api: &std::path::Path) -> ExitCode {
+    match vmm::control::request(api, &serde_json::json!({"cmd": "cancel"})) {
+        Ok(r) if r["ok"] == true => {
+            eprintln!("minivmm: cancelling the migration");
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("error: {}", r["error"].as_str().unwrap_or("cancel refused"));
+            ExitCode::from(1)
         }
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));

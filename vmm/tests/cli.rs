@@ -66,6 +66,7 @@ fn usage_and_value_errors_exit_2() {
     assert_fails(&["receive"], 2, "--listen");
     assert_fails(&["receive", "--from", "unix:/x"], 2, "file:");
     assert_fails(&["migrate"], 2, "--to");
+    assert_fails(&["migrate", "--cancel", "--to", "x"], 2, "--cancel");
     assert_fails(&["migrate", "--to", "x", "--max-bandwidth", "zz"], 2, "zz");
 }
 

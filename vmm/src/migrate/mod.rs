@@ -14,7 +14,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde_json::Value;
+use migration::Cancel;
+use serde_json::{json, Value};
 
 use crate::control::{error_reply, Request, RequestHandler};
 use crate::Vmm;
@@ -29,6 +30,8 @@ pub fn rss_kib() -> u64 {
 pub struct VmmControl {
     vmm: Arc<Mutex<Vmm>>,
     migrating: Arc<AtomicBool>,
+    /// The running (or last) migration's cancellation flag.
+    cancel: Cancel,
 }
 
 impl VmmControl {
@@ -36,6 +39,7 @@ impl VmmControl {
         VmmControl {
             vmm,
             migrating: Arc::new(AtomicBool::new(false)),
+            cancel: Cancel::new(),
         }
     }
 }
@@ -50,7 +54,9 @@ impl RequestHandler for VmmControl {
                 }
                 match conn.try_clone() {
                     Ok(c) => {
-                        worker::spawn(self.vmm.clone(), args, c, self.migrating.clone());
+                        self.cancel = Cancel::new();
+                        let (vmm, migrating) = (self.vmm.clone(), self.migrating.clone());
+                        worker::spawn(vmm, args, c, migrating, self.cancel.clone());
                         None
                     }
                     Err(e) => {
@@ -61,6 +67,11 @@ impl RequestHandler for VmmControl {
                     }
                 }
             }
+            Request::Cancel if busy => {
+                self.cancel.cancel();
+                Some(json!({"ok": true}))
+            }
+            Request::Cancel => Some(error_reply("no migration is running")),
             Request::Pause | Request::Resume if busy => Some(error_reply(
                 "the VM is migrating; pause and resume are refused",
             )),

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use log::{error, info};
 use migration::{
-    send_migration, Connection, Endpoint, Limits, MigrationStats, Progress, SendOptions, Transport,
+    send_migration, Cancel, Connection, Endpoint, Limits, MigrationStats, Progress, SendOptions,
+    Transport,
 };
 use serde_json::{json, Value};
 
@@ -22,16 +23,18 @@ use crate::error_chain;
 use crate::exit::VmExit;
 use crate::Vmm;
 
-/// Start the worker; it replies on `conn` and clears `migrating` when done.
+/// Start the worker; it replies on `conn` and clears `migrating` when done. Setting `cancel`
+/// gives the migration up.
 pub fn spawn(
     vmm: Arc<Mutex<Vmm>>,
     args: MigrateRequest,
     conn: UnixStream,
     migrating: Arc<AtomicBool>,
+    cancel: Cancel,
 ) {
     let body = move || {
         let exit = lock(&vmm).exit_signal();
-        let (reply, ended) = match migrate(&vmm, &args, &conn) {
+        let (reply, ended) = match migrate(&vmm, &args, &conn, cancel) {
             Ok((reply, ended)) => (reply, ended),
             Err(e) => {
                 error!("migration to {} failed: {e}", args.to);
@@ -82,6 +85,7 @@ fn migrate(
     vmm: &Arc<Mutex<Vmm>>,
     args: &MigrateRequest,
     conn: &UnixStream,
+    cancel: Cancel,
 ) -> Result<(Value, bool), String> {
     let endpoint = Endpoint::parse(&args.to).map_err(|e| error_chain(&e))?;
     let is_file = matches!(endpoint, Endpoint::File(_));
@@ -106,6 +110,7 @@ fn migrate(
         limits,
         max_bandwidth: args.max_bandwidth,
         zero_elision: !args.no_zero_elision,
+        cancel,
         progress: Some(Box::new(move |p: &Progress| {
             let _ = write_line(&progress_conn, &progress_line(p));
         })),
