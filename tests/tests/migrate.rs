@@ -332,6 +332,12 @@ fn cancel_gives_the_migration_up_and_the_source_keeps_running() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    let r = e2e::control(&src.api, r#"{"cmd":"status"}"#).expect("source status");
+    assert_eq!(
+        r["migration"]["to"],
+        uri.as_str(),
+        "status shows the migration: {r}"
+    );
     let mut cancel = e2e::Proc::minivmm(
         "cancel",
         &[
@@ -363,6 +369,8 @@ fn cancel_gives_the_migration_up_and_the_source_keeps_running() {
         src.proc.alive(),
         "the source survives a cancelled migration"
     );
+    let r = e2e::control(&src.api, r#"{"cmd":"status"}"#).expect("source status");
+    assert!(r["migration"].is_null() && r["state"] == "running", "{r}");
     src.rounds(0, 1);
     assert_no_failure(&src.proc);
     // Nothing is running now: a second cancel is refused.

@@ -11,8 +11,8 @@ pub mod throttle;
 pub mod worker;
 
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use migration::Cancel;
 use serde_json::{json, Value};
@@ -25,62 +25,183 @@ pub fn rss_kib() -> u64 {
     crate::procfs::rss_kib(None)
 }
 
+/// The VM's outgoing migration, shared by the control handler and the worker: whether one
+/// runs, how to cancel it, and what `status` says of it.
+#[derive(Default)]
+pub struct Outgoing(Mutex<Option<Current>>);
+
+struct Current {
+    to: String,
+    started: Instant,
+    /// The migration succeeded: the guest runs at `to` now.
+    moved: bool,
+    cancel: Cancel,
+    /// The last pass's progress line, `null` during the bulk pass.
+    progress: Value,
+}
+
+impl Outgoing {
+    fn lock(&self) -> MutexGuard<'_, Option<Current>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims the slot for a migration to `to`: its cancellation flag, or why not.
+    fn begin(&self, to: &str) -> Result<Cancel, String> {
+        let mut current = self.lock();
+        match current.as_ref() {
+            Some(c) if c.moved => return Err(format!("the VM has moved to {}", c.to)),
+            Some(_) => return Err("a migration is already running".into()),
+            None => {}
+        }
+        let cancel = Cancel::new();
+        *current = Some(Current {
+            to: to.to_string(),
+            started: Instant::now(),
+            moved: false,
+            cancel: cancel.clone(),
+            progress: Value::Null,
+        });
+        Ok(cancel)
+    }
+
+    /// Records the progress of the pass that just ended.
+    pub fn progress(&self, progress: Value) {
+        if let Some(c) = self.lock().as_mut() {
+            c.progress = progress;
+        }
+    }
+
+    /// The migration failed or was cancelled: the slot is free.
+    pub fn end(&self) {
+        *self.lock() = None;
+    }
+
+    /// The migration succeeded: the slot stays taken until the process ends.
+    pub fn moved(&self) {
+        if let Some(c) = self.lock().as_mut() {
+            c.moved = true;
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Asks the running migration to stop; false when none runs.
+    fn cancel(&self) -> bool {
+        match self.lock().as_ref() {
+            Some(c) if !c.moved => {
+                c.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// What `status` shows of the running migration.
+    fn status(&self) -> Option<Value> {
+        self.lock().as_ref().map(|c| {
+            json!({
+                "to": c.to,
+                "elapsed_ms": c.started.elapsed().as_millis() as u64,
+                "cancelling": c.cancel.is_cancelled(),
+                "moved": c.moved,
+                "last_pass": c.progress,
+            })
+        })
+    }
+}
+
 /// The control-socket handler of a running VM: basic requests go to the [`Vmm`], `migrate`
 /// starts a [`worker`] that owns the connection until it replies.
 pub struct VmmControl {
     vmm: Arc<Mutex<Vmm>>,
-    migrating: Arc<AtomicBool>,
-    /// The running (or last) migration's cancellation flag.
-    cancel: Cancel,
+    outgoing: Arc<Outgoing>,
 }
 
 impl VmmControl {
     pub fn new(vmm: Arc<Mutex<Vmm>>) -> VmmControl {
         VmmControl {
             vmm,
-            migrating: Arc::new(AtomicBool::new(false)),
-            cancel: Cancel::new(),
+            outgoing: Arc::default(),
         }
     }
 }
 
 impl RequestHandler for VmmControl {
     fn handle(&mut self, req: Request, conn: &UnixStream) -> Option<Value> {
-        let busy = self.migrating.load(Ordering::Acquire);
+        let busy = self.outgoing.running();
         match req {
             Request::Migrate(args) => {
-                if self.migrating.swap(true, Ordering::AcqRel) {
-                    return Some(error_reply("a migration is already running"));
-                }
+                let cancel = match self.outgoing.begin(&args.to) {
+                    Ok(c) => c,
+                    Err(why) => return Some(error_reply(&why)),
+                };
                 match conn.try_clone() {
                     Ok(c) => {
-                        self.cancel = Cancel::new();
-                        let (vmm, migrating) = (self.vmm.clone(), self.migrating.clone());
-                        worker::spawn(vmm, args, c, migrating, self.cancel.clone());
+                        let (vmm, outgoing) = (self.vmm.clone(), self.outgoing.clone());
+                        worker::spawn(vmm, args, c, outgoing, cancel);
                         None
                     }
                     Err(e) => {
-                        self.migrating.store(false, Ordering::Release);
+                        self.outgoing.end();
                         Some(error_reply(&format!(
                             "cannot hand the connection over: {e}"
                         )))
                     }
                 }
             }
-            Request::Cancel if busy => {
-                self.cancel.cancel();
-                Some(json!({"ok": true}))
-            }
+            Request::Cancel if self.outgoing.cancel() => Some(json!({"ok": true})),
             Request::Cancel => Some(error_reply("no migration is running")),
+            // Resuming a VM that moved would run its guest twice.
             Request::Pause | Request::Resume if busy => Some(error_reply(
-                "the VM is migrating; pause and resume are refused",
+                "the VM is migrating or has moved; pause and resume are refused",
             )),
-            other => Some(
-                self.vmm
+            other => {
+                let mut reply = self
+                    .vmm
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .handle_basic(other),
-            ),
+                    .handle_basic(other);
+                if let (Some(m), Some(obj)) = (self.outgoing.status(), reply.as_object_mut()) {
+                    obj.insert("migration".into(), m);
+                }
+                Some(reply)
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outgoing_holds_one_migration_and_reports_it() {
+        let o = Outgoing::default();
+        assert!(!o.running() && o.status().is_none());
+        assert!(!o.cancel(), "nothing to cancel");
+        let cancel = o.begin("unix:/m").expect("free slot");
+        assert!(o.begin("unix:/other").is_err(), "one at a time");
+        let s = o.status().expect("running");
+        assert_eq!(
+            (s["to"].as_str(), s["last_pass"].is_null()),
+            (Some("unix:/m"), true)
+        );
+        o.progress(json!({"pass": 0}));
+        assert_eq!(o.status().expect("running")["last_pass"]["pass"], 0);
+        assert!(o.cancel() && cancel.is_cancelled());
+        assert_eq!(o.status().expect("running")["cancelling"], true);
+        o.end();
+        assert!(!o.running() && o.status().is_none());
+        let next = o.begin("unix:/m").expect("free again");
+        assert!(!next.is_cancelled(), "a new migration starts uncancelled");
+        o.moved();
+        assert!(!o.cancel(), "a finished migration cannot be cancelled");
+        assert_eq!(
+            o.begin("unix:/n").unwrap_err(),
+            "the VM has moved to unix:/m",
+            "a VM that left is never sent again"
+        );
     }
 }

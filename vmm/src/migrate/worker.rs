@@ -6,7 +6,6 @@
 use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,33 +17,40 @@ use migration::{
 use serde_json::{json, Value};
 
 use super::source::SourceVm;
+use super::Outgoing;
 use crate::control::{error_reply, MigrateRequest};
 use crate::error_chain;
 use crate::exit::VmExit;
 use crate::Vmm;
 
-/// Start the worker; it replies on `conn` and clears `migrating` when done. Setting `cancel`
-/// gives the migration up.
+/// Start the worker; it replies on `conn`, keeps `outgoing` up to date and frees it when done.
+/// Setting `cancel` gives the migration up.
 pub fn spawn(
     vmm: Arc<Mutex<Vmm>>,
     args: MigrateRequest,
     conn: UnixStream,
-    migrating: Arc<AtomicBool>,
+    outgoing: Arc<Outgoing>,
     cancel: Cancel,
 ) {
     let body = move || {
         let exit = lock(&vmm).exit_signal();
-        let (reply, ended) = match migrate(&vmm, &args, &conn, cancel) {
+        let (reply, ended) = match migrate(&vmm, &args, &conn, &outgoing, cancel) {
             Ok((reply, ended)) => (reply, ended),
             Err(e) => {
                 error!("migration to {} failed: {e}", args.to);
                 (error_reply(&e), false)
             }
         };
+        // Settled before the reply, which its reader may follow with `status` or `migrate`
+        // at once. A VM that left stays claimed: it must never be migrated a second time.
+        if ended {
+            outgoing.moved();
+        } else {
+            outgoing.end();
+        }
         if let Err(e) = write_line(&conn, &reply) {
             info!("migrate client went away before the reply: {e}");
         }
-        migrating.store(false, Ordering::Release);
         if ended {
             exit.trigger(VmExit::Migrated(args.to.clone()));
         }
@@ -85,6 +91,7 @@ fn migrate(
     vmm: &Arc<Mutex<Vmm>>,
     args: &MigrateRequest,
     conn: &UnixStream,
+    outgoing: &Arc<Outgoing>,
     cancel: Cancel,
 ) -> Result<(Value, bool), String> {
     let endpoint = Endpoint::parse(&args.to).map_err(|e| error_chain(&e))?;
@@ -111,8 +118,13 @@ fn migrate(
         max_bandwidth: args.max_bandwidth,
         zero_elision: !args.no_zero_elision,
         cancel,
-        progress: Some(Box::new(move |p: &Progress| {
-            let _ = write_line(&progress_conn, &progress_line(p));
+        progress: Some(Box::new({
+            let outgoing = outgoing.clone();
+            move |p: &Progress| {
+                let line = progress_line(p);
+                let _ = write_line(&progress_conn, &line);
+                outgoing.progress(line["progress"].clone());
+            }
         })),
         ..SendOptions::default()
     };
