@@ -310,6 +310,27 @@ fn crafted_streams_get_typed_errors() {
         Craft::new().record(RecordKind::PassEnd, &end(0)).bytes(),
         |e| matches!(e, DestinationError::Unexpected { kind: RecordKind::PassEnd, offset, .. } if *offset == first),
     );
+    // The source's Abort ends the stream wherever it comes, with its reason (invalid UTF-8
+    // shown replaced, not refused), before a pass and in the middle of one.
+    let err = expect_err(
+        Craft::new()
+            .record(RecordKind::Abort, b"cancelled \xff")
+            .bytes(),
+        |e| matches!(e, DestinationError::Aborted(_)),
+    );
+    assert_eq!(
+        err.to_string(),
+        "The source gave the migration up: cancelled \u{fffd}"
+    );
+    expect_err(
+        Craft::new()
+            .pass(0, 0)
+            .pages(&[run(0, 1, false)], 1)
+            .record(RecordKind::Abort, b"stop")
+            .pass(1, 0)
+            .bytes(),
+        |e| matches!(e, DestinationError::Aborted(r) if r == "stop"),
+    );
 
     // Runs outside memory (in the hole between regions, past the end, wrapping), misaligned,
     // overlapping, empty, and a data count that does not match.
