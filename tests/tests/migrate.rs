@@ -396,3 +396,51 @@ fn cancel_gives_the_migration_up_and_the_source_keeps_running() {
     assert_hashes_match(&stats);
     assert_keeps_verifying(&mut dst, 1);
 }
+
+/// A source told to end (SIGTERM) in the middle of a migration gives it up with an `Abort`
+/// record, so the destination says why the stream ended instead of reporting it truncated.
+#[test]
+fn a_source_ended_mid_migration_tells_the_destination() {
+    require_kvm!();
+    let dir = TempDir::new("mig-term");
+    let mut src = Vm::run(&dir, "src", "512M", 1, "touch=64M rate=1000 seed=29");
+    src.rounds(0, 1);
+    let uri = format!("unix:{}", dir.join("t.sock").display());
+    let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
+    let (api, to) = (src.api.clone(), uri.clone());
+    let mig = std::thread::spawn(move || migrate(&api, &to, &["--max-bandwidth", "8M"]));
+    let deadline = std::time::Instant::now() + T;
+    while e2e::control(&dst.api, r#"{"cmd":"status"}"#).map(|r| r["state"].clone())
+        != Ok("receiving".into())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    src.proc.signal(libc::SIGTERM);
+    let st = src.proc.wait_exit(T).expect("source exits");
+    assert!(
+        st.success(),
+        "SIGTERM ends the source cleanly: {}",
+        src.proc.stderr()
+    );
+    assert!(
+        !mig.join().expect("migrate thread").ok,
+        "the migration failed"
+    );
+    let st = dst.proc.wait_exit(T).expect("destination exits");
+    assert!(!st.success(), "the destination ends non-zero");
+    assert!(
+        dst.proc
+            .stderr()
+            .contains("The source gave the migration up"),
+        "{}",
+        dst.proc.stderr()
+    );
+    assert!(
+        !dst.proc.lines().iter().any(|l| l.contains("VERIFY")),
+        "no guest ran at the destination"
+    );
+}

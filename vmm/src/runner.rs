@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use log::{info, warn};
@@ -54,6 +55,9 @@ pub enum RunError {
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// How long a VM told to end waits for its running migration to give up.
+const GIVE_UP_WAIT: Duration = Duration::from_secs(2);
 
 /// Wakes the event loop when the VM ends.
 struct ExitWatcher(Arc<ExitSignal>);
@@ -200,6 +204,8 @@ fn serve(vmm: Vmm, socket: ControlSocket) -> Result<VmExit, RunError> {
     let space = vmm.devices_mut().serial_input_space.take();
     let vmm = Arc::new(Mutex::new(vmm));
 
+    let control = VmmControl::new(vmm.clone());
+    let outgoing = control.outgoing();
     let mut em = EventManager::<Subscriber>::new().map_err(RunError::EventManager)?;
     em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
     em.add_subscriber(Arc::new(Mutex::new(
@@ -207,7 +213,7 @@ fn serve(vmm: Vmm, socket: ControlSocket) -> Result<VmExit, RunError> {
     )));
     em.add_subscriber(Arc::new(Mutex::new(ControlServer::new(
         socket,
-        Arc::new(Mutex::new(VmmControl::new(vmm.clone()))),
+        Arc::new(Mutex::new(control)),
     ))));
 
     // Raw stdin (no std buffering: unread buffered bytes would not wake epoll again).
@@ -244,6 +250,10 @@ fn serve(vmm: Vmm, socket: ControlSocket) -> Result<VmExit, RunError> {
         }
     };
     info!("VM ends: {ended:?}");
+    if let Ok(VmExit::Signal(_) | VmExit::ShutdownRequest) = ended {
+        // Tell the destination why the stream ends (Abort) rather than just cut it.
+        outgoing.cancel_and_wait(GIVE_UP_WAIT);
+    }
     lock(&vmm).shutdown();
     drop(em);
     ended

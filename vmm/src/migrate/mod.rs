@@ -12,7 +12,7 @@ pub mod worker;
 
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use migration::Cancel;
 use serde_json::{json, Value};
@@ -87,6 +87,19 @@ impl Outgoing {
         self.lock().is_some()
     }
 
+    /// Cancels the running migration and waits up to `limit` for it to give up (a migration
+    /// past the final pause completes instead). Used when the VM is told to end.
+    pub fn cancel_and_wait(&self, limit: Duration) {
+        if !self.cancel() {
+            return;
+        }
+        log::info!("cancelling the running migration before the VM ends");
+        let deadline = Instant::now() + limit;
+        while self.lock().as_ref().is_some_and(|c| !c.moved) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Asks the running migration to stop; false when none runs.
     fn cancel(&self) -> bool {
         match self.lock().as_ref() {
@@ -125,6 +138,11 @@ impl VmmControl {
             vmm,
             outgoing: Arc::default(),
         }
+    }
+
+    /// The VM's outgoing-migration slot.
+    pub fn outgoing(&self) -> Arc<Outgoing> {
+        self.outgoing.clone()
     }
 }
 
