@@ -1,6 +1,8 @@
 //! Giving a migration up from another thread. The sender checks the flag before each record of
-//! guest memory and between passes; the stream then ends with an `Abort` record, so the
-//! destination says why, and the source guest runs on as after any failure.
+//! guest memory, between passes and before the final pause; the stream then ends with an
+//! `Abort` record, so the destination says why, and the source guest runs on as after any
+//! failure. The destination's flag is set by whoever also shuts the connection's reading side
+//! down; the receiver then fails as given up and tells the source so in its `Error` reply.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};

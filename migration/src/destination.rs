@@ -16,6 +16,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use crate::cancel::Cancel;
 use crate::dirty::VmError;
 use crate::memory::{layout_of, GuestRam};
 use crate::ram_recv::{RamLoadError, RamReceiver};
@@ -55,6 +56,9 @@ pub struct ReceiveOptions {
     pub reset_if_not_pristine: bool,
     /// Longest wait for stream bytes (sockets).
     pub read_timeout: Option<Duration>,
+    /// Set (with the connection's reading side shut down to wake the reader) to give the
+    /// migration up: it fails as [`DestinationError::GivenUp`], which the source is told.
+    pub give_up: Cancel,
 }
 
 impl Default for ReceiveOptions {
@@ -62,6 +66,7 @@ impl Default for ReceiveOptions {
         ReceiveOptions {
             reset_if_not_pristine: true,
             read_timeout: Some(Duration::from_secs(60)),
+            give_up: Cancel::default(),
         }
     }
 }
@@ -73,6 +78,8 @@ pub enum DestinationError {
     Wire(#[from] WireError),
     #[error("The source gave the migration up: {0}")]
     Aborted(String),
+    #[error("The destination gave the migration up (it was told to end)")]
+    GivenUp,
     #[error("Loading guest RAM failed")]
     Ram(#[from] RamLoadError),
     #[error("Unexpected {kind} record at offset {offset}: expected {expected}")]
@@ -129,7 +136,13 @@ pub fn receive_migration<T: MigrationTarget + ?Sized>(
             .map_err(DestinationError::Reply)?;
     }
     let mut reader = RecordReader::new(transport);
-    let result = receive(target, &mut reader, options);
+    let result = match receive(target, &mut reader, options) {
+        Err(e) if options.give_up.is_cancelled() => {
+            log::debug!("given up while: {e}");
+            Err(DestinationError::GivenUp)
+        }
+        other => other,
+    };
     if let Err(e) = &result {
         if e.is_empty_stream() {
             log::info!("a connection closed without sending anything");

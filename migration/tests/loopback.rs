@@ -663,3 +663,46 @@ fn a_cancelled_migration_aborts_the_destination_and_keeps_the_source() {
         assert_source_recovered(&src);
     }
 }
+
+/// A destination that gives up (its flag set, its reading side shut down, as `minivmm receive`
+/// does on a signal) fails as given up and tells the source, whose guest runs on.
+#[test]
+fn a_destination_that_gives_up_tells_the_source() {
+    let mut src = source();
+    let mut rng = Lcg(11);
+    src.run_guest(move |w| {
+        scribble(w, LAYOUT, &mut rng, 16);
+        thread::sleep(Duration::from_micros(200));
+    });
+    let (mut a, b) = Connection::pair().unwrap();
+    let wake = b.wake_handle().expect("a socket");
+    let give_up = Cancel::new();
+    let ropts = ReceiveOptions {
+        give_up: give_up.clone(),
+        ..ReceiveOptions::default()
+    };
+    let opts = SendOptions {
+        limits: Limits {
+            downtime: Duration::ZERO,
+            max_passes: 1000,
+        },
+        batch_pages: 64,
+        // After the bulk pass: the destination gives up.
+        progress: Some(Box::new(move |_| {
+            give_up.cancel();
+            // SAFETY: shutdown(2) on a socket this test owns; no memory is involved.
+            unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&wake), libc::SHUT_RD) };
+        })),
+        ..Default::default()
+    };
+    let (s, r, dst) = migrate_over(&mut src, &mut a, fake_target(LAYOUT), b, opts, ropts);
+    assert!(matches!(r, Err(DestinationError::GivenUp)), "{r:?}");
+    match s {
+        Err(SourceError::Destination(msg)) => {
+            assert!(msg.contains("gave the migration up"), "{msg}")
+        }
+        other => panic!("the source must be told: {other:?}"),
+    }
+    assert!(!dst.running && !dst.calls.contains(&"resume"));
+    assert_source_recovered(&src);
+}

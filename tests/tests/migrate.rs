@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use e2e::guest::{assert_no_failure, VerifyOk};
-use e2e::migrate::{assert_hashes_match, assert_keeps_verifying, migrate, migrate_ok, Vm, T};
+use e2e::migrate::{
+    assert_hashes_match, assert_keeps_verifying, migrate, migrate_ok, Migration, Vm, T,
+};
 use e2e::{free_tcp_port, require_kvm, Proc, TempDir};
 
 const WRITER: &str = "touch=64M rate=5000 seed=11";
@@ -319,19 +321,7 @@ fn cancel_gives_the_migration_up_and_the_source_keeps_running() {
     src.rounds(0, 1);
     let uri = format!("unix:{}", dir.join("c.sock").display());
     let mut dst = Vm::receive(&dir, "victim", &uri, &[]);
-    let (api, to) = (src.api.clone(), uri.clone());
-    // 64 MiB at 8 MB/s: the bulk pass alone takes 8 s.
-    let mig = std::thread::spawn(move || migrate(&api, &to, &["--max-bandwidth", "8M"]));
-    let deadline = std::time::Instant::now() + T;
-    while e2e::control(&dst.api, r#"{"cmd":"status"}"#).map(|r| r["state"].clone())
-        != Ok("receiving".into())
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stream never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mig = start_slow_migration(&src, &dst, &uri);
     let r = e2e::control(&src.api, r#"{"cmd":"status"}"#).expect("source status");
     assert_eq!(
         r["migration"]["to"],
@@ -407,18 +397,7 @@ fn a_source_ended_mid_migration_tells_the_destination() {
     src.rounds(0, 1);
     let uri = format!("unix:{}", dir.join("t.sock").display());
     let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
-    let (api, to) = (src.api.clone(), uri.clone());
-    let mig = std::thread::spawn(move || migrate(&api, &to, &["--max-bandwidth", "8M"]));
-    let deadline = std::time::Instant::now() + T;
-    while e2e::control(&dst.api, r#"{"cmd":"status"}"#).map(|r| r["state"].clone())
-        != Ok("receiving".into())
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stream never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mig = start_slow_migration(&src, &dst, &uri);
     src.proc.signal(libc::SIGTERM);
     let st = src.proc.wait_exit(T).expect("source exits");
     assert!(
@@ -443,4 +422,52 @@ fn a_source_ended_mid_migration_tells_the_destination() {
         !dst.proc.lines().iter().any(|l| l.contains("VERIFY")),
         "no guest ran at the destination"
     );
+}
+
+/// Starts `minivmm migrate` from `src` to `dst` at 8 MB/s on a thread (a 64 MiB guest's bulk
+/// pass alone takes 8 s) and returns once the destination says it is receiving.
+fn start_slow_migration(src: &Vm, dst: &Vm, uri: &str) -> std::thread::JoinHandle<Migration> {
+    let (api, to) = (src.api.clone(), uri.to_string());
+    let mig = std::thread::spawn(move || migrate(&api, &to, &["--max-bandwidth", "8M"]));
+    let deadline = std::time::Instant::now() + T;
+    while e2e::control(&dst.api, r#"{"cmd":"status"}"#).map(|r| r["state"].clone())
+        != Ok("receiving".into())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    mig
+}
+
+/// A destination told to end (SIGTERM) in the middle of a migration tells the source why; the
+/// source's guest runs on.
+#[test]
+fn a_destination_ended_mid_migration_tells_the_source() {
+    require_kvm!();
+    let dir = TempDir::new("mig-dterm");
+    let mut src = Vm::run(&dir, "src", "512M", 1, "touch=64M rate=1000 seed=31");
+    src.rounds(0, 1);
+    let uri = format!("unix:{}", dir.join("d.sock").display());
+    let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
+    let mig = start_slow_migration(&src, &dst, &uri);
+    dst.proc.signal(libc::SIGTERM);
+    let st = dst.proc.wait_exit(T).expect("destination exits");
+    assert!(
+        st.success(),
+        "SIGTERM ends the destination cleanly: {}",
+        dst.proc.stderr()
+    );
+    let m = mig.join().expect("migrate thread");
+    assert!(!m.ok, "the migration failed");
+    assert!(
+        m.stderr.contains("The destination gave the migration up"),
+        "{}",
+        m.stderr
+    );
+    assert!(src.proc.alive(), "the source survives");
+    src.rounds(0, 1);
+    assert_no_failure(&src.proc);
 }

@@ -21,7 +21,7 @@ use crate::migrate::VmmControl;
 use crate::signals::{block_exit_signals, SignalSubscriber, SignalWatch};
 use crate::terminal::RawModeGuard;
 use crate::{error_chain, RunState, Vmm, VmmError};
-use migration::{receive_migration, Endpoint, Listener, ReceiveOptions};
+use migration::{receive_migration, DestinationError, Endpoint, Listener, ReceiveOptions};
 
 /// Errors of `minivmm run`.
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +147,10 @@ fn accept_migration(
     incoming: &Incoming,
     attempts: u32,
 ) -> Result<Option<VmExit>, RunError> {
-    let options = ReceiveOptions::default();
+    let options = ReceiveOptions {
+        give_up: incoming.give_up_flag(),
+        ..ReceiveOptions::default()
+    };
     let is_file = matches!(listener, Listener::File(..));
     let mut attempt = 1;
     loop {
@@ -177,7 +180,10 @@ fn accept_migration(
             };
             match e {
                 RunError::Transport(_) => warn!("{what} while waiting for a migration"),
-                e => warn!("{what}: incoming migration given up ({})", error_chain(&e)),
+                RunError::Receive(DestinationError::GivenUp) => {
+                    warn!("{what}: incoming migration given up, guest not started")
+                }
+                e => warn!("{what}: incoming migration failed ({})", error_chain(&e)),
             }
             return Ok(Some(why));
         }

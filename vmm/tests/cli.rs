@@ -365,9 +365,15 @@ fn receive_answers_and_ends_cleanly_before_a_guest_arrives() {
         assert!(err.contains(&needle), "{tag}: {err}");
         assert!(!err.contains("panicked"), "{err}");
         assert!(!api.exists() && !listen.exists(), "{tag}: sockets removed");
+        // The source is told why in an Error reply (a 16-byte record header, then the text).
         if let Some(peer) = &mut peer {
-            let mut rest = Vec::new();
-            assert_eq!(peer.read_to_end(&mut rest).unwrap_or(0), 0, "no reply");
+            let mut reply = Vec::new();
+            let _ = peer.read_to_end(&mut reply);
+            let text = String::from_utf8_lossy(reply.get(16..).unwrap_or_default());
+            assert!(
+                text.contains("The destination gave the migration up"),
+                "{tag}: reply {reply:?}"
+            );
         }
     }
 }

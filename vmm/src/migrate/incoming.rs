@@ -6,8 +6,9 @@
 //!   whether the process waits or receives, `shutdown` gives up, and the other requests are
 //!   refused because there is no VM to act on (a client never hangs on an unanswered socket);
 //! - [`Incoming::end`] (a signal, a `shutdown` request) shuts down the sockets the receive is
-//!   blocked on, so it fails at once and the guest is never started: the source, which has no
-//!   confirmation, keeps running.
+//!   blocked on (only the reading side of a connection), so it fails at once, tells the source
+//!   it gave up, and the guest is never started: the source, which has no confirmation, keeps
+//!   running.
 //!
 //! When the guest runs, the control socket goes back to the event loop: connections opened
 //! while waiting are closed then, and their clients connect again.
@@ -22,6 +23,8 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use log::{info, warn};
 use serde_json::{json, Value};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use migration::Cancel;
 
 use crate::control::{error_reply, ControlServer, ControlSocket, Request, RequestHandler};
 use crate::exit::VmExit;
@@ -74,6 +77,8 @@ struct State {
 pub struct Incoming {
     listen: String,
     state: Mutex<State>,
+    /// For `ReceiveOptions::give_up`: set by [`Incoming::end`].
+    give_up: Cancel,
 }
 
 impl Incoming {
@@ -87,7 +92,13 @@ impl Incoming {
                 listener: None,
                 connection: None,
             }),
+            give_up: Cancel::new(),
         })
+    }
+
+    /// The flag the receiver checks when its connection stops ([`end`](Incoming::end) sets it).
+    pub fn give_up_flag(&self) -> Cancel {
+        self.give_up.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -125,6 +136,7 @@ impl Incoming {
         let mut s = self.lock();
         info!("incoming migration given up: {why:?}");
         s.ended.get_or_insert(why);
+        self.give_up.cancel();
         s.shut_down_if_ended();
     }
 
@@ -139,9 +151,16 @@ impl State {
         if self.ended.is_none() {
             return;
         }
-        for fd in self.listener.iter().chain(self.connection.iter()) {
-            // SAFETY: shutdown(2) on a socket this process owns; no memory is involved.
-            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        // The connection keeps its writing side: the receiver tells the source why.
+        let sockets = [
+            (&self.listener, libc::SHUT_RDWR),
+            (&self.connection, libc::SHUT_RD),
+        ];
+        for (fd, how) in sockets {
+            if let Some(fd) = fd {
+                // SAFETY: shutdown(2) on a socket this process owns; no memory is involved.
+                unsafe { libc::shutdown(fd.as_raw_fd(), how) };
+            }
         }
     }
 }
