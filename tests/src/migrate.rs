@@ -135,3 +135,11 @@ pub fn assert_keeps_verifying(dst: &mut Vm, cpus: u64) {
     }
     assert_no_failure(&dst.proc);
 }
+
+/// No guest ever ran in `p` (it printed no VERIFY line): a destination that refused.
+pub fn assert_no_guest_ran(p: &Proc) {
+    assert!(
+        !p.lines().iter().any(|l| l.contains("VERIFY")),
+        "no guest ran at the destination"
+    );
+}
