@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: boot the built-in test guest, report the time from start to its first VERIFY-OK,
-# show a few more rounds, shut it down over the control socket and show how to boot Linux.
+# show a few more rounds, live-migrate it into a second minivmm process, show it going on there,
+# shut it down over the control socket and show how to boot Linux.
 set -euo pipefail
 bin=${MINIVMM_BIN:-target/release/minivmm}
 dir=$(mktemp -d)
@@ -28,13 +29,38 @@ if [ -z "$first" ]; then
   exit 1
 fi
 echo "time from start to first VERIFY-OK: ${first} ms"
-echo "status: $(printf '{"cmd":"status"}\n' | timeout 5 python3 -c '
+ask() { # ask SOCKET JSON: one control request, one reply line
+  printf '%s\n' "$2" | timeout 5 python3 -c '
 import socket,sys
-s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.stdin.buffer.read()); print(s.makefile().readline().strip())' "$api")"
-printf '{"cmd":"shutdown"}\n' | timeout 5 python3 -c '
-import socket,sys
-s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.stdin.buffer.read()); s.makefile().readline()' "$api"
+s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.stdin.buffer.read()); print(s.makefile().readline().strip())' "$1"
+}
+echo "status: $(ask "$api" '{"cmd":"status"}')"
+
+echo
+echo "---- live migration to a second minivmm process ----"
+dapi=$dir/dst-api.sock
+"$bin" receive --listen "unix:$dir/m.sock" --api-socket "$dapi" --mem 1G --cpus 1 \
+  </dev/null >"$dir/dst-console" 2>"$dir/dst-stderr" &
+dpid=$!
+trap 'kill $pid $dpid 2>/dev/null || true; rm -rf "$dir"' EXIT
+for _ in $(seq 1 500); do [ -S "$dapi" ] && break; sleep 0.01; done
+echo "\$ minivmm receive --listen unix:\$dir/m.sock --mem 1G --cpus 1"
+echo "\$ minivmm migrate --to unix:\$dir/m.sock"
+if ! "$bin" migrate --to "unix:$dir/m.sock" --api-socket "$api"; then
+  echo "demo: the migration failed" >&2
+  cat "$dir/dst-stderr" >&2
+  exit 1
+fi
 wait $pid || true
+for _ in $(seq 1 300); do
+  [ "$(grep -c VERIFY-OK "$dir/dst-console" || true)" -ge 2 ] && break
+  sleep 0.01
+done
+echo "---- the guest goes on at the destination ----"
+tail -n 2 "$dir/dst-console"
+echo "destination status: $(ask "$dapi" '{"cmd":"status"}')"
+ask "$dapi" '{"cmd":"shutdown"}' >/dev/null
+wait $dpid || true
 cat <<MSG
 
 To boot Linux:
