@@ -16,8 +16,8 @@ use migration::{
 };
 use serde_json::{json, Value};
 
+use super::outgoing::Outgoing;
 use super::source::SourceVm;
-use super::Outgoing;
 use crate::control::{error_reply, MigrateRequest};
 use crate::error_chain;
 use crate::exit::VmExit;
