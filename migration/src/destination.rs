@@ -14,6 +14,8 @@
 //! and, when there is a peer, tells the source why.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
@@ -59,6 +61,29 @@ pub struct ReceiveOptions {
     /// Set (with the connection's reading side shut down to wake the reader) to give the
     /// migration up: it fails as [`DestinationError::GivenUp`], which the source is told.
     pub give_up: Cancel,
+    /// Updated as records arrive, for whoever reports on the receive meanwhile.
+    pub progress: Arc<ReceiveProgress>,
+}
+
+/// How far a receive has come, readable from other threads while it runs.
+#[derive(Debug, Default)]
+pub struct ReceiveProgress {
+    /// Passes begun.
+    passes: AtomicU32,
+    /// Stream offset of the last record header read.
+    bytes: AtomicU64,
+}
+
+impl ReceiveProgress {
+    /// The pass being received (`None` before the first).
+    pub fn pass(&self) -> Option<u32> {
+        self.passes.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Stream bytes received up to the last record header.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
 }
 
 impl Default for ReceiveOptions {
@@ -67,6 +92,7 @@ impl Default for ReceiveOptions {
             reset_if_not_pristine: true,
             read_timeout: Some(Duration::from_secs(60)),
             give_up: Cancel::default(),
+            progress: Arc::default(),
         }
     }
 }
@@ -199,7 +225,7 @@ fn receive<T: MigrationTarget + ?Sized>(
             .map_err(DestinationError::Reply)?;
     }
 
-    let states = load_body(reader, &mut rx)?;
+    let states = load_body(reader, &mut rx, &options.progress)?;
     let mut stats = rx.stats().clone();
     stats.pristine = pristine;
     stats.device_states = states.len() as u32;
@@ -232,6 +258,7 @@ fn receive<T: MigrationTarget + ?Sized>(
 fn load_body(
     reader: &mut RecordReader<'_>,
     rx: &mut RamReceiver,
+    progress: &ReceiveProgress,
 ) -> Result<Vec<StateBlob>, DestinationError> {
     let mut next_pass = 0u32;
     let mut in_pass = false;
@@ -240,6 +267,7 @@ fn load_body(
     let mut ids = HashSet::new();
     loop {
         let (h, offset) = reader.next_header()?;
+        progress.bytes.store(offset, Ordering::Relaxed);
         let unexpected = |expected| DestinationError::Unexpected {
             offset,
             kind: h.kind,
@@ -265,6 +293,7 @@ fn load_body(
                     });
                 }
                 rx.begin_pass(&p, offset)?;
+                progress.passes.store(p.pass + 1, Ordering::Relaxed);
                 next_pass += 1;
                 in_pass = true;
                 final_seen = p.flags & PASS_FINAL != 0;

@@ -76,7 +76,9 @@ pub mod zero;
 mod roundtrip_tests;
 
 pub use cancel::Cancel;
-pub use destination::{receive_migration, DestinationError, MigrationTarget, ReceiveOptions};
+pub use destination::{
+    receive_migration, DestinationError, MigrationTarget, ReceiveOptions, ReceiveProgress,
+};
 pub use dirty::{DirtyBitmap, DirtyLog, VmError};
 pub use memory::{
     advise_huge_pages, regions_from_guest_memory, AnonMapping, Backing, GuestRam, MemoryError,

@@ -141,15 +141,20 @@ fn live_round_trip_with_concurrent_guest() {
         })),
         ..Default::default()
     };
-    let (s, r, dst) = migrate(
-        &mut src,
-        fake_target(LAYOUT),
-        opts,
-        ReceiveOptions::default(),
-    );
+    let ropts = ReceiveOptions::default();
+    let received = ropts.progress.clone();
+    assert_eq!((received.pass(), received.bytes()), (None, 0));
+    let (s, r, dst) = migrate(&mut src, fake_target(LAYOUT), opts, ropts);
     let stats = s.unwrap();
     let rstats = r.unwrap();
     progress.extend(rx.try_iter());
+    // The destination's progress, as a status request would read it, went to the end.
+    assert_eq!(received.pass(), Some(stats.passes.len() as u32 - 1));
+    assert!(
+        received.bytes() + 64 >= stats.totals.bytes,
+        "{}",
+        received.bytes()
+    );
 
     assert_eq!(src.first_difference(&dst), None);
     assert_eq!(dst.states, states());

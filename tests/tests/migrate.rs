@@ -441,13 +441,17 @@ impl SlowMigration {
         let dst = Vm::receive(&dir, "dst", &uri, &[]);
         let (api, to) = (src.api.clone(), uri.clone());
         let mig = std::thread::spawn(move || migrate(&api, &to, &["--max-bandwidth", "8M"]));
+        // The destination's status says when the bulk pass flows (it lasts 8 s).
         let deadline = std::time::Instant::now() + T;
-        while e2e::control(&dst.api, r#"{"cmd":"status"}"#).map(|r| r["state"].clone())
-            != Ok("receiving".into())
-        {
+        loop {
+            let r = e2e::control(&dst.api, r#"{"cmd":"status"}"#).expect("destination status");
+            if r["state"] == "receiving" && r["pass"] == 0 && r["received_bytes"].as_u64() > Some(0)
+            {
+                break;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the stream never started"
+                "the bulk pass never started: {r}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -147,10 +147,6 @@ fn accept_migration(
     incoming: &Incoming,
     attempts: u32,
 ) -> Result<Option<VmExit>, RunError> {
-    let options = ReceiveOptions {
-        give_up: incoming.give_up_flag(),
-        ..ReceiveOptions::default()
-    };
     let is_file = matches!(listener, Listener::File(..));
     let mut attempt = 1;
     loop {
@@ -158,7 +154,11 @@ fn accept_migration(
             .accept()
             .map_err(RunError::Transport)
             .and_then(|mut conn| {
-                incoming.receiving(conn.wake_handle());
+                let options = ReceiveOptions {
+                    give_up: incoming.give_up_flag(),
+                    progress: incoming.receiving(conn.wake_handle()),
+                    ..ReceiveOptions::default()
+                };
                 receive_migration(target, &mut conn, &options).map_err(RunError::Receive)
             });
         let e = match result {

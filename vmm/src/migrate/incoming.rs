@@ -24,7 +24,7 @@ use log::{info, warn};
 use serde_json::{json, Value};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use migration::Cancel;
+use migration::{Cancel, ReceiveProgress};
 
 use crate::control::{error_reply, ControlServer, ControlSocket, Request, RequestHandler};
 use crate::exit::VmExit;
@@ -66,6 +66,8 @@ impl Phase {
 #[derive(Debug)]
 struct State {
     phase: Phase,
+    /// The current attempt's progress (while receiving).
+    progress: Option<Arc<ReceiveProgress>>,
     ended: Option<VmExit>,
     listener: Option<OwnedFd>,
     connection: Option<OwnedFd>,
@@ -88,6 +90,7 @@ impl Incoming {
             listen,
             state: Mutex::new(State {
                 phase: Phase::Waiting,
+                progress: None,
                 ended: None,
                 listener: None,
                 connection: None,
@@ -115,18 +118,22 @@ impl Incoming {
     }
 
     /// A source connected: `connection` (from `Connection::wake_handle`) is shut down by
-    /// [`end`](Incoming::end).
-    pub fn receiving(&self, connection: Option<OwnedFd>) {
+    /// [`end`](Incoming::end). Returns the progress for the receiver to update.
+    pub fn receiving(&self, connection: Option<OwnedFd>) -> Arc<ReceiveProgress> {
         let mut s = self.lock();
         s.phase = Phase::Receiving;
         s.connection = connection;
+        let progress = Arc::new(ReceiveProgress::default());
+        s.progress = Some(progress.clone());
         s.shut_down_if_ended();
+        progress
     }
 
     /// The attempt failed; back to waiting for the next source.
     pub fn waiting(&self) {
         let mut s = self.lock();
         s.phase = Phase::Waiting;
+        s.progress = None;
         s.connection = None;
     }
 
@@ -170,10 +177,20 @@ struct WaitingControl(Arc<Incoming>);
 
 impl RequestHandler for WaitingControl {
     fn handle(&mut self, req: Request, _conn: &UnixStream) -> Option<Value> {
-        let phase = self.0.lock().phase;
+        let (phase, progress) = {
+            let s = self.0.lock();
+            (s.phase, s.progress.clone())
+        };
         let listen = &self.0.listen;
         Some(match req {
-            Request::Status => json!({"ok": true, "state": phase.as_str(), "listen": listen}),
+            Request::Status => {
+                let mut r = json!({"ok": true, "state": phase.as_str(), "listen": listen});
+                if let Some(p) = progress {
+                    r["pass"] = json!(p.pass());
+                    r["received_bytes"] = json!(p.bytes());
+                }
+                r
+            }
             Request::Shutdown => {
                 self.0.end(VmExit::ShutdownRequest);
                 json!({"ok": true})
@@ -328,7 +345,12 @@ mod tests {
             (r["state"].as_str(), r["listen"].as_str()),
             (Some("waiting"), Some("unix:/tmp/m.sock"))
         );
-        incoming.receiving(None);
+        let _progress = incoming.receiving(None);
+        let r = control.handle(Request::Status, &conn).expect("reply");
+        assert_eq!(
+            (r["pass"].is_null(), &r["received_bytes"]),
+            (true, &json!(0))
+        );
         let r = control.handle(Request::Pause, &conn).expect("reply");
         assert_eq!(r["ok"], false);
         assert_eq!(
