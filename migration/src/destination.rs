@@ -44,8 +44,9 @@ pub trait MigrationTarget: GuestRam {
     /// Starts the restored guest.
     fn resume(&mut self) -> Result<(), VmError>;
     /// A short report (UTF-8, e.g. JSON) sent back to the source with the `Running`
-    /// acknowledgement: what the destination measured after it resumed.
-    fn running_report(&self) -> Vec<u8> {
+    /// acknowledgement: what the destination measured after it resumed, given what the
+    /// receive measured.
+    fn running_report(&self, _stats: &ReceiveStats) -> Vec<u8> {
         Vec::new()
     }
 }
@@ -243,7 +244,7 @@ fn receive<T: MigrationTarget + ?Sized>(
     if reader.transport().has_peer() {
         let t = Instant::now();
         // If this fails the source resumes its copy; failing here makes the vmm exit.
-        let mut report = target.running_report();
+        let mut report = target.running_report(&stats);
         report.truncate(crate::wire::MAX_MESSAGE_LEN);
         send_reply(reader.transport(), RecordKind::Running, &report)
             .map_err(DestinationError::Reply)?;

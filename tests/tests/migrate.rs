@@ -21,6 +21,15 @@ fn unix_socket_migration_of_a_writing_guest() {
     let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
     let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
     assert_hashes_match(&stats);
+    // A fresh destination is proven pristine, with nothing to reset.
+    assert_eq!(
+        (
+            &stats["destination"]["pristine"],
+            &stats["destination"]["reset"]
+        ),
+        (&true.into(), &false.into()),
+        "{stats}"
+    );
     assert_keeps_verifying(&mut dst, 1);
     let r = e2e::control(&dst.api, r#"{"cmd":"status"}"#).expect("status");
     assert_eq!(r["state"], "running", "{r}");
@@ -393,7 +402,11 @@ fn cancel_gives_the_migration_up_and_the_source_keeps_running() {
     assert_hashes_match(&stats);
     // Elision into memory the first attempt wrote: only after it was made zero again, and
     // the memory hashes prove the result.
-    assert_eq!(stats["zero_elision"], true, "{stats}");
+    assert_eq!(
+        (&stats["zero_elision"], &stats["destination"]["reset"]),
+        (&true.into(), &true.into()),
+        "{stats}"
+    );
     assert_keeps_verifying(&mut dst, 1);
 }
 

@@ -3,7 +3,8 @@
 //! arrived, then started.
 
 use migration::{
-    regions_from_guest_memory, GuestRam, MigrationTarget, RamRegion, StateBlob, VmError,
+    regions_from_guest_memory, GuestRam, MigrationTarget, RamRegion, ReceiveStats, StateBlob,
+    VmError,
 };
 use serde_json::json;
 
@@ -188,9 +189,11 @@ impl MigrationTarget for TargetVm {
         Ok(())
     }
 
-    fn running_report(&self) -> Vec<u8> {
+    fn running_report(&self, stats: &ReceiveStats) -> Vec<u8> {
         json!({
             "rss_kib": super::rss_kib(),
+            "pristine": stats.pristine,
+            "reset": stats.reset,
             "mem_hash": self.memory_hash.map(|h| h.hex()),
             "nonzero_pages": self.memory_hash.map(|h| h.nonzero_pages),
         })
