@@ -15,10 +15,10 @@ use crate::config::VmConfig;
 use crate::control::{self, ControlError, ControlServer, ControlSocket};
 use crate::devices::serial::{SerialInput, StdoutOut};
 use crate::exit::{ExitSignal, VmExit};
-use crate::migrate::incoming::{ControlThread, Incoming, IncomingError};
+use crate::migrate::incoming::{Incoming, IncomingError, InterimLoop};
 use crate::migrate::target::TargetVm;
 use crate::migrate::VmmControl;
-use crate::signals::{block_exit_signals, SignalSubscriber, SignalWatch};
+use crate::signals::{block_exit_signals, SignalSubscriber};
 use crate::terminal::RawModeGuard;
 use crate::{error_chain, RunState, Vmm, VmmError};
 use migration::{receive_migration, DestinationError, Endpoint, Listener, ReceiveOptions};
@@ -50,11 +50,12 @@ pub enum RunError {
     NoVm,
     #[error("cannot build the expected VM before the migration")]
     Prepare(#[source] migration::VmError),
-    #[error("cannot serve the control socket while waiting")]
+    #[error("cannot serve the control socket and signals while waiting")]
     Incoming(#[source] IncomingError),
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// What the event loops hold.
+pub(crate) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// How long a VM told to end waits for its running migration to give up.
 const GIVE_UP_WAIT: Duration = Duration::from_secs(2);
@@ -89,9 +90,9 @@ pub fn run(config: VmConfig, on_socket: impl FnOnce(&Path)) -> Result<VmExit, Ru
 }
 
 /// `minivmm receive`: wait for an incoming migration (or load a snapshot), then serve the
-/// restored VM like `run` does. Returns why it ended. Until the guest runs, the control socket
-/// is served by a [`ControlThread`], and a signal or a `shutdown` request gives up the receive
-/// (see [`crate::migrate::incoming`]).
+/// restored VM like `run` does. Returns why it ended. Until the guest runs, an [`InterimLoop`]
+/// serves the control socket and the signals, and either (a `shutdown` request, a signal)
+/// gives the receive up (see [`crate::migrate::incoming`]).
 pub fn receive(
     uri: &str,
     api_socket: &Path,
@@ -108,12 +109,7 @@ pub fn receive(
     on_socket(socket.path());
     let incoming = Incoming::new(endpoint.to_string());
     incoming.waiting_on(listener.wake_handle());
-    let signals = SignalWatch::start({
-        let incoming = incoming.clone();
-        move |sig| incoming.end(VmExit::Signal(sig))
-    })
-    .map_err(RunError::Signals)?;
-    let control = ControlThread::start(socket, incoming.clone()).map_err(RunError::Incoming)?;
+    let interim = InterimLoop::start(socket, incoming.clone()).map_err(RunError::Incoming)?;
     let mut target = TargetVm::new(api_socket.to_path_buf());
     if let Some((mem_bytes, cpus)) = shape {
         target.prepare(mem_bytes, cpus).map_err(RunError::Prepare)?;
@@ -123,8 +119,7 @@ pub fn receive(
         return Ok(why);
     }
     drop(listener);
-    signals.stop();
-    let socket = match control.stop() {
+    let socket = match interim.stop() {
         Some(s) => s,
         None => control::bind(api_socket).map_err(RunError::Control)?,
     };
@@ -215,7 +210,11 @@ fn serve(vmm: Vmm, socket: ControlSocket) -> Result<VmExit, RunError> {
     let mut em = EventManager::<Subscriber>::new().map_err(RunError::EventManager)?;
     em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
     em.add_subscriber(Arc::new(Mutex::new(
-        SignalSubscriber::new(exit.clone()).map_err(RunError::Signals)?,
+        SignalSubscriber::new({
+            let exit = exit.clone();
+            move |sig| exit.trigger(VmExit::Signal(sig))
+        })
+        .map_err(RunError::Signals)?,
     )));
     em.add_subscriber(Arc::new(Mutex::new(ControlServer::new(
         socket,

@@ -1,17 +1,18 @@
-//! `minivmm receive` before it has a guest. The process waits for the source (or opens a
-//! snapshot) and loads the stream with no event loop running, so two things stand in for one
-//! until the guest starts:
+//! `minivmm receive` before it has a guest. The receiving thread waits for the source (or
+//! opens a snapshot) and loads the stream, so until the guest starts an [`InterimLoop`], an
+//! event loop on a thread of its own, stands in for the VM's:
 //!
-//! - the control socket is served on a thread of its own ([`ControlThread`]): `status` says
-//!   whether the process waits or receives, `shutdown` gives up, and the other requests are
-//!   refused because there is no VM to act on (a client never hangs on an unanswered socket);
-//! - [`Incoming::end`] (a signal, a `shutdown` request) shuts down the sockets the receive is
-//!   blocked on (only the reading side of a connection), so it fails at once, tells the source
-//!   it gave up, and the guest is never started: the source, which has no confirmation, keeps
-//!   running.
+//! - it serves the control socket: `status` says whether the process waits or receives,
+//!   `shutdown` gives up, and the other requests are refused because there is no VM to act
+//!   on (a client never hangs on an unanswered socket);
+//! - it reads the exit signals, each of which gives up too.
 //!
-//! When the guest runs, the control socket goes back to the event loop: connections opened
-//! while waiting are closed then, and their clients connect again.
+//! Giving up, [`Incoming::end`], shuts down the sockets the receive is blocked on (only the
+//! reading side of a connection), so it fails at once, tells the source it gave up, and the
+//! guest is never started: the source, which has no confirmation, keeps running.
+//!
+//! When the guest runs, the control socket goes back to the VM's event loop: connections
+//! opened while waiting are closed then, and their clients connect again.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -28,15 +29,19 @@ use migration::{Cancel, ReceiveProgress};
 
 use crate::control::{error_reply, ControlServer, ControlSocket, Request, RequestHandler};
 use crate::exit::VmExit;
+use crate::runner::Subscriber;
+use crate::signals::SignalSubscriber;
 
-/// Errors starting the interim control server.
+/// Errors starting the interim event loop.
 #[derive(Debug, thiserror::Error)]
 pub enum IncomingError {
-    #[error("cannot set up the control socket's event loop")]
+    #[error("cannot set up the interim event loop")]
     EventManager(#[source] event_manager::Error),
-    #[error("cannot create the control thread's stop eventfd")]
+    #[error("cannot create the interim loop's stop eventfd")]
     EventFd(#[source] io::Error),
-    #[error("cannot start the control thread")]
+    #[error("cannot watch the exit signals")]
+    Signals(#[source] io::Error),
+    #[error("cannot start the interim loop's thread")]
     Thread(#[source] io::Error),
 }
 
@@ -73,8 +78,7 @@ struct State {
     connection: Option<OwnedFd>,
 }
 
-/// The state of an incoming migration that the signal watcher and the control thread share
-/// with the receiving thread.
+/// The state of an incoming migration that the interim loop shares with the receiving thread.
 #[derive(Debug)]
 pub struct Incoming {
     listen: String,
@@ -204,7 +208,7 @@ impl RequestHandler for WaitingControl {
     }
 }
 
-/// The control server plus the eventfd that stops its thread.
+/// The control server plus the eventfd that stops the interim loop.
 struct Served {
     server: ControlServer<WaitingControl>,
     stop: EventFd,
@@ -222,26 +226,33 @@ impl MutEventSubscriber for Served {
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.stop, EventSet::IN)) {
-            warn!("control thread's stop eventfd cannot be polled: {e:?}");
+            warn!("the interim loop's stop eventfd cannot be polled: {e:?}");
         }
         self.server.init(ops);
     }
 }
 
-/// The control socket served on its own thread until the guest starts. Dropped without
-/// [`ControlThread::stop`], it stops the thread and removes the socket.
-pub struct ControlThread {
+/// The event loop of a `receive` until its guest runs, on a thread of its own: the control
+/// socket (answered from the [`Incoming`] state) and the exit signals (each one gives the
+/// migration up). Dropped without [`InterimLoop::stop`], it stops the thread and removes the
+/// socket.
+pub struct InterimLoop {
     served: Option<Arc<Mutex<Served>>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl ControlThread {
+impl InterimLoop {
     pub fn start(
         socket: ControlSocket,
         incoming: Arc<Incoming>,
-    ) -> Result<ControlThread, IncomingError> {
-        let mut em =
-            EventManager::<Arc<Mutex<Served>>>::new().map_err(IncomingError::EventManager)?;
+    ) -> Result<InterimLoop, IncomingError> {
+        let mut em = EventManager::<Subscriber>::new().map_err(IncomingError::EventManager)?;
+        let signals = SignalSubscriber::new({
+            let incoming = incoming.clone();
+            move |sig| incoming.end(VmExit::Signal(sig))
+        })
+        .map_err(IncomingError::Signals)?;
+        em.add_subscriber(Arc::new(Mutex::new(signals)));
         let served = Arc::new(Mutex::new(Served {
             server: ControlServer::new(socket, Arc::new(Mutex::new(WaitingControl(incoming)))),
             stop: EventFd::new(EFD_NONBLOCK).map_err(IncomingError::EventFd)?,
@@ -249,7 +260,7 @@ impl ControlThread {
         }));
         em.add_subscriber(served.clone());
         let thread = std::thread::Builder::new()
-            .name("control".into())
+            .name("interim".into())
             .spawn({
                 let served = served.clone();
                 move || loop {
@@ -258,19 +269,20 @@ impl ControlThread {
                     }
                     // EINTR comes back as Ok(0); an error is a broken epoll set.
                     if let Err(e) = em.run() {
-                        warn!("control socket event loop failed: {e:?}");
+                        warn!("the interim event loop failed: {e:?}");
                         break;
                     }
                 }
             })
             .map_err(IncomingError::Thread)?;
-        Ok(ControlThread {
+        Ok(InterimLoop {
             served: Some(served),
             thread: Some(thread),
         })
     }
 
-    /// Stops serving and hands the socket back (`None` if the thread died with it).
+    /// Stops the loop and hands the control socket back (`None` if the thread died with it).
+    /// Signals from now on stay pending for the next signalfd.
     pub fn stop(mut self) -> Option<ControlSocket> {
         if !self.join() {
             return None;
@@ -293,7 +305,7 @@ impl ControlThread {
     }
 }
 
-impl Drop for ControlThread {
+impl Drop for InterimLoop {
     fn drop(&mut self) {
         self.join();
     }
