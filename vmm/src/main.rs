@@ -54,10 +54,7 @@ fn main() -> ExitCode {
                     let raw = vmm::config::RawConfig {
                         mem: Some(mem.clone()),
                         cpus: Some(cpus),
-                        kernel: None,
-                        initrd: None,
-                        cmdline: None,
-                        api_socket: None,
+                        ..Default::default()
                     };
                     match vmm::config::VmConfig::new(raw) {
                         Ok(c) => Some((c.mem_bytes, c.cpus)),
