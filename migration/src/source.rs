@@ -468,7 +468,6 @@ fn wait_until_applied(w: &mut RecordWriter<'_>, pass: u32) -> Result<(), SourceE
     Ok(())
 }
 
-/// A failed write often means the destination gave up: report its message if it sent one.
 /// Tells the destination the migration is given up (best effort: it may be gone).
 fn abort(w: &mut RecordWriter<'_>) -> SourceError {
     let reason = crate::wire::encode_message("cancelled on the source");
@@ -478,6 +477,8 @@ fn abort(w: &mut RecordWriter<'_>) -> SourceError {
     SourceError::Cancelled
 }
 
+/// A failed write often means the destination gave up: report its message if it sent one.
+/// A cancellation surfacing as a write error ends the stream with `Abort` instead.
 fn send_error(w: &mut RecordWriter<'_>, e: io::Error) -> SourceError {
     if is_cancellation(&e) {
         return abort(w);
