@@ -128,7 +128,7 @@ pub enum RequestError {
     Json(String),
     #[error("request must be a JSON object with a string \"cmd\" field")]
     NoCmd,
-    #[error("unknown command {0:?} (known: status, pause, resume, shutdown, migrate, cancel)")]
+    #[error("unknown command {0:?} (known: {known})", known = COMMANDS.join(", "))]
     UnknownCommand(String),
     #[error("invalid {cmd:?} request: {reason}")]
     BadArguments { cmd: String, reason: String },
@@ -431,6 +431,11 @@ mod tests {
         let e = parse_request(r#"{"cmd":"explode"}"#).expect_err("unknown");
         assert_eq!(e, RequestError::UnknownCommand("explode".into()));
         assert!(e.to_string().contains("explode"));
+        assert!(
+            e.to_string()
+                .ends_with("(known: status, pause, resume, shutdown, migrate, cancel)"),
+            "{e}"
+        );
     }
 
     struct Fake(Vec<Request>);
