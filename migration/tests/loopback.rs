@@ -112,6 +112,15 @@ fn migrate_over<T: Transport + Send + 'static>(
     (s, r, dst)
 }
 
+/// Starts the source's guest: 16 random page writes every 200 us, seeded with `seed`.
+fn keep_writing(src: &mut FakeVm, seed: u64) {
+    let mut rng = Lcg(seed);
+    src.run_guest(move |w| {
+        scribble(w, LAYOUT, &mut rng, 16);
+        thread::sleep(Duration::from_micros(200));
+    });
+}
+
 fn assert_source_recovered(src: &FakeVm) {
     assert!(src.running, "source guest must run again");
     assert!(!src.paused);
@@ -121,11 +130,7 @@ fn assert_source_recovered(src: &FakeVm) {
 #[test]
 fn live_round_trip_with_concurrent_guest() {
     let mut src = source();
-    let mut rng = Lcg(7);
-    src.run_guest(move |w| {
-        scribble(w, LAYOUT, &mut rng, 16);
-        thread::sleep(Duration::from_micros(200));
-    });
+    keep_writing(&mut src, 7);
     let mut progress = Vec::new();
     let (tx, rx) = std::sync::mpsc::channel();
     let opts = SendOptions {
@@ -636,11 +641,7 @@ fn a_cancelled_migration_aborts_the_destination_and_keeps_the_source() {
             ..Default::default()
         };
         if during {
-            let mut rng = Lcg(9);
-            src.run_guest(move |w| {
-                scribble(w, LAYOUT, &mut rng, 16);
-                thread::sleep(Duration::from_micros(200));
-            });
+            keep_writing(&mut src, 9);
             opts.limits = Limits {
                 downtime: Duration::ZERO,
                 max_passes: 1000,
@@ -674,11 +675,7 @@ fn a_cancelled_migration_aborts_the_destination_and_keeps_the_source() {
 #[test]
 fn a_destination_that_gives_up_tells_the_source() {
     let mut src = source();
-    let mut rng = Lcg(11);
-    src.run_guest(move |w| {
-        scribble(w, LAYOUT, &mut rng, 16);
-        thread::sleep(Duration::from_micros(200));
-    });
+    keep_writing(&mut src, 11);
     let (mut a, b) = Connection::pair().unwrap();
     let wake = b.wake_handle().expect("a socket");
     let give_up = Cancel::new();
