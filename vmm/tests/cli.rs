@@ -160,6 +160,15 @@ impl Drop for Vm {
     }
 }
 
+/// Waits (30 s at most) until the control socket at `s` accepts connections.
+fn wait_for_socket(s: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(s).is_err() {
+        assert!(Instant::now() < deadline, "control socket never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn spawn_spinner(tag: &str, s: &Path, guest: &GuestFile) -> Vm {
     let child = Command::new(BIN)
         .args([
@@ -178,11 +187,7 @@ fn spawn_spinner(tag: &str, s: &Path, guest: &GuestFile) -> Vm {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(s).is_err() {
-        assert!(Instant::now() < deadline, "control socket never appeared");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_socket(s);
     Vm(child)
 }
 
@@ -291,11 +296,7 @@ fn spawn_receiver(listen: &Path, api: &Path) -> Vm {
         .spawn()
         .expect("spawn");
     let vm = Vm(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(api).is_err() {
-        assert!(Instant::now() < deadline, "control socket never appeared");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_socket(api);
     vm
 }
 
