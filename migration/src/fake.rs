@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 
-use crate::destination::MigrationTarget;
 use crate::dirty::{DirtyBitmap, DirtyLog, VmError};
 use crate::memory::{AnonMapping, GuestRam, RamRegion};
-use crate::source::MigrationSource;
+use crate::receive::MigrationTarget;
+use crate::send::MigrationSource;
 use crate::stats::PassStats;
 use crate::wire::{StateBlob, PAGE_SIZE, PAGE_SIZE_U64};
 

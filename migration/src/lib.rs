@@ -55,7 +55,6 @@
 //! ```
 
 pub mod cancel;
-pub mod destination;
 pub mod dirty;
 pub mod fake;
 pub mod memory;
@@ -64,8 +63,9 @@ mod populator;
 pub mod precopy;
 pub mod ram_recv;
 pub mod ram_send;
+pub mod receive;
 pub mod records;
-pub mod source;
+pub mod send;
 pub mod stats;
 pub mod stream;
 pub mod transport;
@@ -76,16 +76,16 @@ pub mod zero;
 mod roundtrip_tests;
 
 pub use cancel::Cancel;
-pub use destination::{
-    receive_migration, DestinationError, MigrationTarget, ReceiveOptions, ReceiveProgress,
-};
 pub use dirty::{DirtyBitmap, DirtyLog, VmError};
 pub use memory::{
     advise_huge_pages, regions_from_guest_memory, AnonMapping, Backing, GuestRam, MemoryError,
     RamRegion,
 };
 pub use precopy::{Decision, Limits, StopReason};
-pub use source::{send_migration, MigrationSource, Progress, SendOptions, SourceError};
+pub use receive::{
+    receive_migration, DestinationError, MigrationTarget, ReceiveOptions, ReceiveProgress,
+};
+pub use send::{send_migration, MigrationSource, Progress, SendOptions, SourceError};
 pub use stats::{MigrationStats, PassKind, PassStats, ReceiveStats};
 pub use transport::{Connection, Endpoint, EndpointError, Listener, Transport, TransportError};
 pub use wire::{StateBlob, WireError, FORMAT_VERSION, PAGE_SIZE};

@@ -16,7 +16,7 @@ use crate::control::{self, ControlError, ControlServer, ControlSocket};
 use crate::devices::serial::{SerialInput, StdoutOut};
 use crate::exit::{ExitSignal, VmExit};
 use crate::migrate::incoming::{Incoming, IncomingError, InterimLoop};
-use crate::migrate::target::TargetVm;
+use crate::migrate::target_vm::TargetVm;
 use crate::migrate::VmmControl;
 use crate::signals::{block_exit_signals, SignalSubscriber};
 use crate::terminal::RawModeGuard;

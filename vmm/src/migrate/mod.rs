@@ -6,8 +6,8 @@
 pub mod client;
 pub mod incoming;
 pub mod outgoing;
-pub mod source;
-pub mod target;
+pub mod source_vm;
+pub mod target_vm;
 pub mod throttle;
 pub mod worker;
 

@@ -17,7 +17,7 @@ use migration::{
 use serde_json::{json, Value};
 
 use super::outgoing::Outgoing;
-use super::source::SourceVm;
+use super::source_vm::SourceVm;
 use crate::control::{error_reply, MigrateRequest};
 use crate::error_chain;
 use crate::exit::VmExit;
