@@ -1,31 +1,12 @@
 //! Dirty-page tracking: the per-region [`DirtyBitmap`] (one bit per 4 KiB page, KVM's layout:
 //! bit `i % 64` of word `i / 64`), the merge of KVM's log with the vmm's own write log, the run
-//! iterator the sender walks, and the [`DirtyLog`] trait the vmm implements.
-
-/// An error from the VM side (vmm implementation of a trait), kept opaque but chained.
-pub type VmError = Box<dyn std::error::Error + Send + Sync + 'static>;
+//! iterator the sender walks. The [`crate::vm::DirtyLog`] trait (in `vm.rs`) fills it.
 
 /// Errors merging dirty logs.
 #[derive(Debug, thiserror::Error)]
 pub enum DirtyError {
     #[error("Dirty log has {found} words, the region needs {expected}")]
     WordCount { expected: usize, found: usize },
-}
-
-/// The dirty log of a VM, one bitmap per RAM region (`GuestRam::ram_regions` order).
-///
-/// The sender switches logging on before it reads the first byte of guest memory, so every
-/// write after a page was read shows up in a later fetch. An implementation must OR in every
-/// way guest memory changes: KVM's dirty log for vCPU writes and the vmm's own log for device
-/// and vmm writes (and discards such as a balloon's `MADV_DONTNEED`).
-pub trait DirtyLog {
-    /// Starts logging (KVM: `KVM_MEM_LOG_DIRTY_PAGES` on every slot), clearing older bits.
-    fn start_dirty_log(&mut self) -> Result<(), VmError>;
-    /// Stops logging.
-    fn stop_dirty_log(&mut self) -> Result<(), VmError>;
-    /// ORs into `bitmap` every page of region `region` written since the previous fetch (or
-    /// since logging started) and clears those bits in the log (KVM: `KVM_GET_DIRTY_LOG`).
-    fn fetch_dirty_log(&mut self, region: usize, bitmap: &mut DirtyBitmap) -> Result<(), VmError>;
 }
 
 /// One bit per page of a region.

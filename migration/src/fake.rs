@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 
-use crate::dirty::{DirtyBitmap, DirtyLog, VmError};
-use crate::memory::{AnonMapping, GuestRam, RamRegion};
-use crate::receive::MigrationTarget;
-use crate::send::MigrationSource;
+use crate::dirty::DirtyBitmap;
+use crate::memory::{AnonMapping, RamRegion};
+use crate::records::StateBlob;
 use crate::stats::PassStats;
-use crate::wire::{StateBlob, PAGE_SIZE, PAGE_SIZE_U64};
+use crate::sync::{read, write};
+use crate::vm::{DirtyLog, GuestRam, MigrationSource, MigrationTarget, VmOpError};
+use crate::wire::{PAGE_SIZE, PAGE_SIZE_U64};
 
 /// A step of the fake that can be made to fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,7 +61,7 @@ impl GuestWriter {
             return;
         }
         let (r, off) = self.locate(gpa, data.len());
-        let _gate = self.0.gate.read().unwrap_or_else(|e| e.into_inner());
+        let _gate = read(&self.0.gate);
         self.0.maps[r].write(off, data);
         if self.0.logging.load(Ordering::SeqCst) {
             let (first, last) = (off / PAGE_SIZE, (off + data.len() - 1) / PAGE_SIZE);
@@ -207,7 +208,7 @@ impl FakeVm {
         }
     }
 
-    fn step(&mut self, call: &'static str, fail: FailAt) -> Result<(), VmError> {
+    fn step(&mut self, call: &'static str, fail: FailAt) -> Result<(), VmOpError> {
         self.calls.push(call);
         if self.fail_at == Some(fail) {
             return Err(format!("injected failure in {call}").into());
@@ -246,9 +247,9 @@ impl GuestRam for FakeVm {
 }
 
 impl DirtyLog for FakeVm {
-    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+    fn start_dirty_log(&mut self) -> Result<(), VmOpError> {
         self.step("start_dirty_log", FailAt::StartDirtyLog)?;
-        let _gate = self.shared.gate.write().unwrap_or_else(|e| e.into_inner());
+        let _gate = write(&self.shared.gate);
         for words in &self.shared.log {
             for w in words {
                 w.store(0, Ordering::SeqCst);
@@ -258,7 +259,7 @@ impl DirtyLog for FakeVm {
         Ok(())
     }
 
-    fn stop_dirty_log(&mut self) -> Result<(), VmError> {
+    fn stop_dirty_log(&mut self) -> Result<(), VmOpError> {
         self.calls.push("stop_dirty_log");
         if self.fail_at == Some(FailAt::StopDirtyLog) {
             return Err("injected failure in stop_dirty_log".into());
@@ -267,7 +268,11 @@ impl DirtyLog for FakeVm {
         Ok(())
     }
 
-    fn fetch_dirty_log(&mut self, region: usize, bitmap: &mut DirtyBitmap) -> Result<(), VmError> {
+    fn fetch_dirty_log(
+        &mut self,
+        region: usize,
+        bitmap: &mut DirtyBitmap,
+    ) -> Result<(), VmOpError> {
         if self.fail_at == Some(FailAt::FetchDirtyLog) {
             return Err("injected failure in fetch_dirty_log".into());
         }
@@ -275,17 +280,17 @@ impl DirtyLog for FakeVm {
             .iter()
             .map(|w| w.swap(0, Ordering::SeqCst))
             .collect();
-        bitmap.merge_words(&words)?;
+        bitmap.merge_words(&words).map_err(VmOpError::new)?;
         Ok(())
     }
 }
 
 impl MigrationSource for FakeVm {
-    fn config_blob(&self) -> Result<Vec<u8>, VmError> {
+    fn config_blob(&self) -> Result<Vec<u8>, VmOpError> {
         Ok(self.config().into_bytes())
     }
 
-    fn pause(&mut self) -> Result<(), VmError> {
+    fn pause(&mut self) -> Result<(), VmOpError> {
         self.step("pause", FailAt::Pause)?;
         self.stop_guest();
         self.shared.paused.store(true, Ordering::SeqCst);
@@ -294,7 +299,7 @@ impl MigrationSource for FakeVm {
         Ok(())
     }
 
-    fn resume(&mut self) -> Result<(), VmError> {
+    fn resume(&mut self) -> Result<(), VmOpError> {
         self.step("resume", FailAt::Resume)?;
         self.shared.paused.store(false, Ordering::SeqCst);
         self.paused = false;
@@ -302,12 +307,12 @@ impl MigrationSource for FakeVm {
         Ok(())
     }
 
-    fn save_state(&mut self) -> Result<Vec<StateBlob>, VmError> {
+    fn save_state(&mut self) -> Result<Vec<StateBlob>, VmOpError> {
         self.step("save_state", FailAt::SaveState)?;
         Ok(self.states.clone())
     }
 
-    fn between_passes(&mut self, last: &PassStats) -> Result<(), VmError> {
+    fn between_passes(&mut self, last: &PassStats, _throttle_pct: u32) -> Result<(), VmOpError> {
         let writer = self.writer();
         if let Some(hook) = self.between_passes.as_mut() {
             hook(&writer, last);
@@ -317,7 +322,7 @@ impl MigrationSource for FakeVm {
 }
 
 impl MigrationTarget for FakeVm {
-    fn validate_config(&mut self, config: &[u8]) -> Result<(), VmError> {
+    fn validate_config(&mut self, config: &[u8]) -> Result<(), VmOpError> {
         self.step("validate_config", FailAt::ValidateConfig)?;
         if config != self.config().as_bytes() {
             return Err(format!(
@@ -330,13 +335,13 @@ impl MigrationTarget for FakeVm {
         Ok(())
     }
 
-    fn restore_state(&mut self, states: Vec<StateBlob>) -> Result<(), VmError> {
+    fn restore_state(&mut self, states: Vec<StateBlob>) -> Result<(), VmOpError> {
         self.step("restore_state", FailAt::Restore)?;
         self.states = states;
         Ok(())
     }
 
-    fn resume(&mut self) -> Result<(), VmError> {
+    fn resume(&mut self) -> Result<(), VmOpError> {
         self.step("resume", FailAt::Resume)?;
         self.running = true;
         Ok(())

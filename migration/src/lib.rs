@@ -68,7 +68,9 @@ pub mod records;
 pub mod send;
 pub mod stats;
 pub mod stream;
+pub mod sync;
 pub mod transport;
+pub mod vm;
 pub mod wire;
 pub mod zero;
 
@@ -76,19 +78,18 @@ pub mod zero;
 mod roundtrip_tests;
 
 pub use cancel::Cancel;
-pub use dirty::{DirtyBitmap, DirtyLog, VmError};
+pub use dirty::DirtyBitmap;
 pub use memory::{
-    advise_huge_pages, regions_from_guest_memory, AnonMapping, Backing, GuestRam, MemoryError,
-    RamRegion,
+    advise_huge_pages, regions_from_guest_memory, AnonMapping, Backing, MemoryError, RamRegion,
 };
-pub use precopy::{Decision, Limits, StopReason};
-pub use receive::{
-    receive_migration, DestinationError, MigrationTarget, ReceiveOptions, ReceiveProgress,
-};
-pub use send::{send_migration, MigrationSource, Progress, SendOptions, SourceError};
-pub use stats::{MigrationStats, PassKind, PassStats, ReceiveStats};
+pub use precopy::{Decision, Limits};
+pub use receive::{receive_migration, DestinationError, ReceiveOptions, ReceiveProgress};
+pub use records::StateBlob;
+pub use send::{send_migration, Progress, SendOptions, SourceError};
+pub use stats::{MigrationStats, PassKind, PassStats, ReceiveStats, StopReason};
 pub use transport::{Connection, Endpoint, EndpointError, Listener, Transport, TransportError};
-pub use wire::{StateBlob, WireError, FORMAT_VERSION, PAGE_SIZE};
+pub use vm::{DirtyLog, GuestRam, MigrationSource, MigrationTarget, VmOpError};
+pub use wire::{WireError, FORMAT_VERSION, PAGE_SIZE};
 
 /// An error and its sources on one line, `a: b: c` (for replies, logs and the command line).
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
 
-use crate::wire::{LayoutRegion, PAGE_SIZE, PAGE_SIZE_U64};
+use crate::records::LayoutRegion;
+use crate::wire::{PAGE_SIZE, PAGE_SIZE_U64};
 
 /// Errors about guest memory regions and their host mappings.
 #[derive(Debug, thiserror::Error)]
@@ -247,12 +248,6 @@ pub fn advise_huge_pages(ptr: *mut u8, len: usize) {
             io::Error::last_os_error()
         );
     }
-}
-
-/// Something that owns guest RAM and lists it as regions (index = region number in the
-/// stream and in dirty-log calls). The list must not change during a migration.
-pub trait GuestRam {
-    fn ram_regions(&self) -> Vec<RamRegion>;
 }
 
 /// The regions of a vm-memory `GuestMemoryMmap`, in address order, each keeping its mapping

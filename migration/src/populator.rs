@@ -1,8 +1,8 @@
 //! Allocating destination pages on a second thread, ahead of the reader.
 //!
 //! On a fresh destination, the kernel allocates and clears every page on first write; on a
-//! host that is itself a VM this also faults in the outer hypervisor, and allocating costs
-//! more than receiving the data (here 64 MiB took 40-44 ms to allocate, 20 ms to receive).
+//! host that is itself a VM this also faults in the outer hypervisor, and allocating can cost
+//! more than receiving the data (figures in the README).
 //! Done by the thread that reads the socket, the socket and the sender wait meanwhile. So
 //! the reader queues each data run of a record here as soon as it has checked the run table,
 //! and this thread allocates the runs in order (`MADV_POPULATE_WRITE`, a chunk at a time)
@@ -21,6 +21,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crate::memory::{Backing, RamRegion};
+use crate::sync::{lock, wait};
 
 /// Pages allocated per call (512 KiB): the reader's unit of waiting.
 const CHUNK_PAGES: usize = 128;
@@ -63,7 +64,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, u64> {
-        self.allocated.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.allocated)
     }
 
     fn advance(&self, pages: usize) {
@@ -139,7 +140,7 @@ impl Populator {
         let at = first + done as u64;
         let mut a = w.shared.lock();
         while *a <= at {
-            a = w.shared.progress.wait(a).unwrap_or_else(|e| e.into_inner());
+            a = wait(&w.shared.progress, a);
         }
         if *a == GONE {
             self.enabled = false;
@@ -155,7 +156,7 @@ impl Populator {
         };
         let mut a = w.shared.lock();
         while *a < self.queued {
-            a = w.shared.progress.wait(a).unwrap_or_else(|e| e.into_inner());
+            a = wait(&w.shared.progress, a);
         }
         if *a == GONE {
             self.enabled = false;

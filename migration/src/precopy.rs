@@ -1,24 +1,34 @@
-//! The convergence policy: a pure function from the last pass's statistics to "another pass"
-//! or "stop and copy".
+//! The convergence policy: pure functions from the last pass's statistics to "another pass"
+//! or "stop and copy" ([`decide`]), and to how much vCPU time to take away from a guest that
+//! dirties memory faster than the link drains it ([`throttle_pct`], auto-converge). Both ask
+//! the same question, whether what is left fits the downtime limit ([`fits_downtime`]).
 
 use std::time::Duration;
 
-use serde::Serialize;
-
-use crate::stats::PassStats;
+use crate::stats::{PassKind, PassStats, StopReason};
 
 /// Default downtime limit.
 pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(50);
 /// Default most passes (bulk included) before stop-and-copy.
 pub const DEFAULT_MAX_PASSES: u32 = 30;
 
-/// What the policy is allowed.
+/// Auto-converge's first throttle, in percent of vCPU time (as QEMU's
+/// `cpu-throttle-initial`).
+pub const THROTTLE_INITIAL_PCT: u32 = 20;
+/// Auto-converge's step per pass that still does not fit (QEMU's `cpu-throttle-increment`).
+pub const THROTTLE_STEP_PCT: u32 = 10;
+/// Most vCPU time auto-converge takes away.
+pub const THROTTLE_MAX_PCT: u32 = 95;
+
+/// What the policy is allowed. Built once per migration; every default is here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Longest acceptable pause for the final pass.
     pub downtime: Duration,
     /// Passes (bulk included) after which the guest is paused whatever remains.
     pub max_passes: u32,
+    /// Throttle the vCPUs while a pass leaves more than fits the downtime (auto-converge).
+    pub auto_converge: bool,
 }
 
 impl Default for Limits {
@@ -26,19 +36,9 @@ impl Default for Limits {
         Limits {
             downtime: DEFAULT_DOWNTIME,
             max_passes: DEFAULT_MAX_PASSES,
+            auto_converge: true,
         }
     }
-}
-
-/// Why pre-copy stopped.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StopReason {
-    /// The remaining dirty memory is expected to go out within the downtime limit.
-    #[default]
-    Converged,
-    /// The pass limit was reached first: the guest is paused anyway, downtime may be longer.
-    MaxPasses,
 }
 
 /// The policy's answer after a pass.
@@ -74,7 +74,7 @@ pub const WORTH_A_PASS: Duration = Duration::from_millis(1);
 /// meanwhile, and the guest keeps running during it.
 pub fn decide(last: &PassStats, limits: &Limits) -> Decision {
     let expected = expected_time(last.remaining_bytes(), last.bandwidth_bps);
-    let fits = expected <= limits.downtime;
+    let fits = fits_downtime(last, limits);
     if fits && !another_pass_pays(last, expected) {
         Decision::StopAndCopy(StopReason::Converged)
     } else if last.pass + 1 >= limits.max_passes {
@@ -85,6 +85,30 @@ pub fn decide(last: &PassStats, limits: &Limits) -> Decision {
         })
     } else {
         Decision::Continue
+    }
+}
+
+/// Whether the dirty bytes left after `last` go out within the downtime limit at the
+/// bandwidth the pass achieved.
+pub fn fits_downtime(last: &PassStats, limits: &Limits) -> bool {
+    expected_time(last.remaining_bytes(), last.bandwidth_bps) <= limits.downtime
+}
+
+/// Auto-converge: the share of vCPU time to take away after `last`, given the `current`
+/// share. Like QEMU's auto-converge: [`THROTTLE_INITIAL_PCT`] at the first dirty pass that
+/// does not fit the downtime, [`THROTTLE_STEP_PCT`] more for each further one, at most
+/// [`THROTTLE_MAX_PCT`]; kept while passes fit. The bulk pass says nothing about the guest's
+/// dirtying rate (it sends everything), and an unmeasured bandwidth says nothing either.
+pub fn throttle_pct(current: u32, last: &PassStats, limits: &Limits) -> u32 {
+    if !limits.auto_converge {
+        return 0;
+    }
+    if last.kind == PassKind::Bulk || last.bandwidth_bps == 0 || fits_downtime(last, limits) {
+        return current;
+    }
+    match current {
+        0 => THROTTLE_INITIAL_PCT,
+        c => (c + THROTTLE_STEP_PCT).min(THROTTLE_MAX_PCT),
     }
 }
 
@@ -168,12 +192,39 @@ mod tests {
         let l = Limits {
             downtime: Duration::from_millis(1),
             max_passes: 3,
+            ..Limits::default()
         };
         assert_eq!(decide(&pass(1, 1 << 20, 1000), &l), Decision::Continue);
         assert_eq!(
             decide(&pass(2, 1 << 20, 1000), &l),
             Decision::StopAndCopy(StopReason::MaxPasses)
         );
+    }
+
+    #[test]
+    fn throttle_steps_up_only_while_the_rest_does_not_fit() {
+        let l = Limits::default();
+        let gbps = 1 << 30;
+        let pass_of = |kind, bytes: u64| PassStats {
+            kind,
+            dirty_pages: bytes / 4096,
+            bandwidth_bps: gbps,
+            ..Default::default()
+        };
+        // 1 GiB/s x 50 ms = 51 MiB fit; 100 MiB dirty does not.
+        let big = pass_of(PassKind::Iterative, 100 << 20);
+        let small = pass_of(PassKind::Iterative, 10 << 20);
+        assert_eq!(throttle_pct(0, &pass_of(PassKind::Bulk, 1 << 30), &l), 0);
+        assert_eq!(throttle_pct(0, &big, &l), THROTTLE_INITIAL_PCT);
+        assert_eq!(throttle_pct(20, &big, &l), 30);
+        assert_eq!(throttle_pct(90, &big, &l), THROTTLE_MAX_PCT);
+        assert_eq!(throttle_pct(95, &big, &l), THROTTLE_MAX_PCT);
+        assert_eq!(throttle_pct(30, &small, &l), 30);
+        let off = Limits {
+            auto_converge: false,
+            ..l
+        };
+        assert_eq!(throttle_pct(30, &big, &off), 0);
     }
 
     #[test]

@@ -13,11 +13,12 @@ use crate::dirty::DirtyBitmap;
 use crate::memory::{Backing, MemoryError, RamRegion};
 use crate::pagemap::Pagemap;
 use crate::populator::{Populator, Ticket};
+use crate::records::{decode_batch_prefix, decode_run_table, PassBegin};
 use crate::stats::ReceiveStats;
 use crate::stream::RecordReader;
 use crate::wire::{
-    decode_batch_prefix, decode_run_table, PassBegin, RecordHeader, RecordKind, WireError,
-    BATCH_PREFIX_LEN, PAGE_SIZE, PAGE_SIZE_U64, PASS_FINAL, PASS_ZERO_ELIDED, RUN_DESC_LEN,
+    RecordHeader, RecordKind, WireError, BATCH_PREFIX_LEN, PAGE_SIZE, PAGE_SIZE_U64, PASS_FINAL,
+    PASS_ZERO_ELIDED, RUN_DESC_LEN,
 };
 use crate::zero::is_zero_raw;
 
@@ -236,7 +237,7 @@ impl RamReceiver {
     /// Checks every run against the layout and the previous run; returns them placed.
     fn place_runs(
         &self,
-        runs: &[crate::wire::RunDesc],
+        runs: &[crate::records::RunDesc],
         data_pages: usize,
         offset: u64,
     ) -> Result<Vec<Placed>, RamLoadError> {
@@ -371,8 +372,8 @@ pub fn memory_is_zero(regions: &[RamRegion]) -> bool {
 mod tests {
     use super::*;
     use crate::memory::AnonMapping;
+    use crate::records::{encode_batch_prefix, RunDesc};
     use crate::transport::Connection;
-    use crate::wire::{encode_batch_prefix, RunDesc};
     use std::sync::Arc;
 
     fn setup(pages: usize) -> (Arc<AnonMapping>, RamReceiver) {

@@ -18,11 +18,12 @@ use crate::cancel::Cancel;
 use crate::dirty::DirtyBitmap;
 use crate::memory::{Backing, RamRegion};
 use crate::pagemap::{PageState, Pagemap, BATCH_PAGES};
+use crate::records::{encode_batch_prefix, PassBegin, RunDesc};
 use crate::stats::{PassKind, PassStats};
 use crate::stream::RecordWriter;
 use crate::wire::{
-    encode_batch_prefix, PassBegin, RecordKind, RunDesc, MAX_BATCH_DATA_PAGES, MAX_BATCH_RUNS,
-    PAGE_SIZE, PAGE_SIZE_U64, PASS_FINAL, PASS_ZERO_ELIDED,
+    RecordKind, MAX_BATCH_DATA_PAGES, MAX_BATCH_RUNS, PAGE_SIZE, PAGE_SIZE_U64, PASS_FINAL,
+    PASS_ZERO_ELIDED,
 };
 use crate::zero::is_zero_raw;
 
@@ -407,10 +408,9 @@ impl RamSender {
 struct Page([u8; PAGE_SIZE]);
 
 /// Page-aligned copies of guest pages. The alignment matters: copying a page-aligned guest page
-/// into a buffer 16 bytes past a page boundary (where `malloc` puts large blocks) ran at
-/// 1.6-2.5 GB/s against 8-11 GB/s into an aligned one on this machine's AMD EPYC (`rep movsb`
-/// slows down when destination and source are close modulo 4 KiB), and it was most of the
-/// sender's time.
+/// into a buffer 16 bytes past a page boundary (where `malloc` puts large blocks) is several
+/// times slower on AMD (`rep movsb` slows down when destination and source are close modulo
+/// 4 KiB; figures in the README), and the copy is a large part of the sender's time.
 struct Staging {
     pages: Vec<Page>,
 }

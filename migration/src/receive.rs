@@ -1,5 +1,5 @@
-//! The destination side: [`MigrationTarget`] (implemented by the vmm) and
-//! [`receive_migration`].
+//! The receiving side of a migration: [`receive_migration`], which drives a
+//! [`MigrationTarget`] (the contract in `vm.rs`, implemented by the vmm).
 //!
 //! Receiver states:
 //!
@@ -19,37 +19,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
-use crate::dirty::VmError;
-use crate::memory::{layout_of, GuestRam};
+use crate::memory::layout_of;
 use crate::ram_recv::{RamLoadError, RamReceiver};
+use crate::records::{
+    decode_layout, encode_message, EndRecord, PassBegin, PassMark, Ready, StateBlob,
+};
 use crate::stats::ReceiveStats;
 use crate::stream::{send_reply, RecordReader};
 use crate::transport::Transport;
+use crate::vm::{MigrationTarget, VmOpError};
 use crate::wire::{
-    decode_layout, encode_message, EndRecord, PassBegin, PassMark, Ready, RecordHeader, RecordKind,
-    StateBlob, WireError, FORMAT_VERSION, PASS_FINAL, PASS_ZERO_ELIDED,
+    RecordHeader, RecordKind, WireError, FORMAT_VERSION, MAX_MESSAGE_LEN, PASS_FINAL,
+    PASS_ZERO_ELIDED,
 };
-
-/// What the vmm provides on the destination.
-///
-/// Contract: between `validate_config` and `resume` nothing but this crate writes guest
-/// memory (no vCPU runs, no firmware is loaded); that is what makes zero-page elision safe.
-pub trait MigrationTarget: GuestRam {
-    /// Checks the source's configuration; the vmm may create the guest memory from it here.
-    /// Called before [`GuestRam::ram_regions`].
-    fn validate_config(&mut self, config: &[u8]) -> Result<(), VmError>;
-    /// Restores every device and vCPU state (in stream order). Called only after the whole
-    /// stream arrived and its end checksum matched.
-    fn restore_state(&mut self, states: Vec<StateBlob>) -> Result<(), VmError>;
-    /// Starts the restored guest.
-    fn resume(&mut self) -> Result<(), VmError>;
-    /// A short report (UTF-8, e.g. JSON) sent back to the source with the `Running`
-    /// acknowledgement: what the destination measured after it resumed, given what the
-    /// receive measured.
-    fn running_report(&self, _stats: &ReceiveStats) -> Vec<u8> {
-        Vec::new()
-    }
-}
 
 /// Options of [`receive_migration`].
 #[derive(Clone, Debug)]
@@ -126,7 +108,7 @@ pub enum DestinationError {
     #[error("Duplicate device state {id:?} at offset {offset}")]
     DuplicateState { offset: u64, id: String },
     #[error("Configuration rejected")]
-    Config(#[source] VmError),
+    Config(#[source] VmOpError),
     #[error("Memory layout differs: {0}")]
     Layout(String),
     #[error("Resetting guest memory failed")]
@@ -134,9 +116,9 @@ pub enum DestinationError {
     #[error("Sending a reply to the source failed")]
     Reply(#[source] std::io::Error),
     #[error("Restoring device state failed")]
-    Restore(#[source] VmError),
+    Restore(#[source] VmOpError),
     #[error("Resuming the guest failed")]
-    Resume(#[source] VmError),
+    Resume(#[source] VmOpError),
 }
 
 impl DestinationError {
@@ -195,7 +177,6 @@ fn receive<T: MigrationTarget + ?Sized>(
     let started = Instant::now();
     reader.read_stream_header()?;
     let config = expect(reader, RecordKind::Config, "Config")?;
-    log::debug!("Config received");
     target
         .validate_config(&config)
         .map_err(DestinationError::Config)?;
@@ -209,9 +190,7 @@ fn receive<T: MigrationTarget + ?Sized>(
         )));
     }
 
-    log::debug!("VM created");
     let mut rx = RamReceiver::new(regions);
-    log::debug!("Memory checked");
     if !rx.is_pristine() && options.reset_if_not_pristine {
         log::info!("Guest memory is not pristine: resetting it before loading");
         rx.reset().map_err(DestinationError::Reset)?;
@@ -245,7 +224,7 @@ fn receive<T: MigrationTarget + ?Sized>(
         let t = Instant::now();
         // If this fails the source resumes its copy; failing here makes the vmm exit.
         let mut report = target.running_report(&stats);
-        report.truncate(crate::wire::MAX_MESSAGE_LEN);
+        report.truncate(MAX_MESSAGE_LEN);
         send_reply(reader.transport(), RecordKind::Running, &report)
             .map_err(DestinationError::Reply)?;
         stats.report_us = t.elapsed().as_micros() as u64;

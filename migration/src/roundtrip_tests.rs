@@ -12,9 +12,10 @@ use proptest::prelude::*;
 
 use crate::fake::{fake_target, FakeVm, GuestWriter};
 use crate::precopy::Limits;
+use crate::records::StateBlob;
 use crate::stats::PassKind;
 use crate::transport::Connection;
-use crate::wire::{StateBlob, PAGE_SIZE};
+use crate::wire::PAGE_SIZE;
 use crate::{receive_migration, send_migration, ReceiveOptions, SendOptions};
 
 const REGION1: u64 = 0x40_0000;
@@ -202,6 +203,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         limits: Limits {
             downtime: Duration::ZERO,
             max_passes: case.max_passes,
+            ..Limits::default()
         },
         batch_pages: case.batch_pages,
         use_pagemap: case.pagemap,

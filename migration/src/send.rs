@@ -1,46 +1,31 @@
-//! The source side of a migration: [`MigrationSource`] (implemented by the vmm) and
-//! [`send_migration`], which reads like the algorithm:
+//! The sending side of a migration: [`send_migration`], in four phases, each a function named
+//! for it:
 //!
-//! configuration → dirty log on → destination ready → bulk pass → (pass applied, dirty log,
-//! policy) → dirty passes until the policy stops → pause → final pass → device state → `End`
-//! → wait for the destination's `Running` → `Ok`.
+//! 1. [`handshake`]: configuration and memory layout out, dirty logging on, the destination's
+//!    `Ready` back (with whether its memory is pristine).
+//! 2. [`precopy`]: the bulk pass, then dirty passes while the guest runs, each acknowledged
+//!    (`PassEnd`/`PassDone`) and followed by the convergence policy (`precopy.rs`).
+//! 3. [`stop_and_copy`]: pause, the final pass, device state, `End`.
+//! 4. [`complete`]: the destination's `Running`.
 //!
 //! On any error before `Running` arrives, dirty logging is switched off and a paused guest is
-//! resumed: the source VM keeps running and nothing is lost.
+//! resumed: the source VM keeps running and nothing is lost. The VM is reached only through
+//! the contract in `vm.rs`.
 
 use std::collections::HashSet;
 use std::io;
 use std::time::{Duration, Instant};
 
 use crate::cancel::{is_cancellation, Cancel};
-use crate::dirty::{DirtyLog, VmError};
-use crate::memory::{layout_of, GuestRam, RamRegion};
-use crate::precopy::{self, Decision, Limits, StopReason};
+use crate::memory::{layout_of, RamRegion};
+use crate::precopy::{self, Decision, Limits};
 use crate::ram_send::{RamSendConfig, RamSender};
-use crate::stats::{MigrationStats, PassStats};
+use crate::records::{encode_layout, encode_message, PassMark, Ready, StateBlob};
+use crate::stats::{MigrationStats, PassStats, StopReason};
 use crate::stream::{read_reply, RecordWriter};
 use crate::transport::Transport;
-use crate::wire::{
-    self, encode_layout, PassMark, Ready, RecordKind, StateBlob, WireError, MAX_REGIONS,
-};
-
-/// What the vmm provides on the source. Region indices are positions in `ram_regions()`.
-pub trait MigrationSource: GuestRam + DirtyLog {
-    /// Configuration the destination validates before any RAM is sent (memory layout, vCPU
-    /// count, CPUID...; opaque here, e.g. JSON).
-    fn config_blob(&self) -> Result<Vec<u8>, VmError>;
-    /// Stops every vCPU and device that could write guest memory.
-    fn pause(&mut self) -> Result<(), VmError>;
-    /// Lets the guest run again after [`pause`](Self::pause).
-    fn resume(&mut self) -> Result<(), VmError>;
-    /// With the guest paused: every device and vCPU state, in restore order.
-    fn save_state(&mut self) -> Result<Vec<StateBlob>, VmError>;
-    /// Called after each pre-copy pass with its statistics: the place to throttle vCPUs
-    /// (auto-converge). An error aborts the migration.
-    fn between_passes(&mut self, _last: &PassStats) -> Result<(), VmError> {
-        Ok(())
-    }
-}
+use crate::vm::{MigrationSource, VmOpError};
+use crate::wire::{self, RecordKind, WireError, MAX_REGIONS};
 
 /// Progress after each pass.
 #[derive(Clone, Debug)]
@@ -104,7 +89,7 @@ pub enum SourceError {
     #[error("Invalid guest memory layout: {0}")]
     Layout(String),
     #[error("Getting the configuration blob failed")]
-    Config(#[source] VmError),
+    Config(#[source] VmOpError),
     #[error("Writing the migration stream failed")]
     Send(#[source] io::Error),
     #[error("Reading the destination's reply failed")]
@@ -118,28 +103,28 @@ pub enum SourceError {
     #[error("The migration was cancelled")]
     Cancelled,
     #[error("Starting dirty logging failed")]
-    StartDirtyLog(#[source] VmError),
+    StartDirtyLog(#[source] VmOpError),
     #[error("Fetching the dirty log of region {region} failed")]
     FetchDirtyLog {
         region: usize,
         #[source]
-        source: VmError,
+        source: VmOpError,
     },
     #[error("Stopping dirty logging failed")]
-    StopDirtyLog(#[source] VmError),
+    StopDirtyLog(#[source] VmOpError),
     #[error("Between-passes hook failed")]
-    BetweenPasses(#[source] VmError),
+    BetweenPasses(#[source] VmOpError),
     #[error("Pausing the guest failed")]
-    Pause(#[source] VmError),
+    Pause(#[source] VmOpError),
     #[error("Saving device state failed")]
-    SaveState(#[source] VmError),
+    SaveState(#[source] VmOpError),
     #[error("Invalid device state: {0}")]
     InvalidState(String),
     #[error("Migration failed ({failure}) and resuming the guest failed")]
     Resume {
         failure: Box<SourceError>,
         #[source]
-        source: VmError,
+        source: VmOpError,
     },
 }
 
@@ -183,6 +168,17 @@ pub fn send_migration<S: MigrationSource + ?Sized>(
     Err(failure)
 }
 
+/// One migration in progress: what every phase works on.
+struct Outbound<'a, S: ?Sized> {
+    source: &'a mut S,
+    w: RecordWriter<'a>,
+    options: &'a mut SendOptions,
+    undo: &'a mut Undo,
+    /// A socket (the destination replies), not a snapshot file.
+    peer: bool,
+    stats: MigrationStats,
+}
+
 fn run<S: MigrationSource + ?Sized>(
     source: &mut S,
     transport: &mut dyn Transport,
@@ -192,13 +188,6 @@ fn run<S: MigrationSource + ?Sized>(
     let started = Instant::now();
     let regions = source.ram_regions();
     check_layout(&regions)?;
-    let config = source.config_blob().map_err(SourceError::Config)?;
-    if config.len() > wire::MAX_CONFIG_LEN {
-        return Err(SourceError::Layout(format!(
-            "configuration blob is {} bytes",
-            config.len()
-        )));
-    }
     let peer = transport.has_peer();
     if peer {
         transport
@@ -206,25 +195,68 @@ fn run<S: MigrationSource + ?Sized>(
             .and_then(|_| transport.set_write_timeout(Some(options.reply_timeout)))
             .map_err(SourceError::Send)?;
     }
+    let mut m = Outbound {
+        source,
+        w: RecordWriter::start(transport).map_err(SourceError::Send)?,
+        options,
+        undo,
+        peer,
+        stats: MigrationStats::default(),
+    };
+    let elide = handshake(&mut m, &regions, started)?;
+    let mut ram = RamSender::new(
+        regions,
+        RamSendConfig {
+            batch_pages: m.options.batch_pages,
+            max_bandwidth: m.options.max_bandwidth,
+            use_pagemap: m.options.use_pagemap,
+        },
+    );
+    ram.set_cancel(m.options.cancel.clone());
+    #[cfg(test)]
+    {
+        ram.scan_hook = m.options.scan_hook.take();
+    }
+    precopy(&mut m, &mut ram, elide)?;
+    let paused_at = stop_and_copy(&mut m, &mut ram)?;
+    complete(&mut m, paused_at)?;
+    m.stats.total_duration_us = started.elapsed().as_micros() as u64;
+    log::info!("Migration complete: {}", m.stats);
+    Ok(m.stats)
+}
+
+/// Phase 1: the configuration and memory layout go out, dirty logging goes on, and the
+/// destination answers `Ready`. Returns whether the bulk pass may elide zero pages.
+fn handshake<S: MigrationSource + ?Sized>(
+    m: &mut Outbound<'_, S>,
+    regions: &[RamRegion],
+    started: Instant,
+) -> Result<bool, SourceError> {
     let mut setup = Phases::new(started);
-    let mut w = RecordWriter::start(transport).map_err(SourceError::Send)?;
-    let layout = encode_layout(&layout_of(&regions));
-    w.write_record(RecordKind::Config, &[&config])
-        .and_then(|_| w.write_record(RecordKind::MemoryLayout, &[&layout]))
+    let config = m.source.config_blob().map_err(SourceError::Config)?;
+    if config.len() > wire::MAX_CONFIG_LEN {
+        return Err(SourceError::Layout(format!(
+            "configuration blob is {} bytes",
+            config.len()
+        )));
+    }
+    let layout = encode_layout(&layout_of(regions));
+    m.w.write_record(RecordKind::Config, &[&config])
+        .and_then(|_| m.w.write_record(RecordKind::MemoryLayout, &[&layout]))
         .map_err(SourceError::Send)?;
     setup.end("send configuration");
 
     // Dirty logging goes on before the first byte of guest memory is read; here, while the
     // destination builds its VM and proves its memory zero, rather than after.
-    source
+    m.source
         .start_dirty_log()
         .map_err(SourceError::StartDirtyLog)?;
-    undo.logging = true;
+    m.undo.logging = true;
     setup.end("start dirty log");
 
     // Without a peer (snapshot file) the loader proves or makes its memory pristine itself.
-    let pristine = if peer {
-        let ready = expect_reply(w.transport(), RecordKind::Ready)?;
+    let pristine = if m.peer {
+        let ready = expect_reply(m.w.transport(), RecordKind::Ready)?;
         Ready::decode(&ready, 0)
             .map_err(SourceError::Reply)?
             .pristine
@@ -232,121 +264,132 @@ fn run<S: MigrationSource + ?Sized>(
         true
     };
     setup.end("destination ready");
-    let elide = options.zero_elision && pristine;
+    let elide = m.options.zero_elision && pristine;
     log::info!(
         "Migrating {} regions, destination pristine: {pristine}, zero elision: {elide}",
         regions.len()
     );
+    m.stats.zero_elision = elide;
+    m.stats.setup_phases_us = setup.done();
+    Ok(elide)
+}
 
-    let mut sender = RamSender::new(
-        regions,
-        RamSendConfig {
-            batch_pages: options.batch_pages,
-            max_bandwidth: options.max_bandwidth,
-            use_pagemap: options.use_pagemap,
-        },
-    );
-    sender.set_cancel(options.cancel.clone());
-    #[cfg(test)]
-    {
-        sender.scan_hook = options.scan_hook.take();
-    }
-    let mut stats = MigrationStats {
-        zero_elision: elide,
-        setup_phases_us: setup.done(),
-        ..Default::default()
-    };
-
-    let mut pass = sender
-        .bulk_pass(&mut w, elide)
-        .map_err(|e| send_error(&mut w, e))?;
+/// Phase 2: the bulk pass, then dirty passes with the guest running until the policy stops
+/// them. After each pass: the destination applied it, the dirty log is fetched, the policy
+/// decides and sets auto-converge's throttle.
+fn precopy<S: MigrationSource + ?Sized>(
+    m: &mut Outbound<'_, S>,
+    ram: &mut RamSender,
+    elide: bool,
+) -> Result<(), SourceError> {
+    let limits = m.options.limits;
+    let mut throttle = 0;
+    let mut pass = ram
+        .bulk_pass(&mut m.w, elide)
+        .map_err(|e| send_error(&mut m.w, e))?;
     let reason = loop {
-        if peer {
-            wait_until_applied(&mut w, pass.pass)?;
+        if m.peer {
+            wait_until_applied(&mut m.w, pass.pass)?;
         }
-        if options.cancel.is_cancelled() {
-            return Err(abort(&mut w));
+        if m.options.cancel.is_cancelled() {
+            return Err(abort(&mut m.w));
         }
-        let dirty = collect_dirty(source, &mut sender)?;
-        pass.close(sender.pass_elapsed(), dirty);
-        report(options, &pass);
-        source
-            .between_passes(&pass)
+        let dirty = collect_dirty(m.source, ram)?;
+        pass.close(ram.pass_elapsed(), dirty);
+        report(m.options, &pass);
+        throttle = precopy::throttle_pct(throttle, &pass, &limits);
+        m.source
+            .between_passes(&pass, throttle)
             .map_err(SourceError::BetweenPasses)?;
-        let decision = precopy::decide(&pass, &options.limits);
+        let decision = precopy::decide(&pass, &limits);
         let next = pass.pass + 1;
-        stats.expected_downtime_us = expected_downtime(&pass).as_micros() as u64;
-        stats.push(std::mem::take(&mut pass));
+        m.stats.expected_downtime_us = expected_downtime(&pass).as_micros() as u64;
+        m.stats.max_throttle_pct = m.stats.max_throttle_pct.max(throttle);
+        m.stats.push(std::mem::take(&mut pass));
         match decision {
             Decision::Continue => {
-                pass = sender
-                    .dirty_pass(&mut w, next, false)
-                    .map_err(|e| send_error(&mut w, e))?
+                pass = ram
+                    .dirty_pass(&mut m.w, next, false)
+                    .map_err(|e| send_error(&mut m.w, e))?
             }
             Decision::StopAndCopy(reason) => break reason,
         }
     };
-    stats.stop_reason = reason;
-    stats.converged = reason == StopReason::Converged;
-    if !stats.converged {
+    m.stats.stop_reason = reason;
+    m.stats.converged = reason == StopReason::Converged;
+    if !m.stats.converged {
         log::warn!(
             "Pre-copy did not converge in {} passes; expected downtime {} ms",
-            stats.passes.len(),
-            stats.expected_downtime_us / 1000
+            m.stats.passes.len(),
+            m.stats.expected_downtime_us / 1000
         );
     }
+    Ok(())
+}
 
-    // Cancellation is honoured up to here; once the guest is paused the migration completes.
-    if options.cancel.is_cancelled() {
-        return Err(abort(&mut w));
+/// Phase 3: pause the guest, send what it dirtied since the last pass, its device and vCPU
+/// state, and `End`. Cancellation is honoured up to the pause; from then on the migration
+/// completes or fails. Returns when the guest was paused.
+fn stop_and_copy<S: MigrationSource + ?Sized>(
+    m: &mut Outbound<'_, S>,
+    ram: &mut RamSender,
+) -> Result<Instant, SourceError> {
+    if m.options.cancel.is_cancelled() {
+        return Err(abort(&mut m.w));
     }
-
-    // Stop and copy.
     let paused_at = Instant::now();
     let mut phase = Phases::new(paused_at);
     // A pause that fails half-way may have stopped some vCPUs: resume on error either way.
-    undo.paused = true;
-    source.pause().map_err(SourceError::Pause)?;
+    m.undo.paused = true;
+    m.source.pause().map_err(SourceError::Pause)?;
     phase.end("pause");
-    collect_dirty(source, &mut sender)?;
+    collect_dirty(m.source, ram)?;
     phase.end("dirty log");
-    sender.set_paused(true);
-    let mut last = sender
-        .dirty_pass(&mut w, stats.passes.len() as u32, true)
-        .map_err(|e| send_error(&mut w, e))?;
-    last.close(sender.pass_elapsed(), 0);
-    stats.push(last);
+    ram.set_paused(true);
+    let mut last = ram
+        .dirty_pass(&mut m.w, m.stats.passes.len() as u32, true)
+        .map_err(|e| send_error(&mut m.w, e))?;
+    last.close(ram.pass_elapsed(), 0);
+    m.stats.push(last);
     phase.end("final pass");
 
-    let states = source.save_state().map_err(SourceError::SaveState)?;
+    let states = m.source.save_state().map_err(SourceError::SaveState)?;
     check_states(&states)?;
     phase.end("save state");
     for s in &states {
-        stats.state_bytes += w
-            .write_record(RecordKind::DeviceState, &[&s.encode_head(), &s.data])
-            .map_err(|e| send_error(&mut w, e))?;
+        m.stats.state_bytes +=
+            m.w.write_record(RecordKind::DeviceState, &[&s.encode_head(), &s.data])
+                .map_err(|e| send_error(&mut m.w, e))?;
     }
-    w.finish().map_err(|e| send_error(&mut w, e))?;
+    m.w.finish().map_err(|e| send_error(&mut m.w, e))?;
     phase.end("send state");
-    if peer {
-        let report = expect_reply(w.transport(), RecordKind::Running)?;
+    m.stats.downtime_phases_us = phase.done();
+    Ok(paused_at)
+}
+
+/// Phase 4: the destination's `Running` (a snapshot file is complete once sealed). From then
+/// on the guest runs there: nothing may resume it here.
+fn complete<S: MigrationSource + ?Sized>(
+    m: &mut Outbound<'_, S>,
+    paused_at: Instant,
+) -> Result<(), SourceError> {
+    let mut phase = Phases::new(Instant::now());
+    if m.peer {
+        let report = expect_reply(m.w.transport(), RecordKind::Running)?;
         if !report.is_empty() {
-            stats.destination_report = Some(String::from_utf8_lossy(&report).into_owned());
+            m.stats.destination_report = Some(String::from_utf8_lossy(&report).into_owned());
         }
         phase.end("destination restore");
     }
-    stats.downtime_us = paused_at.elapsed().as_micros() as u64;
-    stats.downtime_phases_us = phase.done();
-    // The guest runs on the destination now: nothing may resume it here, and turning
-    // logging off is neither downtime nor a reason to call the migration failed.
-    undo.paused = false;
-    undo.logging = false;
-    if let Err(e) = source.stop_dirty_log() {
+    m.stats.downtime_us = paused_at.elapsed().as_micros() as u64;
+    m.stats.downtime_phases_us.extend(phase.done());
+    // Turning logging off is neither downtime nor a reason to call the migration failed.
+    m.undo.paused = false;
+    m.undo.logging = false;
+    if let Err(e) = m.source.stop_dirty_log() {
         log::warn!("Stopping dirty logging after the migration failed: {e}");
     }
-    stats.total_duration_us = started.elapsed().as_micros() as u64;
-    log::info!("Migration complete: {stats}");
-    Ok(stats)
+    Ok(())
 }
 
 /// Durations of consecutive phases.
@@ -470,7 +513,7 @@ fn wait_until_applied(w: &mut RecordWriter<'_>, pass: u32) -> Result<(), SourceE
 
 /// Tells the destination the migration is given up (best effort: it may be gone).
 fn abort(w: &mut RecordWriter<'_>) -> SourceError {
-    let reason = crate::wire::encode_message("cancelled on the source");
+    let reason = encode_message("cancelled on the source");
     if let Err(e) = w.write_record(RecordKind::Abort, &[&reason]) {
         log::info!("The destination did not take the Abort record: {e}");
     }

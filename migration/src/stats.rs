@@ -5,8 +5,18 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::precopy::StopReason;
 use crate::wire::PAGE_SIZE_U64;
+
+/// Why pre-copy stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The remaining dirty memory is expected to go out within the downtime limit.
+    #[default]
+    Converged,
+    /// The pass limit was reached first: the guest is paused anyway, downtime may be longer.
+    MaxPasses,
+}
 
 /// Which pass.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -106,6 +116,8 @@ pub struct MigrationStats {
     /// Whether the remaining dirty memory fit the downtime limit when pre-copy stopped.
     pub converged: bool,
     pub stop_reason: StopReason,
+    /// Highest share of vCPU time auto-converge took away, in percent.
+    pub max_throttle_pct: u32,
     /// Predicted downtime when pre-copy stopped.
     pub expected_downtime_us: u64,
     /// Guest paused until the destination reported it running (or the stream was sealed,

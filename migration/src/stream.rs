@@ -4,9 +4,10 @@
 
 use std::io;
 
+use crate::records::EndRecord;
 use crate::transport::Transport;
 use crate::wire::{
-    self, EndRecord, RecordHeader, RecordKind, WireError, RECORD_HEADER_LEN, STREAM_HEADER_LEN,
+    self, RecordHeader, RecordKind, WireError, RECORD_HEADER_LEN, STREAM_HEADER_LEN,
 };
 
 /// Size of the reader's buffer; payload reads at least this large bypass it.

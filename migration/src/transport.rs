@@ -222,9 +222,9 @@ impl Endpoint {
 
 /// Bytes a unix socket may hold in flight, asked of the kernel (which caps it at
 /// `net.core.wmem_max`). With the default (208 KiB) the sender and receiver take turns
-/// every 208 KiB, and on this 2-vCPU VM each turn costs a cross-CPU wake-up: the idle 4 GiB
-/// guest's bulk pass took 81-106 ms with it, 74-80 ms with 4 MiB (one record in flight).
-/// TCP keeps the kernel's autotuning, which a fixed size would switch off.
+/// every 208 KiB, each turn a cross-CPU wake-up; with 4 MiB one whole record is in flight
+/// (the A/B is in the README). TCP keeps the kernel's autotuning, which a fixed size would
+/// switch off.
 pub const UNIX_SEND_BUFFER: usize = 4 << 20;
 
 /// Asks for [`UNIX_SEND_BUFFER`] on `s`; a refusal only costs speed.

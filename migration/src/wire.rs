@@ -1,5 +1,6 @@
 //! The stream format, byte by byte (see `migration/FORMAT.md`): magic and version, the 16-byte
-//! record header, the record kinds with their length caps, and the payload codecs.
+//! record header, the record kinds with their length caps, and [`PayloadReader`] for the
+//! payload codecs, which live in [`crate::records`].
 //!
 //! Everything is little-endian. Every record header carries a CRC32C of its payload and of
 //! itself, so a garbled length is caught before the reader trusts it (no hang waiting for bytes
@@ -326,8 +327,6 @@ impl<'a> PayloadReader<'a> {
         }
     }
 }
-
-pub use crate::records::*;
 
 #[cfg(test)]
 mod tests {

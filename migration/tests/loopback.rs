@@ -139,6 +139,7 @@ fn live_round_trip_with_concurrent_guest() {
         limits: Limits {
             downtime: Duration::ZERO,
             max_passes: 5,
+            ..Limits::default()
         },
         batch_pages: 64,
         progress: Some(Box::new(move |p| {
@@ -564,8 +565,9 @@ fn destination_failures_are_reported_and_never_resume() {
 
 #[test]
 fn a_destination_acknowledging_the_wrong_pass_stops_the_migration() {
+    use migration::records::{PassMark, Ready};
     use migration::stream::{send_reply, RecordReader};
-    use migration::wire::{PassMark, Ready, RecordKind};
+    use migration::wire::RecordKind;
     let mut src = source();
     let (mut a, mut b) = Connection::pair().unwrap();
     // A destination that answers Ready, reads up to the first PassEnd and acknowledges
@@ -645,6 +647,7 @@ fn a_cancelled_migration_aborts_the_destination_and_keeps_the_source() {
             opts.limits = Limits {
                 downtime: Duration::ZERO,
                 max_passes: 1000,
+                ..Limits::default()
             };
             // After the bulk pass, whatever the pre-copy decides next.
             let c = cancel.clone();
@@ -687,6 +690,7 @@ fn a_destination_that_gives_up_tells_the_source() {
         limits: Limits {
             downtime: Duration::ZERO,
             max_passes: 1000,
+            ..Limits::default()
         },
         batch_pages: 64,
         // After the bulk pass: the destination gives up.

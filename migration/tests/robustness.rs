@@ -9,11 +9,11 @@ use std::time::Duration;
 use migration::error_chain;
 use migration::fake::{fake_target, FakeVm};
 use migration::ram_recv::RamLoadError;
-use migration::stream::RecordWriter;
-use migration::wire::{
-    encode_batch_prefix, encode_layout, LayoutRegion, PassBegin, PassMark, RecordKind, RunDesc,
-    PASS_FINAL, PASS_ZERO_ELIDED,
+use migration::records::{
+    encode_batch_prefix, encode_layout, EndRecord, LayoutRegion, PassBegin, PassMark, RunDesc,
 };
+use migration::stream::RecordWriter;
+use migration::wire::{RecordKind, PASS_FINAL, PASS_ZERO_ELIDED};
 use migration::{
     receive_migration, send_migration, Connection, DestinationError, Limits, MigrationSource,
     ReceiveOptions, SendOptions, StateBlob, WireError, PAGE_SIZE,
@@ -63,6 +63,7 @@ fn valid_stream() -> Vec<u8> {
         limits: Limits {
             downtime: Duration::ZERO,
             max_passes: 2,
+            ..Limits::default()
         },
         batch_pages: 2,
         ..Default::default()
@@ -420,7 +421,7 @@ fn crafted_streams_get_typed_errors() {
     expect_err(dup, |e| {
         matches!(e, DestinationError::DuplicateState { .. })
     });
-    let end = migration::wire::EndRecord {
+    let end = EndRecord {
         records: 99,
         bytes: 0,
         chain_crc: 0,

@@ -58,6 +58,8 @@ pub enum BuildError {
     SetCpuid(u8, #[source] kvm_ioctls::Error),
     #[error("cannot build the MSR list")]
     MsrList,
+    #[error("cannot list the MSRs KVM saves (KVM_GET_MSR_INDEX_LIST)")]
+    MsrIndexList(#[source] kvm_ioctls::Error),
     #[error("cannot set MSRs of vCPU {0}")]
     SetMsrs(u8, #[source] kvm_ioctls::Error),
     #[error("vCPU {0} took {1} of {2} boot MSRs")]
@@ -69,6 +71,13 @@ pub enum BuildError {
 /// Open `/dev/kvm`.
 pub fn open_kvm() -> Result<Kvm, BuildError> {
     Kvm::new().map_err(BuildError::OpenKvm)
+}
+
+/// The MSRs this KVM saves and restores for a vCPU (`KVM_GET_MSR_INDEX_LIST`).
+pub fn msr_index_list(kvm: &Kvm) -> Result<Vec<u32>, BuildError> {
+    kvm.get_msr_index_list()
+        .map(|l| l.as_slice().to_vec())
+        .map_err(BuildError::MsrIndexList)
 }
 
 /// Create the VM (irqchip, PIT) after checking the configuration against this host.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::RawConfig;
+use crate::config::{RawConfig, RawReceiveConfig, MAX_ATTEMPTS};
 
 /// A small KVM virtual machine monitor built for live migration.
 #[derive(Debug, Parser)]
@@ -75,17 +75,30 @@ pub struct ReceiveArgs {
     pub api_socket: Option<PathBuf>,
     /// Incoming attempts to accept: after a failed one the destination makes its memory
     /// pristine again and waits for the next (default 1: a failure ends minivmm).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=MAX_ATTEMPTS as i64))]
     pub attempts: u32,
     /// Guest memory of the VM to expect (as for `run`): with --cpus, the VM is built before
     /// the source connects, as QEMU's destination is from its -m and -smp, instead of after
-    /// the stream announced its shape (saves the KVM set-up, about 10 ms for 4 GiB, on
-    /// the migration's clock). A stream with another shape gets a VM built to its shape.
+    /// the stream announced its shape (takes the KVM set-up off the migration's clock). A
+    /// stream with another shape gets a VM built to its shape.
     #[arg(long, value_name = "SIZE", requires = "cpus")]
     pub mem: Option<String>,
     /// vCPUs of the VM to expect (with --mem).
     #[arg(long, value_name = "N", requires = "mem")]
     pub cpus: Option<u32>,
+}
+
+impl From<ReceiveArgs> for RawReceiveConfig {
+    fn from(a: ReceiveArgs) -> RawReceiveConfig {
+        RawReceiveConfig {
+            listen: a.listen,
+            from: a.from,
+            api_socket: a.api_socket,
+            attempts: a.attempts,
+            mem: a.mem,
+            cpus: a.cpus,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

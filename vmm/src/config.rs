@@ -1,7 +1,10 @@
-//! Validated VM configuration: what `minivmm run` was asked for, checked before any KVM work.
+//! Validated configurations, checked before any KVM work: [`VmConfig`] (what `minivmm run`
+//! was asked for) and [`ReceiveConfig`] (what `minivmm receive` was asked for).
 
 use std::fmt;
 use std::path::PathBuf;
+
+use migration::Endpoint;
 
 /// Default guest memory size.
 pub const DEFAULT_MEM_BYTES: u64 = 512 << 20;
@@ -38,7 +41,20 @@ pub enum ConfigError {
     CmdlineTooLong(usize),
     #[error("--cmdline contains a NUL byte")]
     CmdlineNul,
+    #[error("{0}")]
+    Endpoint(#[from] migration::EndpointError),
+    #[error("--from takes file:PATH (use --listen for sockets)")]
+    FromNotFile,
+    #[error("--listen takes unix:PATH or tcp:HOST:PORT (use --from for snapshots)")]
+    ListenFile,
+    #[error("give either --listen or --from")]
+    NoSource,
+    #[error("--attempts must be 1..={MAX_ATTEMPTS}, not {0}")]
+    Attempts(u32),
 }
+
+/// Most incoming attempts a `receive` accepts.
+pub const MAX_ATTEMPTS: u32 = 100;
 
 /// Where the guest kernel comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +132,65 @@ impl VmConfig {
             initrd: raw.initrd,
             cmdline,
             api_socket: raw.api_socket.unwrap_or_else(default_api_socket),
+        })
+    }
+}
+
+/// A checked `minivmm receive` configuration. Build it with [`ReceiveConfig::new`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiveConfig {
+    /// Where the guest comes from: a socket to listen on, or a snapshot file.
+    pub source: Endpoint,
+    pub api_socket: PathBuf,
+    /// Incoming attempts to accept (1..=[`MAX_ATTEMPTS`]).
+    pub attempts: u32,
+    /// Memory bytes and vCPUs of a VM to build before the source connects.
+    pub shape: Option<(u64, u8)>,
+}
+
+/// Unvalidated `receive` values as they come from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct RawReceiveConfig {
+    pub listen: Option<String>,
+    pub from: Option<String>,
+    pub api_socket: Option<PathBuf>,
+    pub attempts: u32,
+    pub mem: Option<String>,
+    pub cpus: Option<u32>,
+}
+
+impl ReceiveConfig {
+    pub fn new(raw: RawReceiveConfig) -> Result<ReceiveConfig, ConfigError> {
+        let source = match (raw.listen.as_deref(), raw.from.as_deref()) {
+            (Some(uri), None) => match Endpoint::parse(uri)? {
+                Endpoint::File(_) => return Err(ConfigError::ListenFile),
+                e => e,
+            },
+            (None, Some(uri)) => match Endpoint::parse(uri)? {
+                e @ Endpoint::File(_) => e,
+                _ => return Err(ConfigError::FromNotFile),
+            },
+            _ => return Err(ConfigError::NoSource),
+        };
+        if !(1..=MAX_ATTEMPTS).contains(&raw.attempts) {
+            return Err(ConfigError::Attempts(raw.attempts));
+        }
+        let shape = match (raw.mem, raw.cpus) {
+            (Some(mem), Some(cpus)) => {
+                let c = VmConfig::new(RawConfig {
+                    mem: Some(mem),
+                    cpus: Some(cpus),
+                    ..Default::default()
+                })?;
+                Some((c.mem_bytes, c.cpus))
+            }
+            _ => None,
+        };
+        Ok(ReceiveConfig {
+            source,
+            api_socket: raw.api_socket.unwrap_or_else(default_api_socket),
+            attempts: raw.attempts,
+            shape,
         })
     }
 }

@@ -4,6 +4,8 @@
 use std::sync::Mutex;
 
 use log::debug;
+
+use crate::sync::lock;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// A guest failure that ends the VM with an error.
@@ -79,7 +81,7 @@ impl ExitSignal {
 
     /// Record `exit` (the first reason wins) and wake the event loop.
     pub fn trigger(&self, exit: VmExit) {
-        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = lock(&self.reason);
         if r.is_none() {
             debug!("VM exit: {exit:?}");
             *r = Some(exit);
@@ -91,10 +93,7 @@ impl ExitSignal {
 
     /// The recorded reason, if any.
     pub fn reason(&self) -> Option<VmExit> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.reason).clone()
     }
 
     pub fn event_fd(&self) -> &EventFd {

@@ -7,8 +7,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::cli::{Cli, Command};
-use vmm::config::VmConfig;
+use vmm::config::{ReceiveConfig, VmConfig};
 use vmm::exit::VmExit;
+use vmm::migrate::receive::receive;
 use vmm::{error_chain, runner};
 
 fn main() -> ExitCode {
@@ -30,51 +31,22 @@ fn main() -> ExitCode {
             finish(runner::run(config, announce))
         }
         Command::Receive(args) => {
-            let api = args
-                .api_socket
-                .clone()
-                .unwrap_or_else(vmm::config::default_api_socket);
-            let uri = args
-                .listen
-                .as_deref()
-                .or(args.from.as_deref())
-                .unwrap_or("");
-            if args.from.is_some() && !uri.starts_with("file:") {
-                eprintln!("error: --from takes file:PATH (use --listen for sockets)");
-                return ExitCode::from(2);
-            }
-            if args.listen.is_some() && uri.starts_with("file:") {
-                eprintln!(
-                    "error: --listen takes unix:PATH or tcp:HOST:PORT (use --from for snapshots)"
-                );
-                return ExitCode::from(2);
-            }
-            let shape = match (&args.mem, args.cpus) {
-                (Some(mem), Some(cpus)) => {
-                    let raw = vmm::config::RawConfig {
-                        mem: Some(mem.clone()),
-                        cpus: Some(cpus),
-                        ..Default::default()
-                    };
-                    match vmm::config::VmConfig::new(raw) {
-                        Ok(c) => Some((c.mem_bytes, c.cpus)),
-                        Err(e) => {
-                            eprintln!("error: {e}");
-                            return ExitCode::from(2);
-                        }
-                    }
+            let config = match ReceiveConfig::new(args.into()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {}", error_chain(&e));
+                    return ExitCode::from(2);
                 }
-                _ => None,
             };
             let announce =
                 |p: &std::path::Path| eprintln!("minivmm: control socket {}", p.display());
-            finish(runner::receive(uri, &api, args.attempts, shape, announce))
+            finish(receive(config, announce))
         }
         Command::Migrate(args) => migrate(&args),
     }
 }
 
-fn finish(r: Result<VmExit, runner::RunError>) -> ExitCode {
+fn finish<E: std::error::Error>(r: Result<VmExit, E>) -> ExitCode {
     match r {
         Ok(VmExit::Fault(f)) => {
             eprintln!("error: {}", error_chain(&f));

@@ -6,10 +6,12 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use migration::DirtyBitmap;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::boot::BootSources;
 use vmm::config::{RawConfig, VmConfig};
 use vmm::exit::{ExitSignal, GuestFault, VmExit};
+use vmm::sync::lock;
 use vmm::{require_kvm, RunState, Vmm};
 
 #[allow(dead_code)] // each test binary uses part of the shared guest helpers
@@ -21,10 +23,7 @@ struct Console(Arc<Mutex<Vec<u8>>>);
 
 impl Write for Console {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(b);
+        lock(&self.0).extend_from_slice(b);
         Ok(b.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -34,7 +33,7 @@ impl Write for Console {
 
 impl Console {
     fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+        String::from_utf8_lossy(&lock(&self.0)).into_owned()
     }
 }
 
@@ -163,18 +162,20 @@ fn dirty_logging_sees_guest_writes() {
     require_kvm!();
     let mut vm = boot("dirty", MODE_SPIN, 1, "d");
     wait_counter_past(&vm, 0);
-    vm.vmm.set_dirty_logging(true).expect("dirty log on");
+    vm.vmm.start_dirty_log().expect("dirty log on");
     let c = counter(&vm);
     wait_counter_past(&vm, c);
     vm.vmm.pause().expect("pause");
-    let log = vm.vmm.dirty_log(0).expect("dirty log");
+    let pages = vm.vmm.memory_slots()[0].size as usize / migration::PAGE_SIZE;
+    let mut log = DirtyBitmap::new(pages);
+    vm.vmm.fetch_dirty_log(0, &mut log).expect("dirty log");
     // The counter at 0x2000 is page 2 of slot 0.
     assert!(
-        log[0] & (1 << 2) != 0,
+        log.get(2),
         "page of the counter is dirty: {:#x}",
-        log[0]
+        log.words()[0]
     );
-    vm.vmm.set_dirty_logging(false).expect("dirty log off");
+    vm.vmm.stop_dirty_log().expect("dirty log off");
     vm.vmm.shutdown();
 }
 
@@ -188,14 +189,15 @@ fn restore_skeleton_has_the_layout_and_pristine_memory() {
         ..Default::default()
     })
     .expect("config");
-    let vmm = Vmm::new_for_restore(config, Box::new(Console::default())).expect("skeleton");
+    let kvm = Arc::new(kvm_ioctls::Kvm::new().expect("kvm"));
+    let vmm = Vmm::new_for_restore(config, Box::new(Console::default()), kvm).expect("skeleton");
     let slots: Vec<(u64, u64)> = vmm
         .memory_slots()
         .iter()
         .map(|s| (s.guest_addr, s.size))
         .collect();
     assert_eq!(slots, vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
-    assert_eq!(vmm.unstarted_vcpus().len(), 2);
+    assert_eq!(vmm.config().cpus, 2);
     assert_eq!(vmm.state(), RunState::Created);
     // Nothing was written: no kernel, no boot tables.
     let mut page = [0xffu8; 4096];

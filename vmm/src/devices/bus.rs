@@ -2,9 +2,11 @@
 //!
 //! Guest port I/O never panics: ports without a device read as all-ones and ignore writes.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use log::debug;
+
+use crate::sync::lock;
 
 /// A device on the port-I/O bus. `offset` is relative to the device's base port.
 pub trait PioDevice: Send {
@@ -91,11 +93,6 @@ impl PioBus {
             None => debug!("unhandled port write {port:#x} <- {data:02x?}"),
         }
     }
-}
-
-/// Lock a device, recovering from a poisoned lock (a panicked holder must not take the bus down).
-fn lock<'a>(d: &'a Mutex<dyn PioDevice + 'static>) -> MutexGuard<'a, dyn PioDevice + 'static> {
-    d.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

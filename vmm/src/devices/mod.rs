@@ -36,7 +36,7 @@ pub enum DeviceError {
 pub struct Devices {
     /// The port-I/O bus the vCPUs dispatch to.
     pub bus: Arc<PioBus>,
-    /// The UART, shared with the stdin subscriber (and, later, state save).
+    /// The UART, shared with the stdin subscriber and the state save and restore.
     pub serial: Arc<Mutex<SerialDevice>>,
     /// Signalled when the UART's receive FIFO has room again; taken by the input subscriber.
     pub serial_input_space: Option<EventFd>,

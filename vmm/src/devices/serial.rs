@@ -16,6 +16,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::PioDevice;
+use crate::sync::lock;
 
 pub const SERIAL_LEN: u16 = 8;
 
@@ -164,11 +165,7 @@ impl<R: Read + AsRawFd> SerialInput<R> {
     /// Move pending bytes into the FIFO; poll the input only while nothing is pending.
     fn flush_pending(&mut self, ops: &mut EventOps) {
         if !self.pending.is_empty() {
-            let n = self
-                .uart
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .enqueue_input(&self.pending);
+            let n = lock(&self.uart).enqueue_input(&self.pending);
             self.pending.drain(..n);
         }
         let want = self.pending.is_empty() && !self.eof;

@@ -16,9 +16,6 @@ use crate::arch::x86_64::layout::ram_regions;
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<WriteLog>;
 pub type GuestRegion = GuestRegionMmap<WriteLog>;
 
-/// Page size of the dirty bitmaps.
-pub const PAGE_SIZE: usize = 4096;
-
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -69,10 +66,9 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryErro
 /// Ask for transparent huge pages behind all guest RAM.
 ///
 /// A destination asks only after the incoming migration: on a host that hands out memory its
-/// own hypervisor has reclaimed (free page reporting), filling fresh huge pages ran at
-/// 0.45-0.53 GB/s against 1.23-1.58 GB/s for 4 KiB pages (`MADV_POPULATE_WRITE` + copy of
-/// 256 MiB in a new process after 5 s idle). Pages faulted later, and khugepaged, then use
-/// huge pages for the running guest.
+/// own hypervisor has reclaimed (free page reporting), filling fresh huge pages can be much
+/// slower than filling small ones (measured in the README). Pages faulted later, and
+/// khugepaged, then use huge pages for the running guest.
 pub fn advise_huge_pages(mem: &GuestMemoryMmap) {
     for r in mem.iter() {
         let map = r.get_mmap();

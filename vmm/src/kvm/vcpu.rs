@@ -38,7 +38,8 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use super::memory::GuestMemoryMmap;
 use crate::devices::PioBus;
 use crate::exit::{ExitSignal, GuestFault, VmExit};
-use crate::persist::VcpuState;
+use crate::persist::{VcpuState, VcpuStateError};
+use crate::sync::lock;
 
 /// How long the VMM waits for a vCPU to answer an event.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,21 +56,30 @@ pub enum VcpuEvent {
     Finish,
     /// Auto-converge: stay out of the guest for this long (leaving early for any other event).
     Throttle(Duration),
-    /// Save the vCPU's KVM state (only while paused) and send it on the channel; the thread
-    /// answers `Saved` (or `NotAllowed` while running).
-    SaveState {
-        msr_index_list: Arc<Vec<u32>>,
-        reply: Sender<Result<Box<VcpuState>, String>>,
-    },
+    /// Save the vCPU's KVM state (only while paused), with the MSRs of this list
+    /// (`KVM_GET_MSR_INDEX_LIST`); the thread answers `Saved` (or `NotAllowed` while running).
+    SaveState(Arc<Vec<u32>>),
 }
 
 /// Answers of a vCPU thread.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     Paused,
     Resumed,
-    Saved,
-    NotAllowed(String),
+    Saved(Result<Box<VcpuState>, VcpuStateError>),
+    NotAllowed(&'static str),
+}
+
+impl VcpuResponse {
+    /// The answer's name, for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            VcpuResponse::Paused => "Paused",
+            VcpuResponse::Resumed => "Resumed",
+            VcpuResponse::Saved(_) => "Saved",
+            VcpuResponse::NotAllowed(_) => "NotAllowed",
+        }
+    }
 }
 
 /// Errors of vCPU creation and control.
@@ -89,8 +99,12 @@ pub enum VcpuError {
     Gone(u8),
     #[error("vCPU {0} did not answer within {1:?}")]
     Timeout(u8, Duration),
-    #[error("vCPU {0} answered {1:?}")]
-    UnexpectedResponse(u8, VcpuResponse),
+    #[error("vCPU {0} answered {1} to {2}")]
+    UnexpectedResponse(u8, &'static str, &'static str),
+    #[error("vCPU {0} refused to {1}")]
+    NotAllowed(u8, &'static str),
+    #[error("cannot save the state of vCPU {0}")]
+    Save(u8, #[source] VcpuStateError),
 }
 
 /// What the exit handler decided.
@@ -404,8 +418,8 @@ impl VcpuThread {
                 Ok(VcpuEvent::Throttle(_)) => {}
                 Ok(VcpuEvent::Pause) => return self.pause(),
                 Ok(VcpuEvent::Resume) => self.respond(VcpuResponse::Resumed),
-                Ok(VcpuEvent::SaveState { .. }) => self.respond(VcpuResponse::NotAllowed(
-                    "state can only be saved while paused".into(),
+                Ok(VcpuEvent::SaveState(_)) => self.respond(VcpuResponse::NotAllowed(
+                    "save its state while running (only while paused)",
                 )),
                 Ok(VcpuEvent::Finish) | Err(TryRecvError::Disconnected) => {
                     return VcpuRunState::Exited
@@ -453,21 +467,10 @@ impl VcpuThread {
                 VcpuRunState::Paused
             }
             Ok(VcpuEvent::Throttle(_)) => VcpuRunState::Paused,
-            Ok(VcpuEvent::SaveState {
-                msr_index_list,
-                reply,
-            }) => {
+            Ok(VcpuEvent::SaveState(msr_index_list)) => {
                 let v = &self.vcpu;
-                let saved =
-                    v.fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-                        .map_err(|e| format!("vCPU {}: KVM_GET_CPUID2: {e}", v.id))
-                        .and_then(|cpuid| {
-                            VcpuState::save(u32::from(v.id), &v.fd, &cpuid, &msr_index_list)
-                                .map_err(|e| format!("vCPU {}: {}", v.id, crate::error_chain(&e)))
-                        })
-                        .map(Box::new);
-                let _ = reply.send(saved);
-                self.respond(VcpuResponse::Saved);
+                let saved = VcpuState::save(u32::from(v.id), &v.fd, &msr_index_list).map(Box::new);
+                self.respond(VcpuResponse::Saved(saved));
                 VcpuRunState::Paused
             }
             Ok(VcpuEvent::Finish) | Err(_) => VcpuRunState::Exited,
@@ -524,7 +527,7 @@ impl VcpuHandle {
 
     fn kick(&self) {
         {
-            let mut run = self.kick.run.lock().unwrap_or_else(|e| e.into_inner());
+            let mut run = lock(&self.kick.run);
             run.as_mut_ref().immediate_exit = 1;
         }
         fence(Ordering::Release);

@@ -8,6 +8,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use log::debug;
+use migration::PAGE_SIZE;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::GuestMemoryMmap;
@@ -164,14 +165,14 @@ impl Vm {
 
     /// Fetch and clear the dirty bitmap of `slot` into `out`: one bit per 4 KiB page, bit `i`
     /// of word `w` is page `64 * w + i` of the slot. Keep `out` from call to call: a fresh
-    /// bitmap for 13 GiB is 104 pages for the kernel to fault in, 0.3 ms inside the downtime.
+    /// bitmap would be faulted in by the kernel inside the downtime.
     pub fn dirty_log_into(&self, slot: u32, out: &mut Vec<u64>) -> Result<(), VmError> {
         let s = self
             .slots
             .iter()
             .find(|s| s.slot == slot)
             .ok_or(VmError::NoSuchSlot(slot))?;
-        let pages = (s.size as usize).div_ceil(4096);
+        let pages = (s.size as usize).div_ceil(PAGE_SIZE);
         out.resize(pages.div_ceil(64), 0);
         let log = kvm_dirty_log {
             slot,

@@ -1,15 +1,14 @@
 //! The VMM's own writes into guest memory, kept for migration: vm-memory's `AtomicBitmap` (one
 //! bit per 4 KiB page) plus one flag saying whether anything was written since the last fetch.
 //! Fetching then costs nothing when nothing was written, the usual case (our devices do not
-//! write guest memory); reading and clearing the whole bitmap took 0.6 ms for 13 GiB, inside
-//! the downtime.
+//! write guest memory), instead of reading and clearing the whole bitmap inside the downtime.
 
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
 
-use super::memory::PAGE_SIZE;
+use migration::PAGE_SIZE;
 
 const PAGE_SIZE_NZ: NonZeroUsize = match NonZeroUsize::new(PAGE_SIZE) {
     Some(n) => n,

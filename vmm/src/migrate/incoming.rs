@@ -20,7 +20,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use log::{info, warn};
 use serde_json::{json, Value};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -28,9 +28,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use migration::{Cancel, ReceiveProgress};
 
 use crate::control::{error_reply, ControlServer, ControlSocket, Request, RequestHandler};
+use crate::event_loop::{run_until, EventLoop};
 use crate::exit::VmExit;
-use crate::runner::Subscriber;
 use crate::signals::SignalSubscriber;
+use crate::sync::{into_inner, lock};
 
 /// Errors starting the interim event loop.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +110,7 @@ impl Incoming {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// The listening socket (a handle from `Listener::wake_handle`), shut down by [`end`].
@@ -246,7 +247,7 @@ impl InterimLoop {
         socket: ControlSocket,
         incoming: Arc<Incoming>,
     ) -> Result<InterimLoop, IncomingError> {
-        let mut em = EventManager::<Subscriber>::new().map_err(IncomingError::EventManager)?;
+        let mut em = EventLoop::new().map_err(IncomingError::EventManager)?;
         let signals = SignalSubscriber::new({
             let incoming = incoming.clone();
             move |sig| incoming.end(VmExit::Signal(sig))
@@ -263,14 +264,9 @@ impl InterimLoop {
             .name("interim".into())
             .spawn({
                 let served = served.clone();
-                move || loop {
-                    if lock(&served).stopped {
-                        break;
-                    }
-                    // EINTR comes back as Ok(0); an error is a broken epoll set.
-                    if let Err(e) = em.run() {
+                move || {
+                    if let Err(e) = run_until(&mut em, || lock(&served).stopped) {
                         warn!("the interim event loop failed: {e:?}");
-                        break;
                     }
                 }
             })
@@ -288,7 +284,7 @@ impl InterimLoop {
             return None;
         }
         let served = Arc::try_unwrap(self.served.take()?).ok()?;
-        let served = served.into_inner().unwrap_or_else(|e| e.into_inner());
+        let served = into_inner(served);
         Some(served.server.into_socket())
     }
 
@@ -309,10 +305,6 @@ impl Drop for InterimLoop {
     fn drop(&mut self) {
         self.join();
     }
-}
-
-fn lock(served: &Mutex<Served>) -> MutexGuard<'_, Served> {
-    served.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

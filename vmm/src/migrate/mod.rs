@@ -1,11 +1,17 @@
-//! Live migration glue: the running VM as a migration source ([`source`]), the worker thread
-//! that sends it while the event loop keeps serving ([`worker`]), the destination VM
-//! ([`target`]), the destination before its guest runs ([`incoming`]), the source's one
-//! migration at a time ([`outgoing`]) and the `minivmm migrate` client ([`client`]).
+//! Live migration in the vmm, around the migration crate's `send_migration` and
+//! `receive_migration`:
+//!
+//! - source: the worker thread that sends the VM while the event loop keeps serving
+//!   ([`worker`]), the VM adapter it sends ([`source_vm`]) with auto-converge's mechanism
+//!   ([`throttle`]), and the VM's one outgoing migration at a time ([`outgoing`]);
+//! - destination: `minivmm receive` ([`receive`]: accept, retry, then serve), the process
+//!   before its guest runs ([`incoming`]), and the VM adapter it receives into ([`target_vm`]);
+//! - the `minivmm migrate` client ([`client`]).
 
 pub mod client;
 pub mod incoming;
 pub mod outgoing;
+pub mod receive;
 pub mod source_vm;
 pub mod target_vm;
 pub mod throttle;

@@ -1,23 +1,31 @@
-//! The destination VM as a [`MigrationTarget`]: built from the incoming configuration with
-//! pristine memory (no kernel loaded, nothing written), restored only once the whole stream
-//! arrived, then started.
+//! The destination VM as a [`MigrationTarget`]: a thin adapter that builds the VM from the
+//! incoming configuration with pristine memory (no kernel loaded, nothing written), restores
+//! its state only once the whole stream arrived, then starts it.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kvm_bindings::kvm_cpuid_entry2;
+use kvm_ioctls::Kvm;
 use migration::{
     regions_from_guest_memory, GuestRam, MigrationTarget, RamRegion, ReceiveStats, StateBlob,
-    VmError,
+    VmOpError,
 };
 use serde_json::json;
 
+use crate::builder;
 use crate::config::{KernelSource, VmConfig};
 use crate::devices::serial::{SerialOut, StdoutOut};
-use crate::persist::{
-    self, memory_hash, BlobError, MemoryHash, MigrationConfig, SerialSnapshot, VcpuState, VmState,
-};
+use crate::persist::{memory_hash, MemoryHash, MigrationConfig, VmSnapshot};
 use crate::Vmm;
 
 /// A destination VM being received.
 pub struct TargetVm {
-    api_socket: std::path::PathBuf,
+    api_socket: PathBuf,
+    /// This process's one handle of `/dev/kvm`, shared with the VM it builds.
+    kvm: Arc<Kvm>,
+    /// What this host's KVM supports, for the configuration check.
+    supported_cpuid: Vec<kvm_cpuid_entry2>,
     incoming: Option<MigrationConfig>,
     vmm: Option<Vmm>,
     regions: Vec<RamRegion>,
@@ -26,30 +34,34 @@ pub struct TargetVm {
     pub memory_hash: Option<MemoryHash>,
 }
 
-fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> VmError {
-    Box::new(e)
-}
-
 impl TargetVm {
-    pub fn new(api_socket: std::path::PathBuf) -> TargetVm {
-        TargetVm {
+    pub fn new(api_socket: PathBuf) -> Result<TargetVm, VmOpError> {
+        let kvm = builder::open_kvm().map_err(VmOpError::new)?;
+        let supported_cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmOpError::new)?
+            .as_slice()
+            .to_vec();
+        Ok(TargetVm {
             api_socket,
+            kvm: Arc::new(kvm),
+            supported_cpuid,
             incoming: None,
             vmm: None,
             regions: Vec::new(),
             started: false,
             memory_hash: None,
-        }
+        })
     }
 
     /// Builds the VM before the stream arrives (`receive --mem --cpus`): its memory is
     /// mapped and never written, so the stream finds it pristine. A stream of another shape
     /// replaces it.
-    pub fn prepare(&mut self, mem_bytes: u64, cpus: u8) -> Result<(), VmError> {
+    pub fn prepare(&mut self, mem_bytes: u64, cpus: u8) -> Result<(), VmOpError> {
         self.build(mem_bytes, cpus, String::new())
     }
 
-    fn build(&mut self, mem_bytes: u64, cpus: u8, cmdline: String) -> Result<(), VmError> {
+    fn build(&mut self, mem_bytes: u64, cpus: u8, cmdline: String) -> Result<(), VmOpError> {
         self.vmm = None;
         let config = VmConfig {
             mem_bytes,
@@ -60,8 +72,8 @@ impl TargetVm {
             api_socket: self.api_socket.clone(),
         };
         let out: SerialOut = Box::new(StdoutOut);
-        let vmm = Vmm::new_for_restore(config, out).map_err(boxed)?;
-        self.regions = regions_from_guest_memory(vmm.memory()).map_err(boxed)?;
+        let vmm = Vmm::new_for_restore(config, out, self.kvm.clone()).map_err(VmOpError::new)?;
+        self.regions = regions_from_guest_memory(vmm.memory()).map_err(VmOpError::new)?;
         self.vmm = Some(vmm);
         Ok(())
     }
@@ -76,7 +88,7 @@ impl TargetVm {
         self.vmm
     }
 
-    fn vmm(&mut self) -> Result<&mut Vmm, VmError> {
+    fn vmm(&mut self) -> Result<&mut Vmm, VmOpError> {
         self.vmm
             .as_mut()
             .ok_or_else(|| "state arrived before the configuration".into())
@@ -90,15 +102,12 @@ impl GuestRam for TargetVm {
 }
 
 impl MigrationTarget for TargetVm {
-    fn validate_config(&mut self, blob: &[u8]) -> Result<(), VmError> {
+    fn validate_config(&mut self, blob: &[u8]) -> Result<(), VmOpError> {
         let cfg: MigrationConfig = serde_json::from_slice(blob)
             .map_err(|e| format!("configuration is not valid JSON: {e}"))?;
-        cfg.check_values().map_err(boxed)?;
-        let kvm = kvm_ioctls::Kvm::new().map_err(boxed)?;
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(boxed)?;
-        cfg.check_cpu(supported.as_slice()).map_err(boxed)?;
+        cfg.check_values().map_err(VmOpError::new)?;
+        cfg.check_cpu(&self.supported_cpuid)
+            .map_err(VmOpError::new)?;
         // A prepared VM, or a retry, with the same shape keeps the VM: the migration crate
         // proves its memory zero or resets it before accepting elided pages.
         let built = self
@@ -125,66 +134,30 @@ impl MigrationTarget for TargetVm {
         Ok(())
     }
 
-    fn restore_state(&mut self, states: Vec<StateBlob>) -> Result<(), VmError> {
-        let regions = self.regions.clone();
+    fn restore_state(&mut self, states: Vec<StateBlob>) -> Result<(), VmOpError> {
         let cpus = self.incoming.as_ref().map_or(0, |c| c.cpus);
-        let find = |id: &str| {
-            states
-                .iter()
-                .find(|s| s.id == id)
-                .ok_or_else(|| boxed(BlobError::Missing(id.to_string())))
-        };
-        for s in &states {
-            let known = [
-                persist::VM_STATE_ID,
-                persist::SERIAL_ID,
-                persist::MEMORY_HASH_ID,
-            ];
-            let vcpu =
-                s.id.strip_prefix(persist::VCPU_ID_PREFIX)
-                    .and_then(|n| n.parse::<u8>().ok())
-                    .is_some_and(|n| n < cpus);
-            if !vcpu && !known.contains(&s.id.as_str()) {
-                return Err(boxed(BlobError::Unknown(s.id.clone())));
-            }
-        }
+        let snapshot = VmSnapshot::from_blobs(&states, cpus).map_err(VmOpError::new)?;
         // Guest memory first: refuse to go on if it is not what the source had.
-        if let Ok(b) = find(persist::MEMORY_HASH_ID) {
-            let (hash, pages): (u64, u64) = persist::decode(&b.id, b.version, &b.data)?;
-            let here = memory_hash(&regions);
+        if let Some(there) = snapshot.memory_hash {
+            let here = memory_hash(&self.regions);
             self.memory_hash = Some(here);
-            if here.hash != hash || here.nonzero_pages != pages {
+            if here != there {
                 return Err(format!(
-                    "guest memory differs from the source's: hash {:016x} over {} pages here, \
-                     {hash:016x} over {pages} pages there",
-                    here.hash, here.nonzero_pages
+                    "guest memory differs from the source's: hash {} over {} pages here, \
+                     {} over {} pages there",
+                    here.hex(),
+                    here.nonzero_pages,
+                    there.hex(),
+                    there.nonzero_pages
                 )
                 .into());
             }
         }
-        let vmm = self.vmm.as_mut().ok_or("no VM")?;
-        let b = find(persist::VM_STATE_ID)?;
-        let vm: VmState = persist::decode(&b.id, b.version, &b.data)?;
-        vm.restore(vmm.vm_fd()).map_err(boxed)?;
-        for vcpu in vmm.unstarted_vcpus() {
-            let id = format!("{}{}", persist::VCPU_ID_PREFIX, vcpu.id());
-            let b = find(&id)?;
-            let st: VcpuState = persist::decode(&b.id, b.version, &b.data)?;
-            st.restore(vcpu.fd()).map_err(boxed)?;
-        }
-        let b = find(persist::SERIAL_ID)?;
-        let serial: SerialSnapshot = persist::decode(&b.id, b.version, &b.data)?;
-        vmm.devices()
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(&(&serial).into())
-            .map_err(boxed)?;
-        Ok(())
+        self.vmm()?.restore_state(&snapshot).map_err(VmOpError::new)
     }
 
-    fn resume(&mut self) -> Result<(), VmError> {
-        self.vmm()?.start().map_err(boxed)?;
+    fn resume(&mut self) -> Result<(), VmOpError> {
+        self.vmm()?.start().map_err(VmOpError::new)?;
         self.started = true;
         Ok(())
     }

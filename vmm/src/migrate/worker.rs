@@ -21,6 +21,7 @@ use super::source_vm::SourceVm;
 use crate::control::{error_reply, MigrateRequest};
 use crate::error_chain;
 use crate::exit::VmExit;
+use crate::sync::lock;
 use crate::Vmm;
 
 /// Start the worker; it replies on `conn`, keeps `outgoing` up to date and frees it when done.
@@ -63,10 +64,6 @@ pub fn spawn(
     }
 }
 
-fn lock(vmm: &Mutex<Vmm>) -> std::sync::MutexGuard<'_, Vmm> {
-    vmm.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn write_line(mut conn: &UnixStream, v: &Value) -> io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_write_timeout(Some(Duration::from_secs(10)))?;
@@ -96,25 +93,15 @@ fn migrate(
 ) -> Result<(Value, bool), String> {
     let endpoint = Endpoint::parse(&args.to).map_err(|e| error_chain(&e))?;
     let is_file = matches!(endpoint, Endpoint::File(_));
-    let downtime = Duration::from_millis(args.downtime_ms.unwrap_or(50));
-    let auto_converge = args.auto_converge.then_some(downtime);
-    let mut source = SourceVm::new(vmm.clone(), args.verify_memory, auto_converge)
-        .map_err(|e| error_chain(&*e))?;
+    let mut source = SourceVm::new(vmm.clone(), args.verify_memory).map_err(|e| error_chain(&e))?;
     let connection = endpoint.connect().map_err(|e| error_chain(&e))?;
     let mut transport = FailAfter {
         inner: connection,
         budget: args.fail_after_bytes,
     };
     let progress_conn = conn.try_clone().map_err(|e| e.to_string())?;
-    let mut limits = Limits::default();
-    if let Some(ms) = args.downtime_ms {
-        limits.downtime = Duration::from_millis(ms);
-    }
-    if let Some(n) = args.max_passes {
-        limits.max_passes = n.max(1);
-    }
     let options = SendOptions {
-        limits,
+        limits: limits(args),
         max_bandwidth: args.max_bandwidth,
         zero_elision: !args.no_zero_elision,
         cancel,
@@ -139,6 +126,18 @@ fn migrate(
     Ok((summary(&stats, &source, args), !stays))
 }
 
+/// The policy's limits: the request's, each default from `Limits::default`.
+fn limits(args: &MigrateRequest) -> Limits {
+    let default = Limits::default();
+    Limits {
+        downtime: args
+            .downtime_ms
+            .map_or(default.downtime, Duration::from_millis),
+        max_passes: args.max_passes.map_or(default.max_passes, |n| n.max(1)),
+        auto_converge: args.auto_converge,
+    }
+}
+
 /// The reply: headline figures at the top level, everything in `stats`.
 fn summary(stats: &MigrationStats, source: &SourceVm, args: &MigrateRequest) -> Value {
     let t = &stats.totals;
@@ -160,7 +159,7 @@ fn summary(stats: &MigrationStats, source: &SourceVm, args: &MigrateRequest) -> 
         "pages_untouched_skipped": t.untouched_skipped,
         "zero_elision": stats.zero_elision,
         "converged": stats.converged,
-        "max_throttle_pct": source.max_throttle_pct,
+        "max_throttle_pct": stats.max_throttle_pct,
         "nonzero_bytes": source.memory_hash.map(|h| h.nonzero_pages * migration::PAGE_SIZE as u64),
         "mem_hash_source": source.memory_hash.map(|h| h.hex()),
         "mem_hash_dest": dest.get("mem_hash").cloned().unwrap_or(Value::Null),

@@ -3,6 +3,8 @@
 use kvm_bindings::kvm_cpuid_entry2;
 use serde::{Deserialize, Serialize};
 
+use crate::config::VmConfig;
+
 /// CPUID feature registers compared between hosts: (leaf, subleaf, register index
 /// eax=0 ebx=1 ecx=2 edx=3, name).
 const FEATURE_REGS: &[(u32, u32, usize, &str)] = &[
@@ -56,6 +58,16 @@ pub fn cpu_features(cpuid: &[kvm_cpuid_entry2]) -> Vec<u32> {
 }
 
 impl MigrationConfig {
+    /// The configuration of a VM built from `config` on a host whose KVM supports `supported`.
+    pub fn new(config: &VmConfig, supported: &[kvm_cpuid_entry2]) -> MigrationConfig {
+        MigrationConfig {
+            mem_bytes: config.mem_bytes,
+            cpus: config.cpus,
+            cmdline: config.cmdline.clone(),
+            cpu_features: cpu_features(supported),
+        }
+    }
+
     /// Whether a guest that saw the source's CPU can run on a host with `supported` CPUID.
     pub fn check_cpu(&self, supported: &[kvm_cpuid_entry2]) -> Result<(), CompatError> {
         if self.cpu_features.len() != FEATURE_REGS.len() {

@@ -4,10 +4,11 @@
 
 use migration::pagemap::{PageState, Pagemap};
 use migration::{zero, RamRegion, PAGE_SIZE};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-/// The hash and how much non-zero memory it covered.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+/// The hash and how much non-zero memory it covered (in the stream: the two numbers, hash
+/// first).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryHash {
     pub hash: u64,
     pub nonzero_pages: u64,

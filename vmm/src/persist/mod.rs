@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod hash;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
@@ -15,6 +16,7 @@ use vm_superio::serial::SerialState;
 
 pub use config::{CompatError, MigrationConfig};
 pub use hash::{memory_hash, MemoryHash};
+pub use snapshot::VmSnapshot;
 pub use vcpu::{VcpuState, VcpuStateError};
 pub use vm::{VmState, VmStateError};
 

@@ -36,11 +36,12 @@ const ESSENTIAL_MSRS: &[u32] = &[
     0x1b,        // IA32_APIC_BASE
 ];
 
-/// MSRs this host's KVM lists but refuses to set (see DEVELOPERS.md: IA32_ARCH_CAPABILITIES).
+/// MSRs KVM may list but refuse to set: IA32_ARCH_CAPABILITIES, which a nested KVM without
+/// the feature reports and rejects (QEMU needs `-cpu host,-arch-capabilities` there).
 const UNSETTABLE_MSRS: &[u32] = &[0x10a];
 
 /// Everything KVM keeps for one vCPU.
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 pub struct VcpuState {
     pub id: u32,
     pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
@@ -56,15 +57,26 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuState")
+            .field("id", &self.id)
+            .field("rip", &format_args!("{:#x}", self.regs.rip))
+            .finish_non_exhaustive()
+    }
+}
+
 impl VcpuState {
     /// Save the state of a paused vCPU. `msr_index_list` is `KVM_GET_MSR_INDEX_LIST`.
     pub fn save(
         id: u32,
         vcpu: &VcpuFd,
-        cpuid: &CpuId,
         msr_index_list: &[u32],
     ) -> Result<VcpuState, VcpuStateError> {
         use VcpuStateError::Get;
+        let cpuid = vcpu
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Get("CPUID2", e))?;
         // MP_STATE first: see the module comment.
         let mp_state = vcpu.get_mp_state().map_err(|e| Get("MP_STATE", e))?;
         let regs = vcpu.get_regs().map_err(|e| Get("REGS", e))?;

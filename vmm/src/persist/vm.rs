@@ -18,7 +18,7 @@ pub enum VmStateError {
 }
 
 /// Interrupt controllers, PIT and clock of one VM.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct VmState {
     pub pic_master: kvm_irqchip,
     pub pic_slave: kvm_irqchip,

@@ -1,0 +1,103 @@
+//! What this crate asks of a VM: the contract the vmm implements (and [`crate::fake::FakeVm`]
+//! in tests), in one place.
+//!
+//! - [`GuestRam`]: the guest's RAM as regions, on both sides.
+//! - [`DirtyLog`]: which pages the guest (or the vmm) wrote since the last look, on the source.
+//! - [`MigrationSource`]: configuration, pause/resume, state save, the between-passes hook.
+//! - [`MigrationTarget`]: configuration check, state restore, resume.
+//!
+//! Every call returns a [`VmOpError`] on failure: the implementation's own error, opaque here,
+//! kept with its chain of sources so that the messages reach the operator whole.
+
+use crate::dirty::DirtyBitmap;
+use crate::memory::RamRegion;
+use crate::records::StateBlob;
+use crate::stats::{PassStats, ReceiveStats};
+
+/// A failed VM operation, as the implementation of this contract reported it.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct VmOpError(Box<dyn std::error::Error + Send + Sync + 'static>);
+
+impl VmOpError {
+    /// Wraps the implementation's error.
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> VmOpError {
+        VmOpError(Box::new(e))
+    }
+}
+
+impl From<String> for VmOpError {
+    fn from(message: String) -> VmOpError {
+        VmOpError(message.into())
+    }
+}
+
+impl From<&str> for VmOpError {
+    fn from(message: &str) -> VmOpError {
+        VmOpError(message.into())
+    }
+}
+
+/// Something that owns guest RAM and lists it as regions (index = region number in the
+/// stream and in dirty-log calls). The list must not change during a migration.
+pub trait GuestRam {
+    fn ram_regions(&self) -> Vec<RamRegion>;
+}
+
+/// The dirty log of a VM, one bitmap per RAM region (`GuestRam::ram_regions` order).
+///
+/// The sender switches logging on before it reads the first byte of guest memory, so every
+/// write after a page was read shows up in a later fetch. An implementation must OR in every
+/// way guest memory changes: KVM's dirty log for vCPU writes and the vmm's own log for device
+/// and vmm writes (and discards such as a balloon's `MADV_DONTNEED`).
+pub trait DirtyLog {
+    /// Starts logging (KVM: `KVM_MEM_LOG_DIRTY_PAGES` on every slot), clearing older bits.
+    fn start_dirty_log(&mut self) -> Result<(), VmOpError>;
+    /// Stops logging.
+    fn stop_dirty_log(&mut self) -> Result<(), VmOpError>;
+    /// ORs into `bitmap` every page of region `region` written since the previous fetch (or
+    /// since logging started) and clears those bits in the log (KVM: `KVM_GET_DIRTY_LOG`).
+    fn fetch_dirty_log(&mut self, region: usize, bitmap: &mut DirtyBitmap)
+        -> Result<(), VmOpError>;
+}
+
+/// What the vmm provides on the source. Region indices are positions in `ram_regions()`.
+pub trait MigrationSource: GuestRam + DirtyLog {
+    /// Configuration the destination validates before any RAM is sent (memory layout, vCPU
+    /// count, CPUID...; opaque here, e.g. JSON).
+    fn config_blob(&self) -> Result<Vec<u8>, VmOpError>;
+    /// Stops every vCPU and device that could write guest memory. On failure no vCPU may be
+    /// left paused: the guest runs as before.
+    fn pause(&mut self) -> Result<(), VmOpError>;
+    /// Lets the guest run again after [`pause`](Self::pause).
+    fn resume(&mut self) -> Result<(), VmOpError>;
+    /// With the guest paused: every device and vCPU state, in restore order.
+    fn save_state(&mut self) -> Result<Vec<StateBlob>, VmOpError>;
+    /// Called after each pre-copy pass with its statistics and the throttle the convergence
+    /// policy asks for (percent of vCPU time taken away; 0 = none): the place to throttle
+    /// vCPUs (auto-converge). An error aborts the migration.
+    fn between_passes(&mut self, _last: &PassStats, _throttle_pct: u32) -> Result<(), VmOpError> {
+        Ok(())
+    }
+}
+
+/// What the vmm provides on the destination.
+///
+/// Contract: between `validate_config` and `resume` nothing but this crate writes guest
+/// memory (no vCPU runs, no firmware is loaded); that is what makes zero-page elision safe.
+pub trait MigrationTarget: GuestRam {
+    /// Checks the source's configuration; the vmm may create the guest memory from it here.
+    /// Called before [`GuestRam::ram_regions`].
+    fn validate_config(&mut self, config: &[u8]) -> Result<(), VmOpError>;
+    /// Restores every device and vCPU state (in stream order). Called only after the whole
+    /// stream arrived and its end checksum matched.
+    fn restore_state(&mut self, states: Vec<StateBlob>) -> Result<(), VmOpError>;
+    /// Starts the restored guest.
+    fn resume(&mut self) -> Result<(), VmOpError>;
+    /// A short report (UTF-8, e.g. JSON) sent back to the source with the `Running`
+    /// acknowledgement: what the destination measured after it resumed, given what the
+    /// receive measured.
+    fn running_report(&self, _stats: &ReceiveStats) -> Vec<u8> {
+        Vec::new()
+    }
+}
