@@ -8,7 +8,7 @@ export MINIVMM_KERNEL := $(LINUX)/vmlinuz
 export MINIVMM_VMLINUX := $(LINUX)/vmlinux
 export MINIVMM_INITRAMFS := $(LINUX)/initramfs.cpio.gz
 
-.PHONY: all deps build kernel initramfs guest-linux fmt-check clippy doc test-unit test-e2e test bench demo clean
+.PHONY: all deps build kernel initramfs guest-linux fmt-check clippy doc import-cycles test-unit test-e2e test bench demo clean
 
 all: build
 
@@ -36,6 +36,10 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+## Modules of a crate must not import each other in a circle.
+import-cycles:
+	@python3 scripts/import-cycles.py
+
 doc:
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
 
@@ -45,7 +49,7 @@ test-unit:
 test-e2e: build guest-linux
 	$(CARGO) test --release -p e2e -- --test-threads=2
 
-test: fmt-check clippy test-unit test-e2e
+test: fmt-check clippy import-cycles test-unit test-e2e
 
 bench: build
 	$(CARGO) run --release -p bench -- $(BENCH_ARGS)
