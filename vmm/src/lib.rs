@@ -40,15 +40,13 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VmFd};
 use log::info;
-use serde_json::{json, Value};
 
 use crate::boot::BootSources;
 use crate::builder::BuildError;
 use crate::config::VmConfig;
-use crate::control::{error_reply, Request};
 use crate::devices::serial::SerialOut;
 use crate::devices::Devices;
-use crate::exit::{ExitSignal, ExitSignalError, VmExit};
+use crate::exit::{ExitSignal, ExitSignalError};
 use crate::kvm::memory::GuestMemoryMmap;
 use crate::kvm::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuResponse, RESPONSE_TIMEOUT};
 use crate::kvm::vm::{MemorySlot, Vm, VmError};
@@ -319,39 +317,7 @@ impl Vmm {
     pub fn uptime(&self) -> Duration {
         self.started_at.elapsed()
     }
-
-    fn status(&self) -> Value {
-        json!({
-            "ok": true,
-            "state": self.state.as_str(),
-            "mem_bytes": self.config.mem_bytes,
-            "cpus": self.config.cpus,
-            "uptime_ms": self.uptime().as_millis() as u64,
-        })
-    }
 }
 
 /// Render an error and its sources as `a: b: c`.
 pub use migration::error_chain;
-
-impl Vmm {
-    /// Answer the requests that need nothing but the VM (not `migrate`).
-    pub fn handle_basic(&mut self, req: Request) -> Value {
-        let done = |r: Result<(), VmmError>| match r {
-            Ok(()) => json!({"ok": true}),
-            Err(e) => error_reply(&error_chain(&e)),
-        };
-        match req {
-            Request::Status => self.status(),
-            Request::Pause => done(self.pause()),
-            Request::Resume => done(self.resume()),
-            Request::Shutdown => {
-                self.exit.trigger(VmExit::ShutdownRequest);
-                json!({"ok": true})
-            }
-            Request::Migrate(_) | Request::Cancel => {
-                error_reply("migrate and cancel are handled by the migration worker")
-            }
-        }
-    }
-}

@@ -112,13 +112,13 @@ fn migrate(args: &vmm::cli::MigrateArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let req = vmm::migrate::client::request(args, bandwidth);
-    match vmm::migrate::client::migrate(&api, &req, args.json) {
+    let req = vmm::control::client::migrate_request(args, bandwidth);
+    match vmm::control::client::migrate(&api, &req, args.json) {
         Ok(v) => {
             if args.json {
                 println!("{v}");
             } else {
-                println!("{}", vmm::migrate::client::summary_text(&v));
+                println!("{}", vmm::control::client::summary_text(&v));
             }
             ExitCode::SUCCESS
         }

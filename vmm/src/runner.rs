@@ -12,12 +12,12 @@ use log::{info, warn};
 
 use crate::boot::{BootError, BootSources};
 use crate::config::VmConfig;
+use crate::control::dispatch::VmmControl;
 use crate::control::{self, ControlError, ControlServer, ControlSocket};
 use crate::devices::serial::{SerialInput, StdoutOut};
 use crate::exit::{ExitSignal, VmExit};
 use crate::migrate::incoming::{Incoming, IncomingError, InterimLoop};
 use crate::migrate::target::TargetVm;
-use crate::migrate::VmmControl;
 use crate::signals::{block_exit_signals, SignalSubscriber};
 use crate::terminal::RawModeGuard;
 use crate::{error_chain, RunState, Vmm, VmmError};

@@ -2,9 +2,9 @@
 //! opens a snapshot) and loads the stream, so until the guest starts an [`InterimLoop`], an
 //! event loop on a thread of its own, stands in for the VM's:
 //!
-//! - it serves the control socket: `status` says whether the process waits or receives,
-//!   `shutdown` gives up, and the other requests are refused because there is no VM to act
-//!   on (a client never hangs on an unanswered socket);
+//! - it serves the control socket ([`WaitingControl`]): `status` says whether the process
+//!   waits or receives, `shutdown` gives up, and the other requests are refused because there
+//!   is no VM to act on (a client never hangs on an unanswered socket);
 //! - it reads the exit signals, each of which gives up too.
 //!
 //! Giving up, [`Incoming::end`], shuts down the sockets the receive is blocked on (only the
@@ -16,18 +16,17 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use log::{info, warn};
-use serde_json::{json, Value};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use migration::{Cancel, ReceiveProgress};
 
-use crate::control::{error_reply, ControlServer, ControlSocket, Request, RequestHandler};
+use crate::control::dispatch::WaitingControl;
+use crate::control::{ControlServer, ControlSocket};
 use crate::exit::VmExit;
 use crate::runner::Subscriber;
 use crate::signals::SignalSubscriber;
@@ -47,20 +46,21 @@ pub enum IncomingError {
 
 /// What the destination is doing, for `status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub enum Phase {
     Waiting,
     Receiving,
 }
 
 impl Phase {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Phase::Waiting => "waiting",
             Phase::Receiving => "receiving",
         }
     }
 
-    fn doing(self) -> &'static str {
+    /// The phase as a verb, for refusals.
+    pub fn doing(self) -> &'static str {
         match self {
             Phase::Waiting => "waiting for",
             Phase::Receiving => "receiving",
@@ -151,6 +151,17 @@ impl Incoming {
         s.shut_down_if_ended();
     }
 
+    /// The endpoint the source is awaited on.
+    pub fn listen(&self) -> &str {
+        &self.listen
+    }
+
+    /// The phase and, while receiving, the attempt's progress.
+    pub fn phase(&self) -> (Phase, Option<Arc<ReceiveProgress>>) {
+        let s = self.lock();
+        (s.phase, s.progress.clone())
+    }
+
     /// Why the incoming migration was given up, if it was.
     pub fn ended(&self) -> Option<VmExit> {
         self.lock().ended.clone()
@@ -173,38 +184,6 @@ impl State {
                 unsafe { libc::shutdown(fd.as_raw_fd(), how) };
             }
         }
-    }
-}
-
-/// Answers control requests while there is no guest.
-struct WaitingControl(Arc<Incoming>);
-
-impl RequestHandler for WaitingControl {
-    fn handle(&mut self, req: Request, _conn: &UnixStream) -> Option<Value> {
-        let (phase, progress) = {
-            let s = self.0.lock();
-            (s.phase, s.progress.clone())
-        };
-        let listen = &self.0.listen;
-        Some(match req {
-            Request::Status => {
-                let mut r = json!({"ok": true, "state": phase.as_str(), "listen": listen});
-                if let Some(p) = progress {
-                    r["pass"] = json!(p.pass());
-                    r["received_bytes"] = json!(p.bytes());
-                }
-                r
-            }
-            Request::Shutdown => {
-                self.0.end(VmExit::ShutdownRequest);
-                json!({"ok": true})
-            }
-            other => error_reply(&format!(
-                "no VM to {} yet: this minivmm is {} an incoming migration on {listen}",
-                other.name(),
-                phase.doing()
-            )),
-        })
     }
 }
 
@@ -254,7 +233,7 @@ impl InterimLoop {
         .map_err(IncomingError::Signals)?;
         em.add_subscriber(Arc::new(Mutex::new(signals)));
         let served = Arc::new(Mutex::new(Served {
-            server: ControlServer::new(socket, Arc::new(Mutex::new(WaitingControl(incoming)))),
+            server: ControlServer::new(socket, Arc::new(Mutex::new(WaitingControl::new(incoming)))),
             stop: EventFd::new(EFD_NONBLOCK).map_err(IncomingError::EventFd)?,
             stopped: false,
         }));
@@ -319,6 +298,7 @@ fn lock(served: &Mutex<Served>) -> MutexGuard<'_, Served> {
 mod tests {
     use super::*;
     use std::io::Read;
+    use std::os::unix::net::UnixStream;
 
     /// One end of a socket pair (its peer kept open, so only a shutdown ends reads) and a
     /// handle to guard it with.
@@ -345,39 +325,5 @@ mod tests {
         let (mut conn, _peer2, handle) = guarded_pair();
         incoming.receiving(handle);
         assert_eq!(conn.read(&mut buf).expect("read"), 0, "shut down at once");
-    }
-
-    #[test]
-    fn waiting_control_reports_the_phase_and_refuses_what_needs_a_vm() {
-        let incoming = Incoming::new("unix:/tmp/m.sock".into());
-        let mut control = WaitingControl(incoming.clone());
-        let (conn, _peer) = UnixStream::pair().expect("pair");
-        let r = control.handle(Request::Status, &conn).expect("reply");
-        assert_eq!(
-            (r["state"].as_str(), r["listen"].as_str()),
-            (Some("waiting"), Some("unix:/tmp/m.sock"))
-        );
-        let _progress = incoming.receiving(None);
-        let r = control.handle(Request::Status, &conn).expect("reply");
-        assert_eq!(
-            (r["pass"].is_null(), &r["received_bytes"]),
-            (true, &json!(0))
-        );
-        let r = control.handle(Request::Pause, &conn).expect("reply");
-        assert_eq!(r["ok"], false);
-        assert_eq!(
-            r["error"],
-            "no VM to pause yet: this minivmm is receiving an incoming migration on unix:/tmp/m.sock"
-        );
-        incoming.waiting();
-        assert_eq!(
-            control.handle(Request::Status, &conn).expect("reply")["state"],
-            "waiting"
-        );
-        assert_eq!(
-            control.handle(Request::Shutdown, &conn).expect("reply")["ok"],
-            true
-        );
-        assert_eq!(incoming.ended(), Some(VmExit::ShutdownRequest));
     }
 }

@@ -28,7 +28,7 @@ impl Outgoing {
     }
 
     /// Claims the slot for a migration to `to`: its cancellation flag, or why not.
-    pub(super) fn begin(&self, to: &str) -> Result<Cancel, String> {
+    pub(crate) fn begin(&self, to: &str) -> Result<Cancel, String> {
         let mut current = self.lock();
         match current.as_ref() {
             Some(c) if c.moved => return Err(format!("the VM has moved to {}", c.to)),
@@ -65,7 +65,7 @@ impl Outgoing {
         }
     }
 
-    pub(super) fn running(&self) -> bool {
+    pub(crate) fn running(&self) -> bool {
         self.lock().is_some()
     }
 
@@ -83,7 +83,7 @@ impl Outgoing {
     }
 
     /// Asks the running migration to stop; false when none runs.
-    pub(super) fn cancel(&self) -> bool {
+    pub(crate) fn cancel(&self) -> bool {
         match self.lock().as_ref() {
             Some(c) if !c.moved => {
                 c.cancel.cancel();
@@ -94,7 +94,7 @@ impl Outgoing {
     }
 
     /// What `status` shows of the running migration.
-    pub(super) fn status(&self) -> Option<Value> {
+    pub(crate) fn status(&self) -> Option<Value> {
         self.lock().as_ref().map(|c| {
             json!({
                 "to": c.to,

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use super::outgoing::Outgoing;
 use super::source::SourceVm;
-use crate::control::{error_reply, MigrateRequest};
+use crate::control::protocol::{error_reply, MigrateRequest};
 use crate::error_chain;
 use crate::exit::VmExit;
 use crate::Vmm;

@@ -1,28 +1,55 @@
-//! `minivmm migrate`: ask a running VMM, over its control socket, to migrate; show progress
-//! on a terminal and print the result (human-readable, or one JSON document with `--json`).
+//! The client side of the control socket: [`request`] sends one request and reads its reply;
+//! [`migrate`] is `minivmm migrate`, which asks a running VMM to migrate, shows progress on a
+//! terminal and prints the result (human-readable, or one JSON document with `--json`).
 
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::protocol::MAX_REQUEST_LEN;
 use crate::cli::MigrateArgs;
 
-/// Errors of the `migrate` client.
+/// Timeout of [`request`].
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Errors of the control-socket client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to the VM's control socket {0}")]
+    #[error("cannot connect to control socket {0}")]
     Connect(PathBuf, #[source] std::io::Error),
-    #[error("control socket {0} failed")]
+    #[error("control request to {0} failed")]
     Io(PathBuf, #[source] std::io::Error),
+    #[error("control socket {0} closed without a reply")]
+    NoReply(PathBuf),
     #[error("control socket {0} closed before the migration finished")]
     Closed(PathBuf),
-    #[error("control socket {0} sent a line that is not JSON")]
+    #[error("control socket {0} sent a reply that is not JSON")]
     BadReply(PathBuf, #[source] serde_json::Error),
     #[error("migration failed: {0}")]
     Failed(String),
+}
+
+/// Send one request to the control socket at `path` and return the reply.
+pub fn request(path: &Path, req: &Value) -> Result<Value, ClientError> {
+    let io_err = |e| ClientError::Io(path.to_path_buf(), e);
+    let mut s =
+        UnixStream::connect(path).map_err(|e| ClientError::Connect(path.to_path_buf(), e))?;
+    s.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(io_err)?;
+    s.set_write_timeout(Some(REQUEST_TIMEOUT)).map_err(io_err)?;
+    let mut line = req.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(io_err)?;
+    let mut reply = String::new();
+    BufReader::new(s.take(MAX_REQUEST_LEN as u64))
+        .read_line(&mut reply)
+        .map_err(io_err)?;
+    if reply.is_empty() {
+        return Err(ClientError::NoReply(path.to_path_buf()));
+    }
+    serde_json::from_str(&reply).map_err(|e| ClientError::BadReply(path.to_path_buf(), e))
 }
 
 /// Send `request` and follow the replies; returns the final reply when it says ok.
@@ -120,7 +147,7 @@ pub fn summary_text(v: &Value) -> String {
 }
 
 /// The control request for `minivmm migrate` arguments (the bandwidth already parsed).
-pub fn request(a: &MigrateArgs, max_bandwidth: Option<u64>) -> Value {
+pub fn migrate_request(a: &MigrateArgs, max_bandwidth: Option<u64>) -> Value {
     json!({
         "cmd": "migrate",
         "to": a.to,
