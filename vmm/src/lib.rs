@@ -72,23 +72,14 @@ pub enum VmmError {
     DirtyLog(#[source] VmError),
 }
 
-/// Whether the vCPUs run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Whether the vCPUs run (`status` spells it in lowercase).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RunState {
     /// Built, vCPU threads not started.
     Created,
     Running,
     Paused,
-}
-
-impl RunState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunState::Created => "created",
-            RunState::Running => "running",
-            RunState::Paused => "paused",
-        }
-    }
 }
 
 /// A VM: KVM objects, guest memory, devices and vCPUs.

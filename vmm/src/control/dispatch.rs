@@ -5,9 +5,10 @@
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
-use serde_json::{json, Value};
-
-use super::protocol::{error_reply, Request};
+use super::protocol::{
+    Done, IncomingProgress, IncomingState, IncomingStatus, OutgoingStatus, Reply, Request,
+    Response, ShuttingDown, VmStatus,
+};
 use super::server::RequestHandler;
 use crate::exit::VmExit;
 use crate::migrate::incoming::Incoming;
@@ -37,13 +38,13 @@ impl VmmControl {
 }
 
 impl RequestHandler for VmmControl {
-    fn handle(&mut self, req: Request, conn: &UnixStream) -> Option<Value> {
+    fn handle(&mut self, req: Request, conn: &UnixStream) -> Option<Reply<Response>> {
         let busy = self.outgoing.running();
         match req {
             Request::Migrate(args) => {
                 let cancel = match self.outgoing.begin(&args.to) {
                     Ok(c) => c,
-                    Err(why) => return Some(error_reply(&why)),
+                    Err(why) => return Some(Reply::Error(why)),
                 };
                 match conn.try_clone() {
                     Ok(c) => {
@@ -53,60 +54,55 @@ impl RequestHandler for VmmControl {
                     }
                     Err(e) => {
                         self.outgoing.end();
-                        Some(error_reply(&format!(
+                        Some(Reply::error(format!(
                             "cannot hand the connection over: {e}"
                         )))
                     }
                 }
             }
-            Request::Cancel if self.outgoing.cancel() => Some(json!({"ok": true})),
-            Request::Cancel => Some(error_reply("no migration is running")),
+            Request::Cancel if self.outgoing.cancel() => Some(Reply::Ok(Done {}.into())),
+            Request::Cancel => Some(Reply::error("no migration is running")),
             // Resuming a VM that moved would run its guest twice.
-            Request::Pause | Request::Resume if busy => Some(error_reply(
+            Request::Pause | Request::Resume if busy => Some(Reply::error(
                 "the VM is migrating or has moved; pause and resume are refused",
             )),
             other => {
-                let mut reply = handle_basic(
-                    &mut self.vmm.lock().unwrap_or_else(|e| e.into_inner()),
-                    other,
-                );
-                if let (Some(m), Some(obj)) = (self.outgoing.status(), reply.as_object_mut()) {
-                    obj.insert("migration".into(), m);
-                }
-                Some(reply)
+                let mut vmm = self.vmm.lock().unwrap_or_else(|e| e.into_inner());
+                Some(handle_basic(&mut vmm, other, self.outgoing.status()))
             }
         }
     }
 }
 
-/// Answer the requests that need nothing but the VM (not `migrate`).
-fn handle_basic(vmm: &mut Vmm, req: Request) -> Value {
+/// Answer the requests that need nothing but the VM (not `migrate`); `migration` is what
+/// `status` and `shutdown` show of the outgoing migration.
+fn handle_basic(vmm: &mut Vmm, req: Request, migration: Option<OutgoingStatus>) -> Reply<Response> {
     let done = |r: Result<(), VmmError>| match r {
-        Ok(()) => json!({"ok": true}),
-        Err(e) => error_reply(&error_chain(&e)),
+        Ok(()) => Reply::Ok(Done {}.into()),
+        Err(e) => Reply::Error(error_chain(&e)),
     };
     match req {
-        Request::Status => status(vmm),
+        Request::Status => Reply::Ok(status(vmm, migration).into()),
         Request::Pause => done(vmm.pause()),
         Request::Resume => done(vmm.resume()),
         Request::Shutdown => {
             vmm.exit_signal().trigger(VmExit::ShutdownRequest);
-            json!({"ok": true})
+            Reply::Ok(ShuttingDown { migration }.into())
         }
         Request::Migrate(_) | Request::Cancel => {
-            error_reply("migrate and cancel are handled by the migration worker")
+            Reply::error("migrate and cancel are handled by the migration worker")
         }
     }
 }
 
-fn status(vmm: &Vmm) -> Value {
-    json!({
-        "ok": true,
-        "state": vmm.state().as_str(),
-        "mem_bytes": vmm.config().mem_bytes,
-        "cpus": vmm.config().cpus,
-        "uptime_ms": vmm.uptime().as_millis() as u64,
-    })
+fn status(vmm: &Vmm, migration: Option<OutgoingStatus>) -> VmStatus {
+    VmStatus {
+        state: vmm.state(),
+        mem_bytes: vmm.config().mem_bytes,
+        cpus: vmm.config().cpus,
+        uptime_ms: vmm.uptime().as_millis() as u64,
+        migration,
+    }
 }
 
 /// Answers control requests while there is no guest.
@@ -119,65 +115,80 @@ impl WaitingControl {
 }
 
 impl RequestHandler for WaitingControl {
-    fn handle(&mut self, req: Request, _conn: &UnixStream) -> Option<Value> {
-        let (phase, progress) = self.0.phase();
+    fn handle(&mut self, req: Request, _conn: &UnixStream) -> Option<Reply<Response>> {
+        let (state, progress) = self.0.phase();
         let listen = self.0.listen();
         Some(match req {
-            Request::Status => {
-                let mut r = json!({"ok": true, "state": phase.as_str(), "listen": listen});
-                if let Some(p) = progress {
-                    r["pass"] = json!(p.pass());
-                    r["received_bytes"] = json!(p.bytes());
+            Request::Status => Reply::Ok(
+                IncomingStatus {
+                    state,
+                    listen: listen.to_string(),
+                    progress: progress.map(|p| IncomingProgress {
+                        pass: p.pass(),
+                        received_bytes: p.bytes(),
+                    }),
                 }
-                r
-            }
+                .into(),
+            ),
             Request::Shutdown => {
                 self.0.end(VmExit::ShutdownRequest);
-                json!({"ok": true})
+                Reply::Ok(ShuttingDown::default().into())
             }
-            other => error_reply(&format!(
+            other => Reply::error(format!(
                 "no VM to {} yet: this minivmm is {} an incoming migration on {listen}",
                 other.name(),
-                phase.doing()
+                doing(state)
             )),
         })
+    }
+}
+
+/// The state as a verb, for refusals.
+fn doing(state: IncomingState) -> &'static str {
+    match state {
+        IncomingState::Waiting => "waiting for",
+        IncomingState::Receiving => "receiving",
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
+
+    /// The reply as it goes on the wire.
+    fn wire(r: Option<Reply<Response>>) -> Value {
+        serde_json::to_value(r.expect("reply")).expect("serialisable")
+    }
 
     #[test]
     fn waiting_control_reports_the_phase_and_refuses_what_needs_a_vm() {
         let incoming = Incoming::new("unix:/tmp/m.sock".into());
         let mut control = WaitingControl::new(incoming.clone());
         let (conn, _peer) = UnixStream::pair().expect("pair");
-        let r = control.handle(Request::Status, &conn).expect("reply");
         assert_eq!(
-            (r["state"].as_str(), r["listen"].as_str()),
-            (Some("waiting"), Some("unix:/tmp/m.sock"))
+            wire(control.handle(Request::Status, &conn)),
+            json!({"ok": true, "state": "waiting", "listen": "unix:/tmp/m.sock"})
         );
         let _progress = incoming.receiving(None);
-        let r = control.handle(Request::Status, &conn).expect("reply");
         assert_eq!(
-            (r["pass"].is_null(), &r["received_bytes"]),
-            (true, &json!(0))
+            wire(control.handle(Request::Status, &conn)),
+            json!({"ok": true, "state": "receiving", "listen": "unix:/tmp/m.sock",
+                   "pass": null, "received_bytes": 0})
         );
-        let r = control.handle(Request::Pause, &conn).expect("reply");
-        assert_eq!(r["ok"], false);
         assert_eq!(
-            r["error"],
-            "no VM to pause yet: this minivmm is receiving an incoming migration on unix:/tmp/m.sock"
+            wire(control.handle(Request::Pause, &conn)),
+            json!({"ok": false, "error": "no VM to pause yet: this minivmm is receiving an \
+                   incoming migration on unix:/tmp/m.sock"})
         );
         incoming.waiting();
         assert_eq!(
-            control.handle(Request::Status, &conn).expect("reply")["state"],
+            wire(control.handle(Request::Status, &conn))["state"],
             "waiting"
         );
         assert_eq!(
-            control.handle(Request::Shutdown, &conn).expect("reply")["ok"],
-            true
+            wire(control.handle(Request::Shutdown, &conn)),
+            json!({"ok": true})
         );
         assert_eq!(incoming.ended(), Some(VmExit::ShutdownRequest));
     }

@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, warn};
-use serde_json::Value;
+use serde::Serialize;
 
-use super::protocol::{error_reply, parse_request, Request, MAX_REQUEST_LEN};
+use super::protocol::{parse_request, Reply, Request, Response, MAX_REQUEST_LEN};
 
 /// Most connections served at once.
 const MAX_CONNECTIONS: usize = 32;
@@ -42,10 +42,9 @@ pub enum ControlError {
 
 /// Executes requests (implemented by the VMM).
 pub trait RequestHandler {
-    /// The reply to `req`: `{"ok":true,...}` or an error reply; `None` when the handler took
-    /// the connection over (it keeps a clone of `conn` and replies itself, later), after which
-    /// the server stops reading from it.
-    fn handle(&mut self, req: Request, conn: &UnixStream) -> Option<Value>;
+    /// The reply to `req`; `None` when the handler took the connection over (it keeps a clone
+    /// of `conn` and replies itself, later), after which the server stops reading from it.
+    fn handle(&mut self, req: Request, conn: &UnixStream) -> Option<Reply<Response>>;
 }
 
 /// Bind the control socket at `path`: mode 0600, replacing a stale socket file, refusing a
@@ -188,7 +187,7 @@ impl<H: RequestHandler> ControlServer<H> {
         while let Some(pos) = conn.buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = conn.buf.drain(..=pos).collect();
             let reply = if line.len() > MAX_REQUEST_LEN {
-                error_reply(&format!("request longer than {MAX_REQUEST_LEN} bytes"))
+                Reply::error(format!("request longer than {MAX_REQUEST_LEN} bytes"))
             } else {
                 let text = String::from_utf8_lossy(&line);
                 let text = text.trim();
@@ -207,7 +206,7 @@ impl<H: RequestHandler> ControlServer<H> {
                             None => return ConnState::Close,
                         }
                     }
-                    Err(e) => error_reply(&e.to_string()),
+                    Err(e) => Reply::error(e.to_string()),
                 }
             };
             if write_reply(&mut conn.stream, &reply).is_err() {
@@ -217,7 +216,7 @@ impl<H: RequestHandler> ControlServer<H> {
         if conn.buf.len() > MAX_REQUEST_LEN {
             let _ = write_reply(
                 &mut conn.stream,
-                &error_reply(&format!("request longer than {MAX_REQUEST_LEN} bytes")),
+                &Reply::<Response>::error(format!("request longer than {MAX_REQUEST_LEN} bytes")),
             );
             return ConnState::Close;
         }
@@ -229,8 +228,8 @@ impl<H: RequestHandler> ControlServer<H> {
     }
 }
 
-fn write_reply(stream: &mut UnixStream, reply: &Value) -> io::Result<()> {
-    let mut line = reply.to_string();
+fn write_reply(stream: &mut UnixStream, reply: &impl Serialize) -> io::Result<()> {
+    let mut line = serde_json::to_string(reply).map_err(io::Error::other)?;
     line.push('\n');
     // Replies are small; wait for buffer space rather than drop one.
     stream.set_nonblocking(false)?;
@@ -272,17 +271,18 @@ impl<H: RequestHandler> MutEventSubscriber for ControlServer<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::protocol::Done;
     use event_manager::{EventManager, SubscriberOps};
-    use serde_json::json;
+    use serde_json::Value;
     use std::io::{BufRead, BufReader};
     use std::os::unix::fs::PermissionsExt;
 
     struct Fake(Vec<Request>);
 
     impl RequestHandler for Fake {
-        fn handle(&mut self, req: Request, _conn: &UnixStream) -> Option<Value> {
+        fn handle(&mut self, req: Request, _conn: &UnixStream) -> Option<Reply<Response>> {
             self.0.push(req);
-            Some(json!({"ok": true}))
+            Some(Reply::Ok(Done {}.into()))
         }
     }
 

@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use migration::{Cancel, ReceiveProgress};
 
 use crate::control::dispatch::WaitingControl;
+use crate::control::protocol::IncomingState;
 use crate::control::{ControlServer, ControlSocket};
 use crate::exit::VmExit;
 use crate::runner::Subscriber;
@@ -44,33 +45,9 @@ pub enum IncomingError {
     Thread(#[source] io::Error),
 }
 
-/// What the destination is doing, for `status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Waiting,
-    Receiving,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Waiting => "waiting",
-            Phase::Receiving => "receiving",
-        }
-    }
-
-    /// The phase as a verb, for refusals.
-    pub fn doing(self) -> &'static str {
-        match self {
-            Phase::Waiting => "waiting for",
-            Phase::Receiving => "receiving",
-        }
-    }
-}
-
 #[derive(Debug)]
 struct State {
-    phase: Phase,
+    phase: IncomingState,
     /// The current attempt's progress (while receiving).
     progress: Option<Arc<ReceiveProgress>>,
     ended: Option<VmExit>,
@@ -93,7 +70,7 @@ impl Incoming {
         Arc::new(Incoming {
             listen,
             state: Mutex::new(State {
-                phase: Phase::Waiting,
+                phase: IncomingState::Waiting,
                 progress: None,
                 ended: None,
                 listener: None,
@@ -125,7 +102,7 @@ impl Incoming {
     /// [`end`](Incoming::end). Returns the progress for the receiver to update.
     pub fn receiving(&self, connection: Option<OwnedFd>) -> Arc<ReceiveProgress> {
         let mut s = self.lock();
-        s.phase = Phase::Receiving;
+        s.phase = IncomingState::Receiving;
         s.connection = connection;
         let progress = Arc::new(ReceiveProgress::default());
         s.progress = Some(progress.clone());
@@ -136,7 +113,7 @@ impl Incoming {
     /// The attempt failed; back to waiting for the next source.
     pub fn waiting(&self) {
         let mut s = self.lock();
-        s.phase = Phase::Waiting;
+        s.phase = IncomingState::Waiting;
         s.progress = None;
         s.connection = None;
     }
@@ -157,7 +134,7 @@ impl Incoming {
     }
 
     /// The phase and, while receiving, the attempt's progress.
-    pub fn phase(&self) -> (Phase, Option<Arc<ReceiveProgress>>) {
+    pub fn phase(&self) -> (IncomingState, Option<Arc<ReceiveProgress>>) {
         let s = self.lock();
         (s.phase, s.progress.clone())
     }
