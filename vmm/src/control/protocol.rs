@@ -26,34 +26,47 @@ use crate::RunState;
 /// Longest request line accepted (and longest reply line a client reads).
 pub const MAX_REQUEST_LEN: usize = 64 * 1024;
 
-/// A request: `{"cmd":NAME}` plus, for `migrate`, its arguments.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
-pub enum Request {
-    Status,
-    Pause,
-    Resume,
-    Shutdown,
-    /// Live-migrate (or snapshot) the VM. The reply comes when it is done; progress lines
-    /// `{"progress":{...}}` may come before it.
-    Migrate(MigrateRequest),
-    /// Give the running migration up (honoured until the guest is paused for the final
-    /// pass); its own reply then says whether it was cancelled or completed.
-    Cancel,
+/// Declares [`Request`], [`Request::name`] and [`COMMANDS`] from one list, so that a
+/// command's name is spelled once: `"name" => Variant` or `"name" => Variant(Arguments)`.
+macro_rules! requests {
+    ($($(#[$doc:meta])* $name:literal => $variant:ident $(($args:ty))?,)*) => {
+        /// A request: `{"cmd":NAME}` plus, for `migrate`, its arguments.
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(tag = "cmd")]
+        pub enum Request {
+            $($(#[$doc])* #[serde(rename = $name)] $variant $(($args))?,)*
+        }
+
+        impl Request {
+            /// The request's `cmd`.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Request::$variant { .. } => $name,)*
+                }
+            }
+        }
+
+        /// The commands [`Request`] knows, for the "unknown command" error.
+        pub const COMMANDS: &[&str] = &[$($name),*];
+    };
 }
 
-impl Request {
-    /// The request's `cmd`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Request::Status => "status",
-            Request::Pause => "pause",
-            Request::Resume => "resume",
-            Request::Shutdown => "shutdown",
-            Request::Migrate(_) => "migrate",
-            Request::Cancel => "cancel",
-        }
-    }
+requests! {
+    /// State, memory size, vCPUs, uptime: [`VmStatus`] (or [`IncomingStatus`]).
+    "status" => Status,
+    /// Stop every vCPU: [`Done`].
+    "pause" => Pause,
+    /// Let every vCPU run again: [`Done`].
+    "resume" => Resume,
+    /// End the VM (or give the incoming migration up): [`ShuttingDown`].
+    "shutdown" => Shutdown,
+    /// Live-migrate (or snapshot) the VM. The reply, [`MigrateSummary`], comes when it is
+    /// done; [`ProgressLine`]s may come before it.
+    "migrate" => Migrate(MigrateRequest),
+    /// Give the running migration up (honoured until the guest is paused for the final
+    /// pass): [`Done`]; the migration's own reply then says whether it was cancelled or
+    /// completed.
+    "cancel" => Cancel,
 }
 
 /// Arguments of `migrate`.
@@ -88,9 +101,6 @@ pub struct MigrateRequest {
 fn default_true() -> bool {
     true
 }
-
-/// The commands [`Request`] knows, for the "unknown command" error.
-pub const COMMANDS: &[&str] = &["status", "pause", "resume", "shutdown", "migrate", "cancel"];
 
 /// Why a request line was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -412,6 +422,37 @@ mod tests {
             parse_request(r#"{"cmd":"shutdown"}"#),
             Ok(Request::Shutdown)
         );
+    }
+
+    #[test]
+    fn every_command_is_spelled_once() {
+        let migrate = MigrateRequest {
+            to: "file:/tmp/s".into(),
+            downtime_ms: None,
+            max_bandwidth: None,
+            max_passes: None,
+            no_zero_elision: false,
+            keep_running: false,
+            verify_memory: false,
+            auto_converge: true,
+            fail_after_bytes: None,
+        };
+        let all = [
+            Request::Status,
+            Request::Pause,
+            Request::Resume,
+            Request::Shutdown,
+            Request::Migrate(migrate),
+            Request::Cancel,
+        ];
+        let names: Vec<&str> = all.iter().map(Request::name).collect();
+        assert_eq!(names, COMMANDS);
+        for req in all {
+            let line = serde_json::to_string(&req).expect("serialise");
+            let wire: Value = serde_json::from_str(&line).expect("json");
+            assert_eq!(wire["cmd"], req.name(), "{line}");
+            assert_eq!(parse_request(&line), Ok(req), "{line}");
+        }
     }
 
     #[test]
