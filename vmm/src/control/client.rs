@@ -7,9 +7,12 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
-use super::protocol::MAX_REQUEST_LEN;
+use super::protocol::{
+    MigrateLine, MigrateRequest, MigrateSummary, PassProgress, Reply, Request, MAX_REQUEST_LEN,
+};
 use crate::cli::MigrateArgs;
 
 /// Timeout of [`request`].
@@ -18,6 +21,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Errors of the control-socket client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    #[error("cannot encode the request")]
+    Encode(#[source] serde_json::Error),
     #[error("cannot connect to control socket {0}")]
     Connect(PathBuf, #[source] std::io::Error),
     #[error("control request to {0} failed")]
@@ -26,14 +31,23 @@ pub enum ClientError {
     NoReply(PathBuf),
     #[error("control socket {0} closed before the migration finished")]
     Closed(PathBuf),
-    #[error("control socket {0} sent a reply that is not JSON")]
+    #[error("control socket {0} sent a reply that is not JSON of the expected form")]
     BadReply(PathBuf, #[source] serde_json::Error),
     #[error("migration failed: {0}")]
     Failed(String),
 }
 
-/// Send one request to the control socket at `path` and return the reply.
-pub fn request(path: &Path, req: &Value) -> Result<Value, ClientError> {
+/// Send `req` to the control socket at `path` and read its reply, whose body is a `T`
+/// (for example [`Done`](super::protocol::Done) or [`VmStatus`](super::protocol::VmStatus)).
+pub fn request<T: DeserializeOwned>(path: &Path, req: &Request) -> Result<Reply<T>, ClientError> {
+    request_line(
+        path,
+        &serde_json::to_string(req).map_err(ClientError::Encode)?,
+    )
+}
+
+/// [`request`] with a line written as it is (the tests send malformed ones).
+pub fn request_line<T: DeserializeOwned>(path: &Path, req: &str) -> Result<Reply<T>, ClientError> {
     let io_err = |e| ClientError::Io(path.to_path_buf(), e);
     let mut s =
         UnixStream::connect(path).map_err(|e| ClientError::Connect(path.to_path_buf(), e))?;
@@ -52,15 +66,27 @@ pub fn request(path: &Path, req: &Value) -> Result<Value, ClientError> {
     serde_json::from_str(&reply).map_err(|e| ClientError::BadReply(path.to_path_buf(), e))
 }
 
-/// Send `request` and follow the replies; returns the final reply when it says ok.
-pub fn migrate(socket: &Path, request: &Value, json_out: bool) -> Result<Value, ClientError> {
+/// A reply as one line of JSON, as `--json` prints it.
+pub fn to_json<T: Serialize>(reply: &Reply<T>) -> String {
+    // Cannot fail: every reply type has string keys only.
+    serde_json::to_string(reply).unwrap_or_default()
+}
+
+/// Send `request` and follow the progress lines; returns the summary when the migration
+/// succeeded. With `json_out`, a failure's reply is printed on stdout.
+pub fn migrate(
+    socket: &Path,
+    request: &MigrateRequest,
+    json_out: bool,
+) -> Result<MigrateSummary, ClientError> {
     let io = |e| ClientError::Io(socket.to_path_buf(), e);
     let mut s =
         UnixStream::connect(socket).map_err(|e| ClientError::Connect(socket.to_path_buf(), e))?;
     // A migration of a big, busy guest may take long; the VM side has its own timeouts.
     s.set_read_timeout(Some(Duration::from_secs(3600)))
         .map_err(io)?;
-    let mut line = request.to_string();
+    let mut line =
+        serde_json::to_string(&Request::Migrate(request.clone())).map_err(ClientError::Encode)?;
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(io)?;
     let tty = std::io::stderr().is_terminal() && !json_out;
@@ -70,94 +96,86 @@ pub fn migrate(socket: &Path, request: &Value, json_out: bool) -> Result<Value, 
         if reader.read_line(&mut l).map_err(io)? == 0 {
             return Err(ClientError::Closed(socket.to_path_buf()));
         }
-        let v: Value =
-            serde_json::from_str(&l).map_err(|e| ClientError::BadReply(socket.to_path_buf(), e))?;
-        if let Some(p) = v.get("progress") {
-            if tty {
-                eprint!("\r\x1b[K{}", progress_text(p));
+        let reply = match serde_json::from_str(&l) {
+            Ok(MigrateLine::Progress(p)) => {
+                if tty {
+                    eprint!("\r\x1b[K{}", progress_text(&p));
+                }
+                continue;
             }
-            continue;
-        }
+            Ok(MigrateLine::Reply(reply)) => *reply,
+            Err(e) => return Err(ClientError::BadReply(socket.to_path_buf(), e)),
+        };
         if tty {
             eprintln!();
         }
-        if v["ok"] == true {
-            return Ok(v);
+        if json_out && !reply.is_ok() {
+            println!("{}", to_json(&reply));
         }
-        let msg = v["error"]
-            .as_str()
-            .unwrap_or("no error message")
-            .to_string();
-        if json_out {
-            println!("{v}");
-        }
-        return Err(ClientError::Failed(msg));
+        return reply.into_result().map_err(ClientError::Failed);
     }
 }
 
-fn mib(v: &Value) -> f64 {
-    v.as_f64().unwrap_or(0.0) / (1024.0 * 1024.0)
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
-fn progress_text(p: &Value) -> String {
+fn progress_text(p: &PassProgress) -> String {
     format!(
         "pass {}: {:.1} MiB dirty, sending {:.0} MiB/s, guest dirties {:.0} MiB/s{}",
-        p["pass"],
-        mib(&p["remaining_bytes"]),
-        mib(&p["bandwidth_bps"]),
-        mib(&p["dirty_rate_bps"]),
-        if p["diverging"] == true {
-            " (not converging)"
-        } else {
-            ""
-        }
+        p.pass,
+        mib(p.remaining_bytes),
+        mib(p.bandwidth_bps),
+        mib(p.dirty_rate_bps),
+        if p.diverging { " (not converging)" } else { "" }
     )
 }
 
 /// The human-readable result.
-pub fn summary_text(v: &Value) -> String {
+pub fn summary_text(v: &MigrateSummary) -> String {
     let mut s = format!(
         "migrated to {}: {:.1} ms total, {:.1} ms downtime, {} passes, {:.1} MiB sent, \
          {} zero pages elided, {} untouched pages skipped",
-        v["to"].as_str().unwrap_or("?"),
-        v["total_ms"].as_f64().unwrap_or(0.0),
-        v["downtime_ms"].as_f64().unwrap_or(0.0),
-        v["passes"],
-        mib(&v["bytes_sent"]),
-        v["pages_zero_elided"],
-        v["pages_untouched_skipped"],
+        v.to,
+        v.total_ms,
+        v.downtime_ms,
+        v.passes,
+        mib(v.bytes_sent),
+        v.pages_zero_elided,
+        v.pages_untouched_skipped,
     );
     s.push_str(&format!(
         "\nsource RSS {:.1} MiB",
-        v["source_rss_kib"].as_f64().unwrap_or(0.0) / 1024.0
+        v.source_rss_kib as f64 / 1024.0
     ));
-    if let Some(d) = v["dest_rss_kib"].as_f64() {
-        s.push_str(&format!(", destination RSS {:.1} MiB", d / 1024.0));
+    if let Some(d) = v.dest_rss_kib {
+        s.push_str(&format!(", destination RSS {:.1} MiB", d as f64 / 1024.0));
     }
-    if v["destination"].is_object() {
-        s.push_str(&format!("\ndestination acknowledged: {}", v["destination"]));
+    if let Some(d) = &v.destination {
+        let d = serde_json::to_string(d).unwrap_or_default();
+        s.push_str(&format!("\ndestination acknowledged: {d}"));
     }
-    if let Some(h) = v["mem_hash_source"].as_str() {
+    if let Some(h) = &v.mem_hash_source {
         s.push_str(&format!(
             "\nmemory hash {h} (destination {})",
-            v["mem_hash_dest"].as_str().unwrap_or("-")
+            v.mem_hash_dest.as_deref().unwrap_or("-")
         ));
     }
     s
 }
 
-/// The control request for `minivmm migrate` arguments (the bandwidth already parsed).
-pub fn migrate_request(a: &MigrateArgs, max_bandwidth: Option<u64>) -> Value {
-    json!({
-        "cmd": "migrate",
-        "to": a.to,
-        "downtime_ms": a.downtime_ms,
-        "max_bandwidth": max_bandwidth,
-        "max_passes": a.max_passes,
-        "no_zero_elision": a.no_zero_elision,
-        "keep_running": a.keep_running,
-        "verify_memory": a.verify_memory,
-        "auto_converge": !a.no_auto_converge,
-        "fail_after_bytes": a.fail_after_bytes,
+/// The control request for `minivmm migrate` arguments (the bandwidth already parsed);
+/// `None` without `--to`.
+pub fn migrate_request(a: &MigrateArgs, max_bandwidth: Option<u64>) -> Option<MigrateRequest> {
+    Some(MigrateRequest {
+        to: a.to.clone()?,
+        downtime_ms: a.downtime_ms,
+        max_bandwidth,
+        max_passes: a.max_passes,
+        no_zero_elision: a.no_zero_elision,
+        keep_running: a.keep_running,
+        verify_memory: a.verify_memory,
+        auto_converge: !a.no_auto_converge,
+        fail_after_bytes: a.fail_after_bytes,
     })
 }

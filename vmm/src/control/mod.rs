@@ -11,6 +11,6 @@ pub mod dispatch;
 pub mod protocol;
 pub mod server;
 
-pub use client::request;
-pub use protocol::{MigrateRequest, Request, MAX_REQUEST_LEN};
+pub use client::{request, ClientError};
+pub use protocol::{MigrateRequest, Reply, Request, MAX_REQUEST_LEN};
 pub use server::{bind, ControlError, ControlServer, ControlSocket, RequestHandler};

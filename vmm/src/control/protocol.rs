@@ -98,6 +98,23 @@ pub struct MigrateRequest {
     pub fail_after_bytes: Option<u64>,
 }
 
+impl MigrateRequest {
+    /// A migration to `to` with every option at its default.
+    pub fn new(to: impl Into<String>) -> MigrateRequest {
+        MigrateRequest {
+            to: to.into(),
+            downtime_ms: None,
+            max_bandwidth: None,
+            max_passes: None,
+            no_zero_elision: false,
+            keep_running: false,
+            verify_memory: false,
+            auto_converge: true,
+            fail_after_bytes: None,
+        }
+    }
+}
+
 fn default_true() -> bool {
     true
 }
@@ -275,6 +292,25 @@ pub struct ProgressLine {
     pub progress: PassProgress,
 }
 
+/// A line on a `migrate` connection: a [`ProgressLine`] after each live pass, then the reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MigrateLine {
+    Progress(PassProgress),
+    Reply(Box<Reply<MigrateSummary>>),
+}
+
+impl<'de> Deserialize<'de> for MigrateLine {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(deserializer)?;
+        if v.get("progress").is_some() {
+            ProgressLine::deserialize(v).map(|l| MigrateLine::Progress(l.progress))
+        } else {
+            Reply::deserialize(v).map(|r| MigrateLine::Reply(Box::new(r)))
+        }
+        .map_err(D::Error::custom)
+    }
+}
+
 /// `status` of a `receive` that has no guest yet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IncomingStatus {
@@ -426,17 +462,7 @@ mod tests {
 
     #[test]
     fn every_command_is_spelled_once() {
-        let migrate = MigrateRequest {
-            to: "file:/tmp/s".into(),
-            downtime_ms: None,
-            max_bandwidth: None,
-            max_passes: None,
-            no_zero_elision: false,
-            keep_running: false,
-            verify_memory: false,
-            auto_converge: true,
-            fail_after_bytes: None,
-        };
+        let migrate = MigrateRequest::new("file:/tmp/s");
         let all = [
             Request::Status,
             Request::Pause,
@@ -591,6 +617,25 @@ mod tests {
             (&json!(true), &json!(true), &json!(76.25))
         );
         round_trip(Reply::Ok(summary), wire);
+    }
+
+    #[test]
+    fn migrate_lines_are_progress_then_the_reply() {
+        let line: MigrateLine = serde_json::from_str(
+            r#"{"progress":{"pass":2,"remaining_bytes":0,"bandwidth_bps":1,"dirty_rate_bps":0,
+                "expected_downtime_ms":0.25,"diverging":true}}"#,
+        )
+        .expect("progress");
+        assert!(
+            matches!(&line, MigrateLine::Progress(p) if p.pass == 2 && p.diverging),
+            "{line:?}"
+        );
+        let line: MigrateLine =
+            serde_json::from_str(r#"{"ok":false,"error":"cancelled"}"#).expect("reply");
+        assert_eq!(
+            line,
+            MigrateLine::Reply(Box::new(Reply::error("cancelled")))
+        );
     }
 
     #[test]
