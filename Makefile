@@ -45,7 +45,7 @@ test-unit:
 test-e2e: build guest-linux
 	$(CARGO) test --release -p e2e -- --test-threads=2
 
-test: fmt-check clippy test-unit test-e2e
+test: fmt-check clippy doc test-unit test-e2e
 
 bench: build
 	$(CARGO) run --release -p bench -- $(BENCH_ARGS)
