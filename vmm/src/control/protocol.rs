@@ -75,13 +75,16 @@ requests! {
 pub struct MigrateRequest {
     /// `unix:PATH`, `tcp:HOST:PORT` or `file:PATH`.
     pub to: String,
+    /// Longest acceptable pause of the guest for the final pass, milliseconds (default 50).
     #[serde(default)]
     pub downtime_ms: Option<u64>,
-    /// Bytes per second.
+    /// Stream bytes per second (default unlimited).
     #[serde(default)]
     pub max_bandwidth: Option<u64>,
+    /// Most pre-copy passes before stop-and-copy (default 30).
     #[serde(default)]
     pub max_passes: Option<u32>,
+    /// Send zero pages in the bulk pass too.
     #[serde(default)]
     pub no_zero_elision: bool,
     /// After a `file:` snapshot, keep the VM running here.
@@ -158,6 +161,7 @@ pub enum Reply<T> {
 }
 
 impl<T> Reply<T> {
+    /// An error reply saying `msg`.
     pub fn error(msg: impl Into<String>) -> Reply<T> {
         Reply::Error(msg.into())
     }
@@ -170,6 +174,7 @@ impl<T> Reply<T> {
         }
     }
 
+    /// Whether the reply says `"ok":true`.
     pub fn is_ok(&self) -> bool {
         matches!(self, Reply::Ok(_))
     }
@@ -234,6 +239,7 @@ pub struct VmStatus {
     pub state: RunState,
     /// Guest memory, bytes.
     pub mem_bytes: u64,
+    /// vCPUs.
     pub cpus: u8,
     /// Since the vCPUs started, milliseconds.
     pub uptime_ms: u64,
@@ -260,6 +266,7 @@ pub struct OutgoingStatus {
 /// What the migration worker reports after each live pass.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PassProgress {
+    /// The pass that just ended (0 is the bulk pass).
     pub pass: u32,
     /// Dirty memory left to send, bytes.
     pub remaining_bytes: u64,
@@ -289,6 +296,7 @@ impl From<&migration::Progress> for PassProgress {
 /// A line `{"progress":{...}}` that the `migrate` connection gets before its reply.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProgressLine {
+    /// The pass that just ended.
     pub progress: PassProgress,
 }
 
@@ -314,6 +322,7 @@ impl<'de> Deserialize<'de> for MigrateLine {
 /// `status` of a `receive` that has no guest yet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IncomingStatus {
+    /// `waiting` or `receiving`.
     pub state: IncomingState,
     /// The endpoint the source is awaited on.
     pub listen: String,
