@@ -49,7 +49,7 @@ test-unit:
 test-e2e: build guest-linux
 	$(CARGO) test --release -p e2e -- --test-threads=2
 
-test: fmt-check clippy import-cycles test-unit test-e2e
+test: fmt-check clippy doc import-cycles test-unit test-e2e
 
 bench: build
 	$(CARGO) run --release -p bench -- $(BENCH_ARGS)

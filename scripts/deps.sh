@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install the Debian packages the build, the tests and the benchmarks need. Idempotent: does
-# nothing when everything is already installed, runs `apt-get update` only when something is missing.
+# Install the Debian packages the build, the tests and the benchmarks need (zstd: `make kernel`
+# decompresses the vmlinux out of the bzImage with it). Idempotent: does nothing when everything
+# is already installed, runs `apt-get update` only when something is missing.
 set -euo pipefail
-pkgs=(qemu-system-x86 busybox-static cpio gzip)
+pkgs=(qemu-system-x86 busybox-static cpio gzip zstd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,12 +2,16 @@
 //! command line, side by side, plus microbenchmarks of the pieces that bound migration speed.
 //!
 //! Usage: `bench [--reps N] [--only NAME[,NAME]] [--downtime-ms N] [--json] [--no-qemu] [--no-micro]`
+//!
+//! The `minivmm` measured is `$MINIVMM_BIN` (`make bench` sets it), else the one beside this
+//! executable (`target/release/minivmm` for `cargo run --release -p bench`, which does not
+//! build it).
 
 mod micro;
 mod qmp;
 mod scenario;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use scenario::{Measure, Scenario};
@@ -52,6 +56,26 @@ fn parse_args() -> Result<Args, String> {
         return Err("--reps must be at least 1".into());
     }
     Ok(a)
+}
+
+/// The `minivmm` to measure, or why there is none.
+fn minivmm_bin() -> Result<PathBuf, String> {
+    let bin = match std::env::var_os("MINIVMM_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let exe = std::env::current_exe()
+                .map_err(|e| format!("cannot tell where this executable is: {e}"))?;
+            exe.parent().unwrap_or(Path::new(".")).join("minivmm")
+        }
+    };
+    if !bin.is_file() {
+        return Err(format!(
+            "{} is missing: build it first (`make bench` does, or `cargo build --release -p vmm`), \
+             or name one with MINIVMM_BIN",
+            bin.display()
+        ));
+    }
+    Ok(bin)
 }
 
 fn ensure_qemu() -> Option<PathBuf> {
@@ -138,7 +162,13 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let bin = e2e::minivmm_bin();
+    let bin = match minivmm_bin() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(2);
+        }
+    };
     let dir = e2e::TempDir::new("bench-image");
     let image = dir.join("testguest.elf");
     if let Err(e) = std::fs::write(&image, guest::TEST_GUEST_ELF) {

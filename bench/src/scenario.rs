@@ -7,6 +7,7 @@ use e2e::guest::{assert_no_failure, VerifyOk};
 use e2e::{Proc, TempDir};
 use serde::Serialize;
 use serde_json::json;
+use vmm::control::protocol::{MigrateSummary, Reply};
 
 use crate::qmp::Qmp;
 
@@ -172,19 +173,21 @@ pub fn run_minivmm(s: &Scenario, bin: &Path, downtime_ms: u64) -> Result<Measure
     if !st.success() {
         return Err(format!("migrate failed: {}\n{}", m.stderr(), out));
     }
-    let v: serde_json::Value =
-        serde_json::from_str(&out).map_err(|e| format!("migrate --json output: {e}: {out}"))?;
-    let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let summary = match serde_json::from_str::<Reply<MigrateSummary>>(&out) {
+        Ok(Reply::Ok(s)) => s,
+        Ok(Reply::Error(e)) => return Err(format!("migrate failed: {e}")),
+        Err(e) => return Err(format!("migrate --json output: {e}: {out}")),
+    };
     verified_after(&mut dst, 0)?;
     assert_no_failure(&dst);
     Ok(Measure {
         boot_to_verify_ms: boot,
-        total_ms: num("total_ms"),
-        downtime_ms: num("downtime_ms"),
-        reported_downtime_ms: num("downtime_ms"),
-        bytes: num("bytes_sent"),
-        passes: num("passes"),
-        src_rss_mib: num("source_rss_kib") / 1024.0,
+        total_ms: summary.total_ms,
+        downtime_ms: summary.downtime_ms,
+        reported_downtime_ms: summary.downtime_ms,
+        bytes: summary.bytes_sent as f64,
+        passes: summary.passes as f64,
+        src_rss_mib: summary.source_rss_kib as f64 / 1024.0,
         dst_rss_mib: dst.rss_kib() as f64 / 1024.0,
         src_cpu_ms: src_cpu,
     })

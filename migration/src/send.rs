@@ -1,12 +1,12 @@
 //! The sending side of a migration: [`send_migration`], in four phases, each a function named
 //! for it:
 //!
-//! 1. [`handshake`]: configuration and memory layout out, dirty logging on, the destination's
+//! 1. `handshake`: configuration and memory layout out, dirty logging on, the destination's
 //!    `Ready` back (with whether its memory is pristine).
-//! 2. [`precopy`]: the bulk pass, then dirty passes while the guest runs, each acknowledged
+//! 2. `precopy`: the bulk pass, then dirty passes while the guest runs, each acknowledged
 //!    (`PassEnd`/`PassDone`) and followed by the convergence policy (`precopy.rs`).
-//! 3. [`stop_and_copy`]: pause, the final pass, device state, `End`.
-//! 4. [`complete`]: the destination's `Running`.
+//! 3. `stop_and_copy`: pause, the final pass, device state, `End`.
+//! 4. `complete`: the destination's `Running`.
 //!
 //! On any error before `Running` arrives, dirty logging is switched off and a paused guest is
 //! resumed: the source VM keeps running and nothing is lost. The VM is reached only through

@@ -46,16 +46,14 @@ use kvm_ioctls::Kvm;
 use log::info;
 use migration::dirty::DirtyError;
 use migration::DirtyBitmap;
-use serde_json::{json, Value};
 use vm_memory::GuestMemoryBackend;
 
 use crate::boot::BootSources;
 use crate::builder::BuildError;
 use crate::config::VmConfig;
-use crate::control::{error_reply, Request};
 use crate::devices::serial::SerialOut;
 use crate::devices::Devices;
-use crate::exit::{ExitSignal, ExitSignalError, VmExit};
+use crate::exit::{ExitSignal, ExitSignalError};
 use crate::kvm::memory::GuestMemoryMmap;
 use crate::kvm::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuResponse, RESPONSE_TIMEOUT};
 use crate::kvm::vm::{MemorySlot, Vm, VmError};
@@ -86,7 +84,7 @@ pub enum VmmError {
     #[error("merging the dirty log of region {0}")]
     MergeDirtyLog(usize, #[source] DirtyError),
     #[error("the VM is {0} and cannot {1}")]
-    WrongState(&'static str, &'static str),
+    WrongState(RunState, &'static str),
     #[error("cannot save the VM state")]
     SaveVm(#[source] VmStateError),
     #[error("cannot save vCPU state")]
@@ -101,8 +99,9 @@ pub enum VmmError {
     RestoreSerial(#[source] crate::devices::serial::SerialError),
 }
 
-/// Whether the vCPUs run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Whether the vCPUs run (`status` spells it in lowercase).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RunState {
     /// Built, vCPU threads not started.
     Created,
@@ -110,13 +109,13 @@ pub enum RunState {
     Paused,
 }
 
-impl RunState {
-    pub fn as_str(self) -> &'static str {
-        match self {
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
             RunState::Created => "created",
             RunState::Running => "running",
             RunState::Paused => "paused",
-        }
+        })
     }
 }
 
@@ -382,7 +381,7 @@ impl Vmm {
     /// and of the serial port. The memory hash is the caller's to add.
     pub fn save_state(&self) -> Result<VmSnapshot, VmmError> {
         if self.state != RunState::Paused {
-            return Err(VmmError::WrongState(self.state.as_str(), "save its state"));
+            return Err(VmmError::WrongState(self.state, "save its state"));
         }
         let vm = VmState::save(self.vm.fd()).map_err(VmmError::SaveVm)?;
         let mut vcpus = Vec::with_capacity(self.handles.len());
@@ -423,7 +422,7 @@ impl Vmm {
     /// `snapshot` (which must have as many vCPUs as this VM).
     pub fn restore_state(&mut self, snapshot: &VmSnapshot) -> Result<(), VmmError> {
         if self.state != RunState::Created {
-            return Err(VmmError::WrongState(self.state.as_str(), "restore a state"));
+            return Err(VmmError::WrongState(self.state, "restore a state"));
         }
         if snapshot.vcpus.len() != self.vcpus.len() {
             return Err(VmmError::VcpuCount {
@@ -449,39 +448,7 @@ impl Vmm {
     pub fn uptime(&self) -> Duration {
         self.started_at.elapsed()
     }
-
-    fn status(&self) -> Value {
-        json!({
-            "ok": true,
-            "state": self.state.as_str(),
-            "mem_bytes": self.config.mem_bytes,
-            "cpus": self.config.cpus,
-            "uptime_ms": self.uptime().as_millis() as u64,
-        })
-    }
 }
 
 /// Render an error and its sources as `a: b: c`.
 pub use migration::error_chain;
-
-impl Vmm {
-    /// Answer the requests that need nothing but the VM (not `migrate`).
-    pub fn handle_basic(&mut self, req: Request) -> Value {
-        let done = |r: Result<(), VmmError>| match r {
-            Ok(()) => json!({"ok": true}),
-            Err(e) => error_reply(&error_chain(&e)),
-        };
-        match req {
-            Request::Status => self.status(),
-            Request::Pause => done(self.pause()),
-            Request::Resume => done(self.resume()),
-            Request::Shutdown => {
-                self.exit.trigger(VmExit::ShutdownRequest);
-                json!({"ok": true})
-            }
-            Request::Migrate(_) | Request::Cancel => {
-                error_reply("migrate and cancel are handled by the migration worker")
-            }
-        }
-    }
-}

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use vmm::cli::{Cli, Command};
 use vmm::config::{ReceiveConfig, VmConfig};
+use vmm::control::client;
+use vmm::control::protocol::{Done, Reply, Request};
 use vmm::exit::VmExit;
 use vmm::migrate::receive::receive;
 use vmm::{error_chain, runner};
@@ -84,13 +86,16 @@ fn migrate(args: &vmm::cli::MigrateArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let req = vmm::migrate::client::request(args, bandwidth);
-    match vmm::migrate::client::migrate(&api, &req, args.json) {
-        Ok(v) => {
+    let Some(req) = client::migrate_request(args, bandwidth) else {
+        eprintln!("error: --to is required");
+        return ExitCode::from(2);
+    };
+    match client::migrate(&api, &req, args.json) {
+        Ok(summary) => {
             if args.json {
-                println!("{v}");
+                println!("{}", client::to_json(&Reply::Ok(summary)));
             } else {
-                println!("{}", vmm::migrate::client::summary_text(&v));
+                println!("{}", client::summary_text(&summary));
             }
             ExitCode::SUCCESS
         }
@@ -103,13 +108,13 @@ fn migrate(args: &vmm::cli::MigrateArgs) -> ExitCode {
 
 /// `minivmm migrate --cancel`.
 fn cancel(api: &std::path::Path) -> ExitCode {
-    match vmm::control::request(api, &serde_json::json!({"cmd": "cancel"})) {
-        Ok(r) if r["ok"] == true => {
+    match client::request::<Done>(api, &Request::Cancel) {
+        Ok(Reply::Ok(Done {})) => {
             eprintln!("minivmm: cancelling the migration");
             ExitCode::SUCCESS
         }
-        Ok(r) => {
-            eprintln!("error: {}", r["error"].as_str().unwrap_or("cancel refused"));
+        Ok(Reply::Error(e)) => {
+            eprintln!("error: {e}");
             ExitCode::from(1)
         }
         Err(e) => {

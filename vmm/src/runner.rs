@@ -13,11 +13,11 @@ use log::{info, warn};
 
 use crate::boot::{BootError, BootSources};
 use crate::config::VmConfig;
+use crate::control::dispatch::VmmControl;
 use crate::control::{self, ControlError, ControlServer, ControlSocket};
 use crate::devices::serial::{SerialInput, StdoutOut};
 use crate::event_loop::{run_until, ExitWatcher, Subscriber};
 use crate::exit::VmExit;
-use crate::migrate::VmmControl;
 use crate::signals::{block_exit_signals, SignalSubscriber};
 use crate::sync::lock;
 use crate::terminal::RawModeGuard;

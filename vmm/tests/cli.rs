@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use vmm::require_kvm;
+use serde::de::DeserializeOwned;
+use vmm::control::protocol::{
+    Done, IncomingState, IncomingStatus, MigrateRequest, Reply, Request, ShuttingDown, VmStatus,
+};
+use vmm::{require_kvm, RunState};
 
 #[allow(dead_code)] // each test binary uses part of the shared guest helpers
 mod common;
@@ -191,12 +195,30 @@ fn spawn_spinner(tag: &str, s: &Path, guest: &GuestFile) -> Vm {
     Vm(child)
 }
 
-fn ask(conn: &mut (UnixStream, BufReader<UnixStream>), req: &str) -> serde_json::Value {
+type Conn = (UnixStream, BufReader<UnixStream>);
+
+/// Send `req` on the connection and read the reply, whose body is a `T`.
+fn ask<T: DeserializeOwned>(conn: &mut Conn, req: &Request) -> Reply<T> {
+    ask_line(conn, &serde_json::to_string(req).expect("encode"))
+}
+
+/// [`ask`] with a line sent as it is.
+fn ask_line<T: DeserializeOwned>(conn: &mut Conn, req: &str) -> Reply<T> {
     conn.0.write_all(req.as_bytes()).expect("send");
     conn.0.write_all(b"\n").expect("send");
     let mut line = String::new();
     conn.1.read_line(&mut line).expect("reply");
-    serde_json::from_str(&line).expect("reply is JSON")
+    serde_json::from_str(&line).expect("reply of the expected form")
+}
+
+/// The `status` of a VM.
+fn status(conn: &mut Conn) -> VmStatus {
+    ask(conn, &Request::Status).into_result().expect("status")
+}
+
+/// Whether a reply is an error containing `needle`.
+fn refused<T>(r: &Reply<T>, needle: &str) -> bool {
+    matches!(r, Reply::Error(e) if e.contains(needle))
 }
 
 fn wait_exit(vm: &mut Vm) -> std::process::ExitStatus {
@@ -221,21 +243,19 @@ fn control_socket_session_and_shutdown() {
 
     let stream = UnixStream::connect(&s).expect("connect");
     let mut conn = (stream.try_clone().expect("clone"), BufReader::new(stream));
-    let r = ask(&mut conn, r#"{"cmd":"status"}"#);
+    let r = status(&mut conn);
     assert_eq!(
-        (r["ok"].clone(), r["state"].clone(), r["cpus"].clone()),
-        (true.into(), "running".into(), 2.into())
+        (r.state, r.cpus, r.mem_bytes),
+        (RunState::Running, 2, 512 << 20)
     );
-    assert_eq!(r["mem_bytes"], 512u64 << 20);
-    let r = ask(&mut conn, "this is not json");
-    assert_eq!(r["ok"], false);
-    assert!(r["error"].as_str().unwrap_or("").contains("JSON"), "{r}");
-    let r = ask(&mut conn, r#"{"cmd":"explode"}"#);
-    assert!(r["error"].as_str().unwrap_or("").contains("explode"), "{r}");
-    assert_eq!(ask(&mut conn, r#"{"cmd":"pause"}"#)["ok"], true);
-    assert_eq!(ask(&mut conn, r#"{"cmd":"status"}"#)["state"], "paused");
-    assert_eq!(ask(&mut conn, r#"{"cmd":"resume"}"#)["ok"], true);
-    assert_eq!(ask(&mut conn, r#"{"cmd":"status"}"#)["state"], "running");
+    let r = ask_line::<Done>(&mut conn, "this is not json");
+    assert!(refused(&r, "JSON"), "{r:?}");
+    let r = ask_line::<Done>(&mut conn, r#"{"cmd":"explode"}"#);
+    assert!(refused(&r, "explode"), "{r:?}");
+    assert_eq!(ask(&mut conn, &Request::Pause), Reply::Ok(Done {}));
+    assert_eq!(status(&mut conn).state, RunState::Paused);
+    assert_eq!(ask(&mut conn, &Request::Resume), Reply::Ok(Done {}));
+    assert_eq!(status(&mut conn).state, RunState::Running);
 
     // A second minivmm on the live socket is refused.
     let g2 = GuestFile::new("cli-spin2", MODE_SPIN);
@@ -252,10 +272,13 @@ fn control_socket_session_and_shutdown() {
     );
 
     // The library client.
-    let r = vmm::control::request(&s, &serde_json::json!({"cmd": "status"})).expect("client");
-    assert_eq!(r["ok"], true);
+    let r = vmm::control::request::<VmStatus>(&s, &Request::Status).expect("client");
+    assert!(r.is_ok(), "{r:?}");
 
-    assert_eq!(ask(&mut conn, r#"{"cmd":"shutdown"}"#)["ok"], true);
+    assert_eq!(
+        ask(&mut conn, &Request::Shutdown),
+        Reply::Ok(ShuttingDown::default())
+    );
     assert!(wait_exit(&mut vm).success());
     assert!(!s.exists(), "socket removed");
     let mut out = String::new();
@@ -308,14 +331,19 @@ fn spawn_receiver(listen: &Path, api: &Path) -> Vm {
 fn receive_answers_and_ends_cleanly_before_a_guest_arrives() {
     // (how it is ended, bytes of a stream a source sends first, the state status reports)
     for (end, tag, feed, state) in [
-        (Some(libc::SIGTERM), "rx-wait", None, "waiting"),
+        (Some(libc::SIGTERM), "rx-wait", None, IncomingState::Waiting),
         (
             Some(libc::SIGINT),
             "rx-part",
             Some(&b"MINIVMM"[..]),
-            "receiving",
+            IncomingState::Receiving,
         ),
-        (None, "rx-shut", Some(&b"MINIVMM"[..]), "receiving"),
+        (
+            None,
+            "rx-shut",
+            Some(&b"MINIVMM"[..]),
+            IncomingState::Receiving,
+        ),
     ] {
         let api = sock(&format!("{tag}-api"));
         let listen = sock(tag);
@@ -330,19 +358,26 @@ fn receive_answers_and_ends_cleanly_before_a_guest_arrives() {
         // The first status may come before the receiving thread took the connection.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let r = ask(&mut conn, r#"{"cmd":"status"}"#);
-            assert_eq!(r["ok"], true, "{r}");
-            if r["state"] == state {
+            let r: IncomingStatus = ask(&mut conn, &Request::Status)
+                .into_result()
+                .expect("status");
+            if r.state == state {
                 break;
             }
-            assert!(Instant::now() < deadline, "{tag}: status stays {r}");
+            assert!(Instant::now() < deadline, "{tag}: status stays {r:?}");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let r = ask(&mut conn, r#"{"cmd":"migrate","to":"file:/dev/null"}"#);
-        let refusal = r["error"].as_str().unwrap_or("");
+        let r = ask::<Done>(
+            &mut conn,
+            &Request::Migrate(MigrateRequest::new("file:/dev/null")),
+        );
+        let doing = match state {
+            IncomingState::Waiting => "waiting",
+            IncomingState::Receiving => "receiving",
+        };
         assert!(
-            refusal.contains("no VM to migrate") && refusal.contains(state),
-            "{tag}: {r}"
+            refused(&r, "no VM to migrate") && refused(&r, doing),
+            "{tag}: {r:?}"
         );
         let needle = match end {
             Some(sig) => {
@@ -351,7 +386,8 @@ fn receive_answers_and_ends_cleanly_before_a_guest_arrives() {
                 format!("signal {sig}")
             }
             None => {
-                assert_eq!(ask(&mut conn, r#"{"cmd":"shutdown"}"#)["ok"], true);
+                let r = ask::<ShuttingDown>(&mut conn, &Request::Shutdown);
+                assert!(r.is_ok(), "{r:?}");
                 "shutdown request".to_string()
             }
         };
@@ -407,15 +443,16 @@ fn receive_ignores_probes_and_refuses_a_second_listener() {
     // The probes end quickly; the destination is back to waiting after each.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let r = ask(&mut conn, r#"{"cmd":"status"}"#);
-        if r["state"] == "waiting" {
+        let r = ask::<IncomingStatus>(&mut conn, &Request::Status);
+        if matches!(&r, Reply::Ok(s) if s.state == IncomingState::Waiting) {
             break;
         }
-        assert!(Instant::now() < deadline, "status stays {r}");
+        assert!(Instant::now() < deadline, "status stays {r:?}");
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(vm.0.try_wait().expect("wait").is_none(), "still running");
-    assert_eq!(ask(&mut conn, r#"{"cmd":"shutdown"}"#)["ok"], true);
+    let r = ask::<ShuttingDown>(&mut conn, &Request::Shutdown);
+    assert!(r.is_ok(), "{r:?}");
     assert!(wait_exit(&mut vm).success());
     assert!(!listen.exists() && !api.exists(), "sockets removed");
 }
@@ -427,10 +464,10 @@ fn stale_socket_file_is_replaced() {
     drop(std::os::unix::net::UnixListener::bind(&s).expect("stale socket"));
     let g = GuestFile::new("stale", MODE_SPIN);
     let mut vm = spawn_spinner("stale", &s, &g);
-    let r = vmm::control::request(&s, &serde_json::json!({"cmd": "status"})).expect("status");
-    assert_eq!(r["ok"], true);
-    let r = vmm::control::request(&s, &serde_json::json!({"cmd": "shutdown"})).expect("shutdown");
-    assert_eq!(r["ok"], true);
+    let r = vmm::control::request::<VmStatus>(&s, &Request::Status).expect("status");
+    assert!(r.is_ok(), "{r:?}");
+    let r = vmm::control::request::<ShuttingDown>(&s, &Request::Shutdown).expect("shutdown");
+    assert!(r.is_ok(), "{r:?}");
     assert!(wait_exit(&mut vm).success());
     assert!(!s.exists(), "socket removed");
 }

@@ -2,9 +2,9 @@
 //! opens a snapshot) and loads the stream, so until the guest starts an [`InterimLoop`], an
 //! event loop on a thread of its own, stands in for the VM's:
 //!
-//! - it serves the control socket: `status` says whether the process waits or receives,
-//!   `shutdown` gives up, and the other requests are refused because there is no VM to act
-//!   on (a client never hangs on an unanswered socket);
+//! - it serves the control socket (`control::dispatch::WaitingControl`): `status` says whether the process
+//!   waits or receives, `shutdown` gives up, and the other requests are refused because there
+//!   is no VM to act on (a client never hangs on an unanswered socket);
 //! - it reads the exit signals, each of which gives up too.
 //!
 //! Giving up, [`Incoming::end`], shuts down the sockets the receive is blocked on (only the
@@ -16,18 +16,17 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use log::{info, warn};
-use serde_json::{json, Value};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use migration::{Cancel, ReceiveProgress};
 
-use crate::control::{error_reply, ControlServer, ControlSocket, Request, RequestHandler};
+use crate::control::protocol::IncomingState;
+use crate::control::{ControlServer, ControlSocket, RequestHandler};
 use crate::event_loop::{run_until, EventLoop};
 use crate::exit::VmExit;
 use crate::signals::SignalSubscriber;
@@ -46,32 +45,9 @@ pub enum IncomingError {
     Thread(#[source] io::Error),
 }
 
-/// What the destination is doing, for `status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Waiting,
-    Receiving,
-}
-
-impl Phase {
-    fn as_str(self) -> &'static str {
-        match self {
-            Phase::Waiting => "waiting",
-            Phase::Receiving => "receiving",
-        }
-    }
-
-    fn doing(self) -> &'static str {
-        match self {
-            Phase::Waiting => "waiting for",
-            Phase::Receiving => "receiving",
-        }
-    }
-}
-
 #[derive(Debug)]
 struct State {
-    phase: Phase,
+    phase: IncomingState,
     /// The current attempt's progress (while receiving).
     progress: Option<Arc<ReceiveProgress>>,
     ended: Option<VmExit>,
@@ -94,7 +70,7 @@ impl Incoming {
         Arc::new(Incoming {
             listen,
             state: Mutex::new(State {
-                phase: Phase::Waiting,
+                phase: IncomingState::Waiting,
                 progress: None,
                 ended: None,
                 listener: None,
@@ -126,7 +102,7 @@ impl Incoming {
     /// [`end`](Incoming::end). Returns the progress for the receiver to update.
     pub fn receiving(&self, connection: Option<OwnedFd>) -> Arc<ReceiveProgress> {
         let mut s = self.lock();
-        s.phase = Phase::Receiving;
+        s.phase = IncomingState::Receiving;
         s.connection = connection;
         let progress = Arc::new(ReceiveProgress::default());
         s.progress = Some(progress.clone());
@@ -137,7 +113,7 @@ impl Incoming {
     /// The attempt failed; back to waiting for the next source.
     pub fn waiting(&self) {
         let mut s = self.lock();
-        s.phase = Phase::Waiting;
+        s.phase = IncomingState::Waiting;
         s.progress = None;
         s.connection = None;
     }
@@ -150,6 +126,17 @@ impl Incoming {
         s.ended.get_or_insert(why);
         self.give_up.cancel();
         s.shut_down_if_ended();
+    }
+
+    /// The endpoint the source is awaited on.
+    pub fn listen(&self) -> &str {
+        &self.listen
+    }
+
+    /// The phase and, while receiving, the attempt's progress.
+    pub fn phase(&self) -> (IncomingState, Option<Arc<ReceiveProgress>>) {
+        let s = self.lock();
+        (s.phase, s.progress.clone())
     }
 
     /// Why the incoming migration was given up, if it was.
@@ -177,46 +164,14 @@ impl State {
     }
 }
 
-/// Answers control requests while there is no guest.
-struct WaitingControl(Arc<Incoming>);
-
-impl RequestHandler for WaitingControl {
-    fn handle(&mut self, req: Request, _conn: &UnixStream) -> Option<Value> {
-        let (phase, progress) = {
-            let s = self.0.lock();
-            (s.phase, s.progress.clone())
-        };
-        let listen = &self.0.listen;
-        Some(match req {
-            Request::Status => {
-                let mut r = json!({"ok": true, "state": phase.as_str(), "listen": listen});
-                if let Some(p) = progress {
-                    r["pass"] = json!(p.pass());
-                    r["received_bytes"] = json!(p.bytes());
-                }
-                r
-            }
-            Request::Shutdown => {
-                self.0.end(VmExit::ShutdownRequest);
-                json!({"ok": true})
-            }
-            other => error_reply(&format!(
-                "no VM to {} yet: this minivmm is {} an incoming migration on {listen}",
-                other.name(),
-                phase.doing()
-            )),
-        })
-    }
-}
-
 /// The control server plus the eventfd that stops the interim loop.
-struct Served {
-    server: ControlServer<WaitingControl>,
+struct Served<H: RequestHandler> {
+    server: ControlServer<H>,
     stop: EventFd,
     stopped: bool,
 }
 
-impl MutEventSubscriber for Served {
+impl<H: RequestHandler> MutEventSubscriber for Served<H> {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.stop.as_raw_fd() {
             self.stopped = true;
@@ -234,19 +189,20 @@ impl MutEventSubscriber for Served {
 }
 
 /// The event loop of a `receive` until its guest runs, on a thread of its own: the control
-/// socket (answered from the [`Incoming`] state) and the exit signals (each one gives the
-/// migration up). Dropped without [`InterimLoop::stop`], it stops the thread and removes the
-/// socket.
-pub struct InterimLoop {
-    served: Option<Arc<Mutex<Served>>>,
+/// socket (answered by `handler`, which reads the [`Incoming`] state:
+/// `control::dispatch::WaitingControl`) and the exit signals (each one gives the migration
+/// up). Dropped without [`InterimLoop::stop`], it stops the thread and removes the socket.
+pub struct InterimLoop<H: RequestHandler> {
+    served: Option<Arc<Mutex<Served<H>>>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl InterimLoop {
+impl<H: RequestHandler + Send + 'static> InterimLoop<H> {
     pub fn start(
         socket: ControlSocket,
+        handler: H,
         incoming: Arc<Incoming>,
-    ) -> Result<InterimLoop, IncomingError> {
+    ) -> Result<InterimLoop<H>, IncomingError> {
         let mut em = EventLoop::new().map_err(IncomingError::EventManager)?;
         let signals = SignalSubscriber::new({
             let incoming = incoming.clone();
@@ -255,7 +211,7 @@ impl InterimLoop {
         .map_err(IncomingError::Signals)?;
         em.add_subscriber(Arc::new(Mutex::new(signals)));
         let served = Arc::new(Mutex::new(Served {
-            server: ControlServer::new(socket, Arc::new(Mutex::new(WaitingControl(incoming)))),
+            server: ControlServer::new(socket, Arc::new(Mutex::new(handler))),
             stop: EventFd::new(EFD_NONBLOCK).map_err(IncomingError::EventFd)?,
             stopped: false,
         }));
@@ -276,7 +232,15 @@ impl InterimLoop {
             thread: Some(thread),
         })
     }
+}
 
+impl<H: RequestHandler> Drop for InterimLoop<H> {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+impl<H: RequestHandler> InterimLoop<H> {
     /// Stops the loop and hands the control socket back (`None` if the thread died with it).
     /// Signals from now on stay pending for the next signalfd.
     pub fn stop(mut self) -> Option<ControlSocket> {
@@ -301,16 +265,11 @@ impl InterimLoop {
     }
 }
 
-impl Drop for InterimLoop {
-    fn drop(&mut self) {
-        self.join();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Read;
+    use std::os::unix::net::UnixStream;
 
     /// One end of a socket pair (its peer kept open, so only a shutdown ends reads) and a
     /// handle to guard it with.
@@ -337,39 +296,5 @@ mod tests {
         let (mut conn, _peer2, handle) = guarded_pair();
         incoming.receiving(handle);
         assert_eq!(conn.read(&mut buf).expect("read"), 0, "shut down at once");
-    }
-
-    #[test]
-    fn waiting_control_reports_the_phase_and_refuses_what_needs_a_vm() {
-        let incoming = Incoming::new("unix:/tmp/m.sock".into());
-        let mut control = WaitingControl(incoming.clone());
-        let (conn, _peer) = UnixStream::pair().expect("pair");
-        let r = control.handle(Request::Status, &conn).expect("reply");
-        assert_eq!(
-            (r["state"].as_str(), r["listen"].as_str()),
-            (Some("waiting"), Some("unix:/tmp/m.sock"))
-        );
-        let _progress = incoming.receiving(None);
-        let r = control.handle(Request::Status, &conn).expect("reply");
-        assert_eq!(
-            (r["pass"].is_null(), &r["received_bytes"]),
-            (true, &json!(0))
-        );
-        let r = control.handle(Request::Pause, &conn).expect("reply");
-        assert_eq!(r["ok"], false);
-        assert_eq!(
-            r["error"],
-            "no VM to pause yet: this minivmm is receiving an incoming migration on unix:/tmp/m.sock"
-        );
-        incoming.waiting();
-        assert_eq!(
-            control.handle(Request::Status, &conn).expect("reply")["state"],
-            "waiting"
-        );
-        assert_eq!(
-            control.handle(Request::Shutdown, &conn).expect("reply")["ok"],
-            true
-        );
-        assert_eq!(incoming.ended(), Some(VmExit::ShutdownRequest));
     }
 }

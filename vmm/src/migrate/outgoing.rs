@@ -6,7 +6,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use migration::Cancel;
-use serde_json::{json, Value};
+
+use crate::control::protocol::{OutgoingStatus, PassProgress};
+use crate::sync::lock;
 
 /// The VM's outgoing migration, shared by the control handler and the worker.
 #[derive(Default)]
@@ -18,17 +20,17 @@ struct Current {
     /// The migration succeeded: the guest runs at `to` now.
     moved: bool,
     cancel: Cancel,
-    /// The last pass's progress line, `null` during the bulk pass.
-    progress: Value,
+    /// The last pass's progress, `None` during the bulk pass.
+    progress: Option<PassProgress>,
 }
 
 impl Outgoing {
     fn lock(&self) -> MutexGuard<'_, Option<Current>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.0)
     }
 
     /// Claims the slot for a migration to `to`: its cancellation flag, or why not.
-    pub(super) fn begin(&self, to: &str) -> Result<Cancel, String> {
+    pub(crate) fn begin(&self, to: &str) -> Result<Cancel, String> {
         let mut current = self.lock();
         match current.as_ref() {
             Some(c) if c.moved => return Err(format!("the VM has moved to {}", c.to)),
@@ -41,15 +43,15 @@ impl Outgoing {
             started: Instant::now(),
             moved: false,
             cancel: cancel.clone(),
-            progress: Value::Null,
+            progress: None,
         });
         Ok(cancel)
     }
 
     /// Records the progress of the pass that just ended.
-    pub fn progress(&self, progress: Value) {
+    pub fn progress(&self, progress: PassProgress) {
         if let Some(c) = self.lock().as_mut() {
-            c.progress = progress;
+            c.progress = Some(progress);
         }
     }
 
@@ -65,7 +67,7 @@ impl Outgoing {
         }
     }
 
-    pub(super) fn running(&self) -> bool {
+    pub(crate) fn running(&self) -> bool {
         self.lock().is_some()
     }
 
@@ -83,7 +85,7 @@ impl Outgoing {
     }
 
     /// Asks the running migration to stop; false when none runs.
-    pub(super) fn cancel(&self) -> bool {
+    pub(crate) fn cancel(&self) -> bool {
         match self.lock().as_ref() {
             Some(c) if !c.moved => {
                 c.cancel.cancel();
@@ -94,15 +96,13 @@ impl Outgoing {
     }
 
     /// What `status` shows of the running migration.
-    pub(super) fn status(&self) -> Option<Value> {
-        self.lock().as_ref().map(|c| {
-            json!({
-                "to": c.to,
-                "elapsed_ms": c.started.elapsed().as_millis() as u64,
-                "cancelling": c.cancel.is_cancelled(),
-                "moved": c.moved,
-                "last_pass": c.progress,
-            })
+    pub(crate) fn status(&self) -> Option<OutgoingStatus> {
+        self.lock().as_ref().map(|c| OutgoingStatus {
+            to: c.to.clone(),
+            elapsed_ms: c.started.elapsed().as_millis() as u64,
+            cancelling: c.cancel.is_cancelled(),
+            moved: c.moved,
+            last_pass: c.progress.clone(),
         })
     }
 }
@@ -119,14 +119,19 @@ mod tests {
         let cancel = o.begin("unix:/m").expect("free slot");
         assert!(o.begin("unix:/other").is_err(), "one at a time");
         let s = o.status().expect("running");
-        assert_eq!(
-            (s["to"].as_str(), s["last_pass"].is_null()),
-            (Some("unix:/m"), true)
-        );
-        o.progress(json!({"pass": 0}));
-        assert_eq!(o.status().expect("running")["last_pass"]["pass"], 0);
+        assert_eq!((s.to.as_str(), s.last_pass), ("unix:/m", None));
+        let progress = PassProgress {
+            pass: 0,
+            remaining_bytes: 4096,
+            bandwidth_bps: 1,
+            dirty_rate_bps: 2,
+            expected_downtime_ms: 0.5,
+            diverging: false,
+        };
+        o.progress(progress.clone());
+        assert_eq!(o.status().expect("running").last_pass, Some(progress));
         assert!(o.cancel() && cancel.is_cancelled());
-        assert_eq!(o.status().expect("running")["cancelling"], true);
+        assert!(o.status().expect("running").cancelling);
         o.end();
         assert!(!o.running() && o.status().is_none());
         let next = o.begin("unix:/m").expect("free again");

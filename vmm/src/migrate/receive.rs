@@ -16,6 +16,7 @@ use migration::{receive_migration, DestinationError, Listener, ReceiveOptions};
 use super::incoming::{Incoming, IncomingError, InterimLoop};
 use super::target_vm::TargetVm;
 use crate::config::ReceiveConfig;
+use crate::control::dispatch::WaitingControl;
 use crate::control::{self, ControlError};
 use crate::error_chain;
 use crate::exit::VmExit;
@@ -61,7 +62,9 @@ pub fn receive(
     on_socket(socket.path());
     let incoming = Incoming::new(config.source.to_string());
     incoming.waiting_on(listener.wake_handle());
-    let interim = InterimLoop::start(socket, incoming.clone()).map_err(ReceiveError::Incoming)?;
+    let control = WaitingControl::new(incoming.clone());
+    let interim =
+        InterimLoop::start(socket, control, incoming.clone()).map_err(ReceiveError::Incoming)?;
     let mut target = TargetVm::new(config.api_socket.clone()).map_err(ReceiveError::Kvm)?;
     if let Some((mem_bytes, cpus)) = config.shape {
         target

@@ -11,10 +11,10 @@ use migration::{
     regions_from_guest_memory, GuestRam, MigrationTarget, RamRegion, ReceiveStats, StateBlob,
     VmOpError,
 };
-use serde_json::json;
 
 use crate::builder;
 use crate::config::{KernelSource, VmConfig};
+use crate::control::protocol::DestinationReport;
 use crate::devices::serial::{SerialOut, StdoutOut};
 use crate::persist::{memory_hash, MemoryHash, MigrationConfig, VmSnapshot};
 use crate::Vmm;
@@ -163,14 +163,13 @@ impl MigrationTarget for TargetVm {
     }
 
     fn running_report(&self, stats: &ReceiveStats) -> Vec<u8> {
-        json!({
-            "rss_kib": super::rss_kib(),
-            "pristine": stats.pristine,
-            "reset": stats.reset,
-            "mem_hash": self.memory_hash.map(|h| h.hex()),
-            "nonzero_pages": self.memory_hash.map(|h| h.nonzero_pages),
-        })
-        .to_string()
-        .into_bytes()
+        let report = DestinationReport {
+            rss_kib: super::rss_kib(),
+            pristine: stats.pristine,
+            reset: stats.reset,
+            mem_hash: self.memory_hash.map(|h| h.hex()),
+            nonzero_pages: self.memory_hash.map(|h| h.nonzero_pages),
+        };
+        serde_json::to_vec(&report).unwrap_or_default()
     }
 }

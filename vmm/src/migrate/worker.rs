@@ -14,11 +14,13 @@ use migration::{
     send_migration, Cancel, Connection, Endpoint, Limits, MigrationStats, Progress, SendOptions,
     Transport,
 };
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::outgoing::Outgoing;
 use super::source_vm::SourceVm;
-use crate::control::{error_reply, MigrateRequest};
+use crate::control::protocol::{
+    DestinationReport, MigrateRequest, MigrateSummary, PassProgress, ProgressLine, Reply,
+};
 use crate::error_chain;
 use crate::exit::VmExit;
 use crate::sync::lock;
@@ -36,10 +38,10 @@ pub fn spawn(
     let body = move || {
         let exit = lock(&vmm).exit_signal();
         let (reply, ended) = match migrate(&vmm, &args, &conn, &outgoing, cancel) {
-            Ok((reply, ended)) => (reply, ended),
+            Ok((summary, ended)) => (Reply::Ok(summary), ended),
             Err(e) => {
                 error!("migration to {} failed: {e}", args.to);
-                (error_reply(&e), false)
+                (Reply::Error(e), false)
             }
         };
         // Settled before the reply, which its reader may follow with `status` or `migrate`
@@ -64,33 +66,22 @@ pub fn spawn(
     }
 }
 
-fn write_line(mut conn: &UnixStream, v: &Value) -> io::Result<()> {
+fn write_line(mut conn: &UnixStream, v: &impl Serialize) -> io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut line = v.to_string();
+    let mut line = serde_json::to_string(v).map_err(io::Error::other)?;
     line.push('\n');
     conn.write_all(line.as_bytes())
 }
 
-fn progress_line(p: &Progress) -> Value {
-    json!({"progress": {
-        "pass": p.pass,
-        "remaining_bytes": p.remaining_bytes,
-        "bandwidth_bps": p.bandwidth_bps,
-        "dirty_rate_bps": p.dirty_rate_bps,
-        "expected_downtime_ms": p.expected_downtime.as_secs_f64() * 1000.0,
-        "diverging": p.diverging,
-    }})
-}
-
-/// Run one migration; returns the reply and whether the VM left this process.
+/// Run one migration; returns its summary and whether the VM left this process.
 fn migrate(
     vmm: &Arc<Mutex<Vmm>>,
     args: &MigrateRequest,
     conn: &UnixStream,
     outgoing: &Arc<Outgoing>,
     cancel: Cancel,
-) -> Result<(Value, bool), String> {
+) -> Result<(MigrateSummary, bool), String> {
     let endpoint = Endpoint::parse(&args.to).map_err(|e| error_chain(&e))?;
     let is_file = matches!(endpoint, Endpoint::File(_));
     let mut source = SourceVm::new(vmm.clone(), args.verify_memory).map_err(|e| error_chain(&e))?;
@@ -108,9 +99,11 @@ fn migrate(
         progress: Some(Box::new({
             let outgoing = outgoing.clone();
             move |p: &Progress| {
-                let line = progress_line(p);
+                let line = ProgressLine {
+                    progress: PassProgress::from(p),
+                };
                 let _ = write_line(&progress_conn, &line);
-                outgoing.progress(line["progress"].clone());
+                outgoing.progress(line.progress);
             }
         })),
         ..SendOptions::default()
@@ -139,35 +132,35 @@ fn limits(args: &MigrateRequest) -> Limits {
 }
 
 /// The reply: headline figures at the top level, everything in `stats`.
-fn summary(stats: &MigrationStats, source: &SourceVm, args: &MigrateRequest) -> Value {
+fn summary(stats: &MigrationStats, source: &SourceVm, args: &MigrateRequest) -> MigrateSummary {
     let t = &stats.totals;
-    let dest: Value = stats
+    let dest: Option<DestinationReport> = stats
         .destination_report
         .as_deref()
-        .and_then(|r| serde_json::from_str(r).ok())
-        .unwrap_or(Value::Null);
-    json!({
-        "ok": true,
-        "to": args.to,
-        "total_ms": stats.total_duration_us as f64 / 1000.0,
-        "downtime_ms": stats.downtime_us as f64 / 1000.0,
-        "passes": stats.passes.len(),
-        "bytes_sent": t.bytes,
-        "pages_sent": t.pages_sent,
-        "pages_zero_elided": t.zero_elided,
-        "pages_zero_sent": t.zero_sent,
-        "pages_untouched_skipped": t.untouched_skipped,
-        "zero_elision": stats.zero_elision,
-        "converged": stats.converged,
-        "max_throttle_pct": stats.max_throttle_pct,
-        "nonzero_bytes": source.memory_hash.map(|h| h.nonzero_pages * migration::PAGE_SIZE as u64),
-        "mem_hash_source": source.memory_hash.map(|h| h.hex()),
-        "mem_hash_dest": dest.get("mem_hash").cloned().unwrap_or(Value::Null),
-        "source_rss_kib": super::rss_kib(),
-        "dest_rss_kib": dest.get("rss_kib").cloned().unwrap_or(Value::Null),
-        "destination": dest,
-        "stats": serde_json::to_value(stats).unwrap_or(Value::Null),
-    })
+        .and_then(|r| serde_json::from_str(r).ok());
+    MigrateSummary {
+        to: args.to.clone(),
+        total_ms: stats.total_duration_us as f64 / 1000.0,
+        downtime_ms: stats.downtime_us as f64 / 1000.0,
+        passes: stats.passes.len() as u64,
+        bytes_sent: t.bytes,
+        pages_sent: t.pages_sent,
+        pages_zero_elided: t.zero_elided,
+        pages_zero_sent: t.zero_sent,
+        pages_untouched_skipped: t.untouched_skipped,
+        zero_elision: stats.zero_elision,
+        converged: stats.converged,
+        max_throttle_pct: stats.max_throttle_pct,
+        nonzero_bytes: source
+            .memory_hash
+            .map(|h| h.nonzero_pages * migration::PAGE_SIZE as u64),
+        mem_hash_source: source.memory_hash.map(|h| h.hex()),
+        mem_hash_dest: dest.as_ref().and_then(|d| d.mem_hash.clone()),
+        source_rss_kib: super::rss_kib(),
+        dest_rss_kib: dest.as_ref().map(|d| d.rss_kib),
+        destination: dest,
+        stats: serde_json::to_value(stats).unwrap_or(serde_json::Value::Null),
+    }
 }
 
 /// Fault injection (`fail_after_bytes`): the stream breaks after a byte budget, as when the

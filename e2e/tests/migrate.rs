@@ -7,7 +7,9 @@ use e2e::migrate::{
     assert_hashes_match, assert_keeps_verifying, assert_no_guest_ran, migrate, migrate_ok,
     Migration, Vm, T,
 };
-use e2e::{free_tcp_port, require_kvm, Proc, TempDir};
+use e2e::{free_tcp_port, require_kvm, vm_status, Proc, TempDir};
+use vmm::control::protocol::{IncomingProgress, IncomingState, IncomingStatus, Reply, Request};
+use vmm::RunState;
 
 const WRITER: &str = "touch=64M rate=5000 seed=11";
 
@@ -22,17 +24,10 @@ fn unix_socket_migration_of_a_writing_guest() {
     let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
     assert_hashes_match(&stats);
     // A fresh destination is proven pristine, with nothing to reset.
-    assert_eq!(
-        (
-            &stats["destination"]["pristine"],
-            &stats["destination"]["reset"]
-        ),
-        (&true.into(), &false.into()),
-        "{stats}"
-    );
+    let report = stats.destination.as_ref().expect("destination report");
+    assert_eq!((report.pristine, report.reset), (true, false), "{stats:?}");
     assert_keeps_verifying(&mut dst, 1);
-    let r = e2e::control(&dst.api, r#"{"cmd":"status"}"#).expect("status");
-    assert_eq!(r["state"], "running", "{r}");
+    assert_eq!(vm_status(&dst.api).state, RunState::Running);
 }
 
 #[test]
@@ -51,8 +46,7 @@ fn tcp_migration_of_a_writing_guest() {
         dst.proc.stderr().contains("rebuilding the VM"),
         "the destination says it rebuilt its VM"
     );
-    let r = e2e::control(&dst.api, r#"{"cmd":"status"}"#).expect("status");
-    assert_eq!(r["cpus"], 1, "{r}");
+    assert_eq!(vm_status(&dst.api).cpus, 1);
 }
 
 #[test]
@@ -72,7 +66,7 @@ fn file_snapshot_and_restore() {
         allocated >> 20
     );
     // Zero and untouched pages take no room: the file holds about the non-zero memory.
-    let nonzero = stats["nonzero_bytes"].as_u64().expect("nonzero_bytes");
+    let nonzero = stats.nonzero_bytes.expect("nonzero_bytes");
     let limit = nonzero + (8 << 20);
     assert!(
         allocated <= limit,
@@ -97,9 +91,8 @@ fn file_snapshot_and_restore() {
     let v = e2e::guest::wait_rounds(&mut dst, 0, 0, 2, T);
     assert!(v.round >= 2, "{v:?}");
     assert_no_failure(&dst);
-    let h = e2e::control(&api, r#"{"cmd":"status"}"#).expect("status");
-    assert_eq!(h["state"], "running", "{h}");
-    assert!(stats["mem_hash_source"].is_string(), "{stats}");
+    assert_eq!(vm_status(&api).state, RunState::Running);
+    assert!(stats.mem_hash_source.is_some(), "{stats:?}");
 }
 
 #[test]
@@ -179,11 +172,11 @@ fn destination_killed_mid_migration_source_keeps_running() {
         let m = mig.join().expect("migrate thread");
         assert!(
             !m.ok,
-            "migration to a killed destination must fail: {}",
-            m.json
+            "migration to a killed destination must fail: {:?}",
+            m.reply
         );
         assert!(
-            !m.stderr.is_empty() || m.json["error"].is_string(),
+            !m.stderr.is_empty() || matches!(m.reply, Some(Reply::Error(_))),
             "the failure is reported"
         );
         assert!(src.proc.alive(), "the source survives a failed migration");
@@ -221,13 +214,10 @@ fn pages_written_after_the_bulk_pass_arrive() {
     );
     assert_hashes_match(&stats);
     assert!(
-        stats["pages_zero_elided"].as_u64().unwrap_or(0) > 0,
-        "the bulk pass elided zero pages: {stats}"
+        stats.pages_zero_elided > 0,
+        "the bulk pass elided zero pages: {stats:?}"
     );
-    assert!(
-        stats["passes"].as_u64().unwrap_or(0) >= 2,
-        "dirty passes ran: {stats}"
-    );
+    assert!(stats.passes >= 2, "dirty passes ran: {stats:?}");
     dst.proc
         .wait_line("fill done", T, |l| l.starts_with("FILL-DONE"));
     assert_keeps_verifying(&mut dst, 1);
@@ -244,9 +234,9 @@ fn idle_4g_guest_costs_only_its_nonzero_memory() {
     // Built before the source connects, as QEMU's destination is; still pristine.
     let mut dst = Vm::receive(&dir, "dst", &uri, &["--mem", "4G", "--cpus", "1"]);
     let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
-    let nonzero = stats["nonzero_bytes"].as_u64().expect("nonzero_bytes");
-    let sent = stats["bytes_sent"].as_u64().expect("bytes_sent");
-    let src_rss = stats["source_rss_kib"].as_u64().expect("source_rss_kib");
+    let nonzero = stats.nonzero_bytes.expect("nonzero_bytes");
+    let sent = stats.bytes_sent;
+    let src_rss = stats.source_rss_kib;
     dst.rounds(0, 1);
     let dst_rss = dst.proc.rss_kib();
     eprintln!(
@@ -311,14 +301,11 @@ fn auto_converge_throttles_a_writer_faster_than_the_link() {
         outcomes.push(stats);
     }
     let (plain, auto) = (&outcomes[0], &outcomes[1]);
-    assert_eq!(plain["converged"], false, "{plain}");
-    assert_eq!(plain["max_throttle_pct"], 0, "{plain}");
-    assert_eq!(plain["stats"]["stop_reason"], "max_passes", "{plain}");
-    assert_eq!(auto["converged"], true, "{auto}");
-    assert!(
-        auto["max_throttle_pct"].as_u64().is_some_and(|p| p >= 20),
-        "{auto}"
-    );
+    assert!(!plain.converged, "{plain:?}");
+    assert_eq!(plain.max_throttle_pct, 0, "{plain:?}");
+    assert_eq!(plain.stats["stop_reason"], "max_passes", "{plain:?}");
+    assert!(auto.converged, "{auto:?}");
+    assert!(auto.max_throttle_pct >= 20, "{auto:?}");
 }
 
 /// `migrate --cancel` gives a running migration up: the destination names the reason and
@@ -336,11 +323,11 @@ fn cancel_gives_the_migration_up_and_the_source_keeps_running() {
         _dir,
         ..
     } = SlowMigration::start("mig-cancel", 27, &["--attempts", "2"]);
-    let r = e2e::control(&src.api, r#"{"cmd":"status"}"#).expect("source status");
+    let r = vm_status(&src.api);
     assert_eq!(
-        r["migration"]["to"],
-        uri.as_str(),
-        "status shows the migration: {r}"
+        r.migration.as_ref().map(|m| m.to.as_str()),
+        Some(uri.as_str()),
+        "status shows the migration: {r:?}"
     );
     let mut cancel = e2e::Proc::minivmm(
         "cancel",
@@ -354,7 +341,7 @@ fn cancel_gives_the_migration_up_and_the_source_keeps_running() {
     let st = cancel.wait_exit(T).expect("cancel exits");
     assert!(st.success(), "cancel accepted: {}", cancel.stderr());
     let m = mig.join().expect("migrate thread");
-    assert!(!m.ok, "a cancelled migration fails: {}", m.json);
+    assert!(!m.ok, "a cancelled migration fails: {:?}", m.reply);
     assert!(m.stderr.contains("cancelled"), "{}", m.stderr);
     // The destination counts it as its first attempt and waits for the next.
     let deadline = std::time::Instant::now() + T;
@@ -371,14 +358,20 @@ fn cancel_gives_the_migration_up_and_the_source_keeps_running() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_no_guest_ran(&dst.proc);
-    let r = e2e::control(&dst.api, r#"{"cmd":"status"}"#).expect("destination status");
-    assert_eq!(r["state"], "waiting", "{r}");
+    let r = e2e::control::<IncomingStatus>(&dst.api, &Request::Status).expect("status");
+    assert!(
+        matches!(&r, Reply::Ok(s) if s.state == IncomingState::Waiting),
+        "{r:?}"
+    );
     assert!(
         src.proc.alive(),
         "the source survives a cancelled migration"
     );
-    let r = e2e::control(&src.api, r#"{"cmd":"status"}"#).expect("source status");
-    assert!(r["migration"].is_null() && r["state"] == "running", "{r}");
+    let r = vm_status(&src.api);
+    assert!(
+        r.migration.is_none() && r.state == RunState::Running,
+        "{r:?}"
+    );
     src.rounds(0, 1);
     assert_no_failure(&src.proc);
     // Nothing is running now: a second cancel is refused.
@@ -402,11 +395,8 @@ fn cancel_gives_the_migration_up_and_the_source_keeps_running() {
     assert_hashes_match(&stats);
     // Elision into memory the first attempt wrote: only after it was made zero again, and
     // the memory hashes prove the result.
-    assert_eq!(
-        (&stats["zero_elision"], &stats["destination"]["reset"]),
-        (&true.into(), &true.into()),
-        "{stats}"
-    );
+    let reset = stats.destination.as_ref().map(|d| d.reset);
+    assert_eq!((stats.zero_elision, reset), (true, Some(true)), "{stats:?}");
     assert_keeps_verifying(&mut dst, 1);
 }
 
@@ -471,14 +461,25 @@ impl SlowMigration {
         // The destination's status says when the bulk pass flows (it lasts 8 s).
         let deadline = std::time::Instant::now() + T;
         loop {
-            let r = e2e::control(&dst.api, r#"{"cmd":"status"}"#).expect("destination status");
-            if r["state"] == "receiving" && r["pass"] == 0 && r["received_bytes"].as_u64() > Some(0)
+            let r = e2e::control::<IncomingStatus>(&dst.api, &Request::Status)
+                .expect("destination status");
+            if let Reply::Ok(IncomingStatus {
+                state: IncomingState::Receiving,
+                progress:
+                    Some(IncomingProgress {
+                        pass: Some(0),
+                        received_bytes,
+                    }),
+                ..
+            }) = r
             {
-                break;
+                if received_bytes > 0 {
+                    break;
+                }
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the bulk pass never started: {r}"
+                "the bulk pass never started: {r:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }

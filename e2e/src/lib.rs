@@ -18,7 +18,7 @@ pub use vmm::require_kvm;
 pub use vmm::test_utils::{kvm_available, kvm_policy};
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -26,6 +26,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use vmm::control::protocol::{Reply, Request, VmStatus};
 
 /// Path of the `minivmm` binary under test.
 pub fn minivmm_bin() -> PathBuf {
@@ -101,8 +104,8 @@ fn capture<R: Read + Send + 'static>(mut r: R, tag: String, echo: bool) -> Share
                 Ok(0) | Err(_) => 0,
                 Ok(n) => n,
             };
-            let (lock, cv) = &*s2;
-            let mut c = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let mut c = lock(&s2);
+            let cv = &s2.1;
             if n == 0 {
                 if !c.partial.is_empty() {
                     let l = String::from_utf8_lossy(&c.partial).trim_end().to_string();
@@ -233,8 +236,8 @@ impl Proc {
         let mut next = from;
         loop {
             {
-                let (m, cv) = &*self.out;
-                let c = m.lock().unwrap_or_else(|e| e.into_inner());
+                let c = lock(&self.out);
+                let cv = &self.out.1;
                 while next < c.lines.len() {
                     if pred(&c.lines[next]) {
                         return Ok(c.lines[next].clone());
@@ -323,7 +326,7 @@ impl Drop for Proc {
 }
 
 fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Captured> {
-    s.0.lock().unwrap_or_else(|e| e.into_inner())
+    vmm::sync::lock(&s.0)
 }
 
 /// The last `n` lines joined.
@@ -331,19 +334,21 @@ pub fn tail(lines: &[String], n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Send one newline-delimited JSON request to a control socket and read one reply line.
-pub fn control(socket: &Path, request: &str) -> Result<serde_json::Value, String> {
-    let mut s =
-        UnixStream::connect(socket).map_err(|e| format!("connect {}: {e}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(600)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
-    s.write_all(b"\n").map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| format!("read reply: {e}"))?;
-    serde_json::from_str(&line).map_err(|e| format!("reply {line:?} is not JSON: {e}"))
+/// Send one request to a control socket and read its reply, whose body is a `T`.
+pub fn control<T: DeserializeOwned>(socket: &Path, request: &Request) -> Result<Reply<T>, String> {
+    vmm::control::request(socket, request).map_err(|e| vmm::error_chain(&e))
+}
+
+/// [`control`] with a line sent as it is (for malformed requests).
+pub fn control_line<T: DeserializeOwned>(socket: &Path, line: &str) -> Result<Reply<T>, String> {
+    vmm::control::client::request_line(socket, line).map_err(|e| vmm::error_chain(&e))
+}
+
+/// The `status` of the VM behind a control socket; panics if it cannot be had.
+pub fn vm_status(socket: &Path) -> VmStatus {
+    control(socket, &Request::Status)
+        .and_then(Reply::into_result)
+        .unwrap_or_else(|e| panic!("status of {}: {e}", socket.display()))
 }
 
 /// Wait until a control socket accepts connections.

@@ -1,18 +1,14 @@
-//! The control socket: newline-delimited JSON requests on a Unix socket, one reply line each.
-//!
-//! ```text
-//! → {"cmd":"status"}   ← {"ok":true,"state":"running","mem_bytes":536870912,"cpus":1,"uptime_ms":1234}
-//! → {"cmd":"pause"}    ← {"ok":true}          (also "resume", "shutdown")
-//! → {"cmd":"cancel"}   ← {"ok":true}          (gives the running migration up)
-//! → not json           ← {"ok":false,"error":"invalid JSON: ..."}   (the connection stays usable)
-//! ```
+//! The control socket and its event-loop server: a Unix socket file created with mode 0600
+//! (a stale file left by a dead process is replaced, a live socket is refused), and a
+//! [`MutEventSubscriber`] that reads newline-delimited requests, hands each to a
+//! [`RequestHandler`] and writes its reply.
 //!
 //! Requests are read with a bound ([`MAX_REQUEST_LEN`]); a longer line is refused and the
-//! connection closed. The socket file is created with mode 0600; a stale file left by a dead
-//! process is replaced, a live socket is refused.
+//! connection closed. A line that does not parse is answered with an error and the
+//! connection stays usable.
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -22,17 +18,15 @@ use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, warn};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::Serialize;
 
-/// Longest request line accepted.
-pub const MAX_REQUEST_LEN: usize = 64 * 1024;
+use super::protocol::{parse_request, Reply, Request, Response, MAX_REQUEST_LEN};
+use crate::sync::lock;
+
 /// Most connections served at once.
 const MAX_CONNECTIONS: usize = 32;
-/// Client timeout of [`request`].
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Errors of the control socket.
+/// Errors setting up the control socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("control socket {0} is in use by a running minivmm")]
@@ -45,123 +39,13 @@ pub enum ControlError {
     Bind(PathBuf, #[source] io::Error),
     #[error("cannot set up control socket {0}")]
     Setup(PathBuf, #[source] io::Error),
-    #[error("cannot connect to control socket {0}")]
-    Connect(PathBuf, #[source] io::Error),
-    #[error("control request to {0} failed")]
-    Io(PathBuf, #[source] io::Error),
-    #[error("control socket {0} closed without a reply")]
-    NoReply(PathBuf),
-    #[error("control socket {0} sent a reply that is not JSON")]
-    BadReply(PathBuf, #[source] serde_json::Error),
-}
-
-/// A typed request.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
-pub enum Request {
-    Status,
-    Pause,
-    Resume,
-    Shutdown,
-    /// Live-migrate (or snapshot) the VM. The reply comes when it is done; progress lines
-    /// `{"progress":{...}}` may come before it.
-    Migrate(MigrateRequest),
-    /// Give the running migration up (honoured until the guest is paused for the final
-    /// pass); its own reply then says whether it was cancelled or completed.
-    Cancel,
-}
-
-impl Request {
-    /// The request's `cmd`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Request::Status => "status",
-            Request::Pause => "pause",
-            Request::Resume => "resume",
-            Request::Shutdown => "shutdown",
-            Request::Migrate(_) => "migrate",
-            Request::Cancel => "cancel",
-        }
-    }
-}
-
-/// Arguments of `migrate`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MigrateRequest {
-    /// `unix:PATH`, `tcp:HOST:PORT` or `file:PATH`.
-    pub to: String,
-    #[serde(default)]
-    pub downtime_ms: Option<u64>,
-    /// Bytes per second.
-    #[serde(default)]
-    pub max_bandwidth: Option<u64>,
-    #[serde(default)]
-    pub max_passes: Option<u32>,
-    #[serde(default)]
-    pub no_zero_elision: bool,
-    /// After a `file:` snapshot, keep the VM running here.
-    #[serde(default)]
-    pub keep_running: bool,
-    /// Hash guest memory at the final pause; the destination checks it before resuming.
-    #[serde(default)]
-    pub verify_memory: bool,
-    /// Throttle the vCPUs when the guest dirties memory faster than it can be sent (default on).
-    #[serde(default = "default_true")]
-    pub auto_converge: bool,
-    /// Fault injection for tests: break the stream after this many bytes.
-    #[serde(default)]
-    pub fail_after_bytes: Option<u64>,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-/// The commands [`Request`] knows, for the "unknown command" error.
-pub const COMMANDS: &[&str] = &["status", "pause", "resume", "shutdown", "migrate", "cancel"];
-
-/// Why a request line was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum RequestError {
-    #[error("invalid JSON: {0}")]
-    Json(String),
-    #[error("request must be a JSON object with a string \"cmd\" field")]
-    NoCmd,
-    #[error("unknown command {0:?} (known: {known})", known = COMMANDS.join(", "))]
-    UnknownCommand(String),
-    #[error("invalid {cmd:?} request: {reason}")]
-    BadArguments { cmd: String, reason: String },
-}
-
-/// Parse one request line.
-pub fn parse_request(line: &str) -> Result<Request, RequestError> {
-    let v: Value = serde_json::from_str(line).map_err(|e| RequestError::Json(e.to_string()))?;
-    let cmd = v
-        .get("cmd")
-        .and_then(Value::as_str)
-        .ok_or(RequestError::NoCmd)?
-        .to_string();
-    if !COMMANDS.contains(&cmd.as_str()) {
-        return Err(RequestError::UnknownCommand(cmd));
-    }
-    serde_json::from_value(v).map_err(|e| RequestError::BadArguments {
-        cmd,
-        reason: e.to_string(),
-    })
-}
-
-/// `{"ok":false,"error":...}`
-pub fn error_reply(msg: &str) -> Value {
-    json!({"ok": false, "error": msg})
 }
 
 /// Executes requests (implemented by the VMM).
 pub trait RequestHandler {
-    /// The reply to `req`: `{"ok":true,...}` or an error reply; `None` when the handler took
-    /// the connection over (it keeps a clone of `conn` and replies itself, later), after which
-    /// the server stops reading from it.
-    fn handle(&mut self, req: Request, conn: &UnixStream) -> Option<Value>;
+    /// The reply to `req`; `None` when the handler took the connection over (it keeps a clone
+    /// of `conn` and replies itself, later), after which the server stops reading from it.
+    fn handle(&mut self, req: Request, conn: &UnixStream) -> Option<Reply<Response>>;
 }
 
 /// Bind the control socket at `path`: mode 0600, replacing a stale socket file, refusing a
@@ -304,7 +188,7 @@ impl<H: RequestHandler> ControlServer<H> {
         while let Some(pos) = conn.buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = conn.buf.drain(..=pos).collect();
             let reply = if line.len() > MAX_REQUEST_LEN {
-                error_reply(&format!("request longer than {MAX_REQUEST_LEN} bytes"))
+                Reply::error(format!("request longer than {MAX_REQUEST_LEN} bytes"))
             } else {
                 let text = String::from_utf8_lossy(&line);
                 let text = text.trim();
@@ -314,16 +198,13 @@ impl<H: RequestHandler> ControlServer<H> {
                 match parse_request(text) {
                     Ok(req) => {
                         debug!("control request {req:?}");
-                        let reply = handler
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .handle(req, &conn.stream);
+                        let reply = lock(handler).handle(req, &conn.stream);
                         match reply {
                             Some(r) => r,
                             None => return ConnState::Close,
                         }
                     }
-                    Err(e) => error_reply(&e.to_string()),
+                    Err(e) => Reply::error(e.to_string()),
                 }
             };
             if write_reply(&mut conn.stream, &reply).is_err() {
@@ -333,7 +214,7 @@ impl<H: RequestHandler> ControlServer<H> {
         if conn.buf.len() > MAX_REQUEST_LEN {
             let _ = write_reply(
                 &mut conn.stream,
-                &error_reply(&format!("request longer than {MAX_REQUEST_LEN} bytes")),
+                &Reply::<Response>::error(format!("request longer than {MAX_REQUEST_LEN} bytes")),
             );
             return ConnState::Close;
         }
@@ -345,8 +226,8 @@ impl<H: RequestHandler> ControlServer<H> {
     }
 }
 
-fn write_reply(stream: &mut UnixStream, reply: &Value) -> io::Result<()> {
-    let mut line = reply.to_string();
+fn write_reply(stream: &mut UnixStream, reply: &impl Serialize) -> io::Result<()> {
+    let mut line = serde_json::to_string(reply).map_err(io::Error::other)?;
     line.push('\n');
     // Replies are small; wait for buffer space rather than drop one.
     stream.set_nonblocking(false)?;
@@ -385,65 +266,21 @@ impl<H: RequestHandler> MutEventSubscriber for ControlServer<H> {
     }
 }
 
-/// Send one request to the control socket at `path` and return the reply.
-pub fn request(path: &Path, req: &Value) -> Result<Value, ControlError> {
-    let io_err = |e| ControlError::Io(path.to_path_buf(), e);
-    let mut s =
-        UnixStream::connect(path).map_err(|e| ControlError::Connect(path.to_path_buf(), e))?;
-    s.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io_err)?;
-    s.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(io_err)?;
-    let mut line = req.to_string();
-    line.push('\n');
-    s.write_all(line.as_bytes()).map_err(io_err)?;
-    let mut reply = String::new();
-    BufReader::new(s.take(MAX_REQUEST_LEN as u64))
-        .read_line(&mut reply)
-        .map_err(io_err)?;
-    if reply.is_empty() {
-        return Err(ControlError::NoReply(path.to_path_buf()));
-    }
-    serde_json::from_str(&reply).map_err(|e| ControlError::BadReply(path.to_path_buf(), e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::protocol::Done;
     use event_manager::{EventManager, SubscriberOps};
+    use serde_json::Value;
+    use std::io::{BufRead, BufReader};
     use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn requests_parse() {
-        assert_eq!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status));
-        assert_eq!(parse_request(r#" {"cmd":"pause"} "#), Ok(Request::Pause));
-        assert_eq!(parse_request(r#"{"cmd":"resume"}"#), Ok(Request::Resume));
-        assert_eq!(
-            parse_request(r#"{"cmd":"shutdown"}"#),
-            Ok(Request::Shutdown)
-        );
-    }
-
-    #[test]
-    fn bad_requests_say_what_is_wrong() {
-        let e = parse_request("this is not json").expect_err("not json");
-        assert!(e.to_string().contains("JSON"), "{e}");
-        assert_eq!(parse_request("[1,2]"), Err(RequestError::NoCmd));
-        assert_eq!(parse_request(r#"{"cmd":7}"#), Err(RequestError::NoCmd));
-        let e = parse_request(r#"{"cmd":"explode"}"#).expect_err("unknown");
-        assert_eq!(e, RequestError::UnknownCommand("explode".into()));
-        assert!(e.to_string().contains("explode"));
-        assert!(
-            e.to_string()
-                .ends_with("(known: status, pause, resume, shutdown, migrate, cancel)"),
-            "{e}"
-        );
-    }
 
     struct Fake(Vec<Request>);
 
     impl RequestHandler for Fake {
-        fn handle(&mut self, req: Request, _conn: &UnixStream) -> Option<Value> {
+        fn handle(&mut self, req: Request, _conn: &UnixStream) -> Option<Reply<Response>> {
             self.0.push(req);
-            Some(json!({"ok": true}))
+            Some(Reply::Ok(Done {}.into()))
         }
     }
 

@@ -75,7 +75,11 @@ fn retry_into_the_same_destination_after_a_broken_attempt() {
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let mut dst = Vm::receive(&dir, "dst", &uri, &["--attempts", "2"]);
     let m = migrate(&src.api, &uri, &["--fail-after-bytes", "40000000"]);
-    assert!(!m.ok, "the injected failure fails the attempt: {}", m.json);
+    assert!(
+        !m.ok,
+        "the injected failure fails the attempt: {:?}",
+        m.reply
+    );
     assert!(src.proc.alive(), "source survives");
     src.rounds(0, 1);
     std::thread::sleep(Duration::from_millis(200));

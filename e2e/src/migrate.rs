@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use vmm::control::protocol::{MigrateSummary, Reply};
+
 use crate::guest::{assert_no_failure, wait_rounds, VerifyOk};
 use crate::linux::{self, Boot};
 use crate::{wait_for_socket, Proc, TempDir};
@@ -72,7 +74,8 @@ impl Vm {
 /// Result of one `minivmm migrate` run.
 pub struct Migration {
     pub ok: bool,
-    pub json: serde_json::Value,
+    /// What `--json` printed; `None` when it printed no reply.
+    pub reply: Option<Reply<MigrateSummary>>,
     pub stderr: String,
 }
 
@@ -92,19 +95,21 @@ pub fn migrate(api: &Path, to: &str, extra: &[&str]) -> Migration {
         .wait_exit(Duration::from_secs(300))
         .expect("migrate finished");
     let out = m.lines().join("\n");
-    let json = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
     Migration {
         ok: st.success(),
-        json,
+        reply: serde_json::from_str(&out).ok(),
         stderr: m.stderr(),
     }
 }
 
 /// Migrate and require success; the source must exit 0 afterwards (its VM moved).
-pub fn migrate_ok(src: &mut Vm, to: &str, extra: &[&str]) -> serde_json::Value {
+pub fn migrate_ok(src: &mut Vm, to: &str, extra: &[&str]) -> MigrateSummary {
     let m = migrate(&src.api, to, extra);
-    assert!(m.ok, "migrate to {to} failed: {}\n{}", m.stderr, m.json);
-    assert_eq!(m.json["ok"], true, "{}", m.json);
+    assert!(m.ok, "migrate to {to} failed: {}\n{:?}", m.stderr, m.reply);
+    let s = match m.reply {
+        Some(Reply::Ok(s)) => s,
+        other => panic!("migrate to {to} printed no summary: {other:?}"),
+    };
     let st = src.proc.wait_exit(T);
     assert!(
         st.is_some_and(|s| s.success()),
@@ -112,18 +117,18 @@ pub fn migrate_ok(src: &mut Vm, to: &str, extra: &[&str]) -> serde_json::Value {
     );
     eprintln!(
         "migrated to {to}: total {} ms, downtime {} ms, passes {}, bytes {}, zero-elided {}, untouched {}",
-        m.json["total_ms"], m.json["downtime_ms"], m.json["passes"], m.json["bytes_sent"],
-        m.json["pages_zero_elided"], m.json["pages_untouched_skipped"]
+        s.total_ms, s.downtime_ms, s.passes, s.bytes_sent, s.pages_zero_elided,
+        s.pages_untouched_skipped
     );
-    m.json
+    s
 }
 
 /// The memory hashes taken at the source's final pause and on the destination before resume.
-pub fn assert_hashes_match(stats: &serde_json::Value) {
-    let (s, d) = (&stats["mem_hash_source"], &stats["mem_hash_dest"]);
+pub fn assert_hashes_match(stats: &MigrateSummary) {
+    let (s, d) = (&stats.mem_hash_source, &stats.mem_hash_dest);
     assert!(
-        s.is_string() && !s.as_str().unwrap_or("").is_empty(),
-        "no source hash: {stats}"
+        s.as_deref().is_some_and(|h| !h.is_empty()),
+        "no source hash: {stats:?}"
     );
     assert_eq!(s, d, "guest memory differs between source and destination");
 }

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use e2e::{control, require_kvm, wait_for_socket, Proc, TempDir};
+use e2e::{control, control_line, require_kvm, vm_status, wait_for_socket, Proc, TempDir};
+use vmm::control::protocol::{Done, Reply, Request, ShuttingDown};
+use vmm::RunState;
 
 /// Run minivmm to completion; returns (exit code, stderr).
 fn run_fail(args: &[&str]) -> (i32, String) {
@@ -124,46 +126,30 @@ fn control_socket_rejects_bad_requests_and_live_socket_is_refused() {
     );
     wait_for_socket(&mut vm, &api, Duration::from_secs(30));
 
-    let r = control(&api, "this is not json").expect("reply");
-    assert_eq!(r["ok"], false, "{r}");
+    let r = control_line::<Done>(&api, "this is not json").expect("reply");
     assert!(
-        r["error"]
-            .as_str()
-            .unwrap_or("")
-            .to_lowercase()
-            .contains("json"),
-        "{r}"
+        matches!(&r, Reply::Error(e) if e.to_lowercase().contains("json")),
+        "{r:?}"
     );
 
-    let r = control(&api, r#"{"cmd":"explode"}"#).expect("reply");
-    assert_eq!(r["ok"], false, "{r}");
-    assert!(r["error"].as_str().unwrap_or("").contains("explode"), "{r}");
+    let r = control_line::<Done>(&api, r#"{"cmd":"explode"}"#).expect("reply");
+    assert!(
+        matches!(&r, Reply::Error(e) if e.contains("explode")),
+        "{r:?}"
+    );
 
-    let r = control(&api, r#"{"cmd":"status"}"#).expect("reply");
-    assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(r["state"], "running", "{r}");
-    assert_eq!(r["cpus"], 1, "{r}");
+    let r = vm_status(&api);
+    assert_eq!((r.state, r.cpus), (RunState::Running, 1), "{r:?}");
 
     // A second VMM on the same live socket is refused.
     assert_refused(&["run", "--api-socket", api.to_str().unwrap()], "socket");
 
     // pause / resume / shutdown.
-    assert_eq!(
-        control(&api, r#"{"cmd":"pause"}"#).expect("pause")["ok"],
-        true
-    );
-    assert_eq!(
-        control(&api, r#"{"cmd":"status"}"#).expect("status")["state"],
-        "paused"
-    );
-    assert_eq!(
-        control(&api, r#"{"cmd":"resume"}"#).expect("resume")["ok"],
-        true
-    );
-    assert_eq!(
-        control(&api, r#"{"cmd":"shutdown"}"#).expect("shutdown")["ok"],
-        true
-    );
+    assert_eq!(control(&api, &Request::Pause), Ok(Reply::Ok(Done {})));
+    assert_eq!(vm_status(&api).state, RunState::Paused);
+    assert_eq!(control(&api, &Request::Resume), Ok(Reply::Ok(Done {})));
+    let r = control::<ShuttingDown>(&api, &Request::Shutdown).expect("shutdown");
+    assert!(r.is_ok(), "{r:?}");
     let st = vm.wait_exit(Duration::from_secs(30));
     assert!(st.is_some_and(|s| s.success()), "shutdown exits 0: {st:?}");
 }
@@ -187,6 +173,5 @@ fn stale_socket_file_is_replaced() {
         ],
     );
     wait_for_socket(&mut vm, &api, Duration::from_secs(30));
-    let r = control(&api, r#"{"cmd":"status"}"#).expect("status");
-    assert_eq!(r["ok"], true, "{r}");
+    vm_status(&api);
 }
