@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
-use log::info;
+use log::{info, warn};
 use migration::dirty::DirtyError;
 use migration::DirtyBitmap;
 use vm_memory::GuestMemoryBackend;
@@ -107,6 +107,8 @@ pub enum RunState {
     Created,
     Running,
     Paused,
+    /// A vCPU could not start; the ones that had were stopped. It never runs.
+    Failed,
 }
 
 impl std::fmt::Display for RunState {
@@ -115,6 +117,7 @@ impl std::fmt::Display for RunState {
             RunState::Created => "created",
             RunState::Running => "running",
             RunState::Paused => "paused",
+            RunState::Failed => "failed",
         })
     }
 }
@@ -137,6 +140,10 @@ pub struct Vmm {
     msr_index_list: Arc<Vec<u32>>,
     /// KVM's dirty bitmap per slot, reused: faulted in at the first fetch, not in the downtime.
     dirty_scratch: Vec<Vec<u64>>,
+    /// How long a pause, resume or state save waits for the vCPUs.
+    response_timeout: Duration,
+    /// Test hook of `start`.
+    fail_start_at: Option<usize>,
 }
 
 impl Vmm {
@@ -200,20 +207,41 @@ impl Vmm {
                 started_at: Instant::now(),
                 msr_index_list,
                 dirty_scratch,
+                response_timeout: RESPONSE_TIMEOUT,
+                fail_start_at: None,
             })
         };
         build().map_err(VmmError::Build)
     }
 
-    /// Spawn one thread per vCPU.
+    /// Spawn one thread per vCPU. If vCPU k cannot start, vCPUs 0..k, which already run the
+    /// guest, are stopped again and the VM is [`RunState::Failed`]: it never starts again
+    /// (its memory was run on; a destination must not receive into it once more).
     pub fn start(&mut self) -> Result<(), VmmError> {
         if self.state != RunState::Created {
             return Err(VmmError::AlreadyStarted);
         }
         let run_size = self.vm.fd().run_size();
-        for vcpu in self.vcpus.drain(..) {
-            let h = vcpu.start(run_size).map_err(VmmError::StartVcpu)?;
-            self.handles.push(h);
+        for (i, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let started = match self.fail_start_at {
+                Some(k) if k == i => Err(VcpuError::Spawn(
+                    vcpu.id(),
+                    std::io::Error::other("injected start failure"),
+                )),
+                _ => vcpu.start(run_size),
+            };
+            match started {
+                Ok(h) => self.handles.push(h),
+                Err(e) => {
+                    warn!(
+                        "vCPU {i} did not start: stopping the {} started before it",
+                        self.handles.len()
+                    );
+                    self.shutdown();
+                    self.state = RunState::Failed;
+                    return Err(VmmError::StartVcpu(e));
+                }
+            }
         }
         self.state = RunState::Running;
         self.started_at = Instant::now();
@@ -221,49 +249,101 @@ impl Vmm {
         Ok(())
     }
 
-    fn broadcast(&mut self, event: fn() -> VcpuEvent, want: &'static str) -> Result<(), VcpuError> {
-        for h in &self.handles {
-            h.send_event(event())?;
-        }
-        let deadline = Instant::now() + RESPONSE_TIMEOUT;
-        for h in &self.handles {
-            match h.response(deadline)? {
-                r if r.name() == want => {}
-                other => {
-                    return Err(VcpuError::UnexpectedResponse(h.id(), other.name(), want));
+    /// Test hook: [`start`](Self::start) fails at vCPU `k` as a failed thread spawn would.
+    #[doc(hidden)]
+    pub fn inject_start_failure(&mut self, k: usize) {
+        self.fail_start_at = Some(k);
+    }
+
+    /// Sends `event` to every vCPU.
+    fn send_to_all(&self, event: fn() -> VcpuEvent) -> Result<(), VcpuError> {
+        self.handles.iter().try_for_each(|h| h.send_event(event()))
+    }
+
+    /// Waits (bounded in all) for the answer `want` from the vCPUs `which` (indices into
+    /// the handles): those that gave it, and the first failure.
+    fn collect(&self, which: &[usize], want: &'static str) -> (Vec<usize>, Option<VcpuError>) {
+        let deadline = Instant::now() + self.response_timeout;
+        let mut ok = Vec::with_capacity(which.len());
+        let mut failure = None;
+        for &i in which {
+            let h = &self.handles[i];
+            match h.response(deadline) {
+                Ok(r) if r.name() == want => ok.push(i),
+                Ok(other) => {
+                    failure.get_or_insert(VcpuError::UnexpectedResponse(
+                        h.id(),
+                        other.name(),
+                        want,
+                    ));
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
                 }
             }
         }
-        Ok(())
+        (ok, failure)
     }
 
-    /// Stop every vCPU (pending I/O completed); returns once all of them confirmed.
+    /// Stop every vCPU (pending I/O completed); returns once all of them confirmed. If one
+    /// does not (it is stuck, say writing to a console nobody reads), those that paused run
+    /// again and the VM stays `Running`: a failed pause leaves nothing paused.
     pub fn pause(&mut self) -> Result<(), VmmError> {
         match self.state {
-            RunState::Created => return Err(VmmError::NotStarted),
+            RunState::Created | RunState::Failed => return Err(VmmError::NotStarted),
             RunState::Paused => return Ok(()),
             RunState::Running => {}
         }
         let t = Instant::now();
-        self.broadcast(|| VcpuEvent::Pause, "Paused")
-            .map_err(VmmError::Pause)?;
-        self.state = RunState::Paused;
-        info!("VM paused in {:?}", t.elapsed());
-        Ok(())
+        let all: Vec<usize> = (0..self.handles.len()).collect();
+        let (paused, failure) = match self.send_to_all(|| VcpuEvent::Pause) {
+            Ok(()) => self.collect(&all, "Paused"),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let Some(e) = failure else {
+            self.state = RunState::Paused;
+            info!("VM paused in {:?}", t.elapsed());
+            return Ok(());
+        };
+        warn!(
+            "pausing failed ({e}); resuming the {} of {} vCPUs that paused",
+            paused.len(),
+            all.len()
+        );
+        // Every vCPU gets Resume: one that has not answered finds it right after its Pause.
+        let _ = self.send_to_all(|| VcpuEvent::Resume);
+        if let (_, Some(again)) = self.collect(&paused, "Resumed") {
+            warn!("a paused vCPU did not resume at once: {again}");
+        }
+        Err(VmmError::Pause(e))
     }
 
-    /// Let every vCPU run again.
+    /// Let every vCPU run again. A vCPU that does not confirm in time still has the request
+    /// and runs once it gets to it: the VM counts as running either way.
     pub fn resume(&mut self) -> Result<(), VmmError> {
         match self.state {
-            RunState::Created => return Err(VmmError::NotStarted),
+            RunState::Created | RunState::Failed => return Err(VmmError::NotStarted),
             RunState::Running => return Ok(()),
             RunState::Paused => {}
         }
-        self.broadcast(|| VcpuEvent::Resume, "Resumed")
-            .map_err(VmmError::Resume)?;
+        let all: Vec<usize> = (0..self.handles.len()).collect();
+        let failure = match self.send_to_all(|| VcpuEvent::Resume) {
+            Ok(()) => self.collect(&all, "Resumed").1,
+            Err(e) => Some(e),
+        };
         self.state = RunState::Running;
-        info!("VM resumed");
-        Ok(())
+        match failure {
+            None => {
+                info!("VM resumed");
+                Ok(())
+            }
+            Some(e) => Err(VmmError::Resume(e)),
+        }
+    }
+
+    /// How long each pause, resume or state save waits for every vCPU's answer.
+    pub fn set_response_timeout(&mut self, timeout: Duration) {
+        self.response_timeout = timeout;
     }
 
     /// End every vCPU thread (bounded wait each).
@@ -389,7 +469,7 @@ impl Vmm {
             h.send_event(VcpuEvent::SaveState(self.msr_index_list.clone()))
                 .map_err(VmmError::SaveVcpu)?;
             let state = match h
-                .response(Instant::now() + RESPONSE_TIMEOUT)
+                .response(Instant::now() + self.response_timeout)
                 .map_err(VmmError::SaveVcpu)?
             {
                 VcpuResponse::Saved(Ok(state)) => *state,

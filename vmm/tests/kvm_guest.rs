@@ -3,7 +3,7 @@
 //! i8042 reset, triple fault), plus pause/resume of vCPUs that spin or wait for SIPI.
 
 use std::io::{self, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use migration::DirtyBitmap;
@@ -42,6 +42,47 @@ struct TestVm {
     exit: Arc<ExitSignal>,
     console: Console,
     _kernel: GuestFile,
+}
+
+/// A console whose writes block while it is closed: a vCPU that writes to it is stuck, as
+/// on a terminal or pipe nobody reads.
+#[derive(Clone, Default)]
+struct GatedConsole(Arc<(Mutex<bool>, Condvar)>);
+
+impl GatedConsole {
+    fn open(&self) {
+        *lock(&self.0 .0) = true;
+        self.0 .1.notify_all();
+    }
+}
+
+impl Write for GatedConsole {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let mut open = lock(&self.0 .0);
+        while !*open {
+            open = vmm::sync::wait(&self.0 .1, open);
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A VM of `cpus` vCPUs booting the guest in `mode`, built with serial output to `out` but
+/// not started.
+fn build(kernel: &GuestFile, cpus: u32, cmdline: &str, out: Box<dyn Write + Send>) -> Vmm {
+    let config = VmConfig::new(RawConfig {
+        mem: Some("64M".into()),
+        cpus: Some(cpus),
+        kernel: Some(kernel.0.clone()),
+        cmdline: Some(cmdline.into()),
+        api_socket: Some("/nonexistent/unused.sock".into()),
+        ..Default::default()
+    })
+    .expect("config");
+    let mut sources = BootSources::open(&config).expect("guest opens");
+    Vmm::new(config, &mut sources, out).expect("VM builds")
 }
 
 fn boot(tag: &str, mode: u8, cpus: u32, cmdline: &str) -> TestVm {
@@ -155,6 +196,72 @@ fn pause_stops_spinning_and_waiting_vcpus_and_resume_restarts() {
     }
     assert_eq!(vm.exit.reason(), None);
     vm.vmm.shutdown();
+}
+
+/// vCPU 0 is stuck writing to a console nobody reads; vCPU 1 waits for a SIPI and pauses at
+/// once. The pause fails, and must not leave vCPU 1 paused (nor vCPU 0, once its write
+/// returns and it finds the pause request): the VM is still running. Without the undo the
+/// counter never moves again.
+#[test]
+fn a_pause_that_one_vcpu_cannot_answer_leaves_every_vcpu_running() {
+    require_kvm!();
+    let kernel = GuestFile::new("stuck", MODE_SPIN);
+    let console = GatedConsole::default();
+    let mut vmm = build(&kernel, 2, "s", Box::new(console.clone()));
+    vmm.set_response_timeout(Duration::from_millis(300));
+    vmm.start().expect("start");
+    // The guest's first instruction after the start-info check is a serial write.
+    std::thread::sleep(Duration::from_millis(200));
+    let e = vmm.pause().expect_err("vCPU 0 cannot answer");
+    assert!(
+        vmm::error_chain(&e).contains("did not answer"),
+        "{}",
+        vmm::error_chain(&e)
+    );
+    assert_eq!(
+        vmm.state(),
+        RunState::Running,
+        "a failed pause leaves it running"
+    );
+    console.open();
+    let read = |v: &Vmm| -> u32 { v.memory().read_obj(GuestAddress(0x2000)).expect("counter") };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let c = read(&vmm);
+    while read(&vmm) == c {
+        assert!(
+            Instant::now() < deadline,
+            "the guest never ran again after the failed pause"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Both vCPUs answer the next pause; the guest then holds still.
+    vmm.set_response_timeout(Duration::from_secs(10));
+    vmm.pause().expect("pause once unstuck");
+    let c = read(&vmm);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(read(&vmm), c);
+    vmm.resume().expect("resume");
+    vmm.shutdown();
+}
+
+/// vCPU 1 cannot start: vCPU 0, which already runs the guest, is stopped again and the VM
+/// is failed for good (a destination must not receive into memory a vCPU ran on).
+#[test]
+fn a_start_that_fails_at_vcpu_k_stops_the_ones_before_it() {
+    require_kvm!();
+    let kernel = GuestFile::new("startfail", MODE_SPIN);
+    let console = Console::default();
+    let mut vmm = build(&kernel, 2, "s", Box::new(console.clone()));
+    vmm.inject_start_failure(1);
+    let e = vmm.start().expect_err("vCPU 1 fails");
+    assert!(vmm::error_chain(&e).contains("injected start failure"));
+    assert_eq!(vmm.state(), RunState::Failed);
+    let read = |v: &Vmm| -> u32 { v.memory().read_obj(GuestAddress(0x2000)).expect("counter") };
+    let c = read(&vmm);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(read(&vmm), c, "vCPU 0 was stopped");
+    assert!(vmm.start().is_err(), "a failed VM never starts");
+    assert!(vmm.pause().is_err() && vmm.resume().is_err());
 }
 
 #[test]
