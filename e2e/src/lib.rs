@@ -147,8 +147,14 @@ impl Proc {
     /// Start `program args…` with piped stdio. Output lines are echoed to the test's stderr
     /// (visible with `--nocapture` and in failures).
     pub fn spawn(name: &str, program: &Path, args: &[String]) -> Proc {
+        Proc::spawn_env(name, program, args, &[])
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_env(name: &str, program: &Path, args: &[String], env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -173,8 +179,13 @@ impl Proc {
 
     /// Start `minivmm` with the given arguments.
     pub fn minivmm(name: &str, args: &[&str]) -> Proc {
+        Proc::minivmm_env(name, args, &[])
+    }
+
+    /// Start `minivmm` with extra environment variables (`MINIVMM_FAULT=...`).
+    pub fn minivmm_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Proc::spawn(name, &minivmm_bin(), &args)
+        Proc::spawn_env(name, &minivmm_bin(), &args, env)
     }
 
     pub fn pid(&self) -> u32 {

@@ -20,9 +20,21 @@ pub struct Vm {
 impl Vm {
     /// `minivmm run` with the test guest.
     pub fn run(dir: &TempDir, name: &str, mem: &str, cpus: u32, cmdline: &str) -> Vm {
+        Vm::run_env(dir, name, mem, cpus, cmdline, &[])
+    }
+
+    /// [`Vm::run`] with extra environment variables (`MINIVMM_FAULT=...`).
+    pub fn run_env(
+        dir: &TempDir,
+        name: &str,
+        mem: &str,
+        cpus: u32,
+        cmdline: &str,
+        env: &[(&str, &str)],
+    ) -> Vm {
         let api = dir.join(&format!("{name}.api"));
         let cpus = cpus.to_string();
-        let mut proc = Proc::minivmm(
+        let mut proc = Proc::minivmm_env(
             name,
             &[
                 "run",
@@ -35,6 +47,7 @@ impl Vm {
                 "--api-socket",
                 api.to_str().unwrap(),
             ],
+            env,
         );
         wait_for_socket(&mut proc, &api, T);
         Vm { proc, api }
@@ -50,6 +63,17 @@ impl Vm {
 
     /// `minivmm receive --listen URI` (plus extra flags).
     pub fn receive(dir: &TempDir, name: &str, uri: &str, extra: &[&str]) -> Vm {
+        Vm::receive_env(dir, name, uri, extra, &[])
+    }
+
+    /// [`Vm::receive`] with extra environment variables (`MINIVMM_FAULT=...`).
+    pub fn receive_env(
+        dir: &TempDir,
+        name: &str,
+        uri: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Vm {
         let api = dir.join(&format!("{name}.api"));
         let mut args = vec![
             "receive",
@@ -59,7 +83,7 @@ impl Vm {
             api.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let mut proc = Proc::minivmm(name, &args);
+        let mut proc = Proc::minivmm_env(name, &args, env);
         wait_for_socket(&mut proc, &api, T);
         Vm { proc, api }
     }

@@ -147,7 +147,10 @@ fn control_socket_rejects_bad_requests_and_live_socket_is_refused() {
     // pause / resume / shutdown.
     assert_eq!(control(&api, &Request::Pause), Ok(Reply::Ok(Done {})));
     assert_eq!(vm_status(&api).state, RunState::Paused);
-    assert_eq!(control(&api, &Request::Resume), Ok(Reply::Ok(Done {})));
+    assert_eq!(
+        control(&api, &Request::Resume(Default::default())),
+        Ok(Reply::Ok(Done {}))
+    );
     let r = control::<ShuttingDown>(&api, &Request::Shutdown).expect("shutdown");
     assert!(r.is_ok(), "{r:?}");
     let st = vm.wait_exit(Duration::from_secs(30));

@@ -7,6 +7,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A cancellation flag shared between whoever may cancel and the sender.
 #[derive(Clone, Debug, Default)]
@@ -38,6 +39,18 @@ impl Cancel {
 #[derive(Debug, thiserror::Error)]
 #[error("the migration was cancelled")]
 struct Cancelled;
+
+/// The migration's deadline (with action `cancel`) passed while the sender was writing.
+#[derive(Debug, thiserror::Error)]
+#[error("the migration's deadline ({0:?}) passed")]
+pub(crate) struct DeadlineReached(pub Duration);
+
+/// The deadline `e` reports, if it is a [`DeadlineReached`].
+pub(crate) fn deadline_of(e: &io::Error) -> Option<Duration> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<DeadlineReached>())
+        .map(|d| d.0)
+}
 
 /// Whether `e` came from [`Cancel::check`].
 pub(crate) fn is_cancellation(e: &io::Error) -> bool {

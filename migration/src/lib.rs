@@ -31,16 +31,24 @@
 //!     PassBegin n+1, RamPages …   ──────────────▶
 //!  pause; fetch dirty log
 //!  PassBegin n+1 (final), RamPages … ───────────▶
-//!  stop_dirty_log; save_state
-//!  DeviceState …, End { count, bytes, chain } ──▶ verify End, restore_state, resume
+//!  save_state
+//!  DeviceState …, End { count, bytes, chain } ──▶ verify End, restore_state (no resume)
+//!                                ◀─────────────── Restored { go_timeout }
+//!  commit (never resume here again)
+//!  Go                            ───────────────▶ resume
 //!                                ◀─────────────── Running        (or Error { message })
 //!  Ok(stats): caller stops the source VM
 //! ```
 //!
-//! Any error on the source before `Running` stops dirty logging and resumes the guest there.
-//! Any error on the destination returns `Err` without resuming and sends `Error` back.
-//! A `file:` snapshot is the same stream with no replies; the loader makes its memory
-//! pristine itself. The byte layout is in `migration/FORMAT.md`.
+//! Exactly one message, `Go`, decides who runs the guest. Any error on the source before it
+//! stops dirty logging and resumes the guest there; any error on the destination before it
+//! returns `Err` without resuming and sends `Error` back. After `Go` the source resumes only
+//! if the destination says it did not start the guest; without an answer the outcome is
+//! unknown and the guest stays paused for an operator to decide. Every wait is bounded
+//! (per-operation timeouts, handshake, switchover and commit deadlines). A `file:` snapshot
+//! is the same stream with no replies, written to a temporary file renamed over the target
+//! only when complete and synced; the loader makes its memory pristine itself. The byte
+//! layout is in `migration/FORMAT.md`; `fault.rs` holds the fault points that tests arm.
 //!
 //! # Example (vmm side)
 //!
@@ -48,7 +56,8 @@
 //! use migration::{fake::FakeVm, send_migration, Endpoint, SendOptions};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut vm = FakeVm::new(&[(0, 64 << 20)]); // the vmm passes its own VM here
-//! let mut conn = Endpoint::parse("unix:/tmp/m.sock")?.connect()?;
+//! let timeout = std::time::Duration::from_secs(10);
+//! let mut conn = Endpoint::parse("unix:/tmp/m.sock")?.connect(timeout)?;
 //! let stats = send_migration(&mut vm, &mut conn, SendOptions::default())?;
 //! println!("{stats}");
 //! # Ok(()) }
@@ -57,6 +66,7 @@
 pub mod cancel;
 pub mod dirty;
 pub mod fake;
+pub mod fault;
 pub mod memory;
 pub mod pagemap;
 mod populator;
@@ -87,7 +97,9 @@ pub use receive::{receive_migration, DestinationError, ReceiveOptions, ReceivePr
 pub use records::StateBlob;
 pub use send::{send_migration, Progress, SendOptions, SourceError};
 pub use stats::{MigrationStats, PassKind, PassStats, ReceiveStats, StopReason};
-pub use transport::{Connection, Endpoint, EndpointError, Listener, Transport, TransportError};
+pub use transport::{
+    Connection, Deadline, Endpoint, EndpointError, Listener, Transport, TransportError,
+};
 pub use vm::{DirtyLog, GuestRam, MigrationSource, MigrationTarget, VmOpError};
 pub use wire::{WireError, FORMAT_VERSION, PAGE_SIZE};
 

@@ -14,8 +14,9 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::cancel::Cancel;
+use crate::cancel::{Cancel, DeadlineReached};
 use crate::dirty::DirtyBitmap;
+use crate::fault::{FaultPoint, Faults};
 use crate::memory::{Backing, RamRegion};
 use crate::pagemap::{PageState, Pagemap, BATCH_PAGES};
 use crate::records::{encode_batch_prefix, PassBegin, RunDesc};
@@ -81,7 +82,13 @@ pub struct RamSender {
     paused: bool,
     pass_start: Instant,
     pass_bytes: u64,
+    /// The fault point of the pass in progress, hit at its first page record.
+    pass_point: Option<FaultPoint>,
     cancel: Cancel,
+    /// The migration's deadline (action `cancel`; when, and how long it was): when it passes
+    /// the next record fails.
+    deadline: Option<(Instant, Duration)>,
+    faults: Faults,
     #[cfg(test)]
     pub(crate) scan_hook: Option<Box<dyn FnMut(usize, usize) + Send>>,
 }
@@ -117,15 +124,25 @@ impl RamSender {
             paused: false,
             pass_start: Instant::now(),
             pass_bytes: 0,
+            pass_point: None,
             cancel: Cancel::default(),
+            deadline: None,
+            faults: Faults::none(),
             #[cfg(test)]
             scan_hook: None,
         }
     }
 
-    /// Checked before each record is written: once set, passes fail with a cancellation.
-    pub fn set_cancel(&mut self, cancel: Cancel) {
+    /// Checked before each record is written: once `cancel` is set, or `deadline` passed,
+    /// passes fail with a cancellation (or the deadline error).
+    pub fn set_stop(&mut self, cancel: Cancel, deadline: Option<(Instant, Duration)>) {
         self.cancel = cancel;
+        self.deadline = deadline;
+    }
+
+    /// The fault to inject at the first page record of a pass (tests).
+    pub fn set_faults(&mut self, faults: Faults) {
+        self.faults = faults;
     }
 
     pub fn regions(&self) -> &[RamRegion] {
@@ -237,6 +254,11 @@ impl RamSender {
         flags: u32,
     ) -> io::Result<PassStats> {
         self.pass_start = Instant::now();
+        self.pass_point = Some(match kind {
+            PassKind::Bulk => FaultPoint::MidBulk,
+            PassKind::Iterative => FaultPoint::MidDirty,
+            PassKind::Final => FaultPoint::FinalPass,
+        });
         self.pass_bytes = w.write_record(
             RecordKind::PassBegin,
             &[&PassBegin { pass, flags }.encode()],
@@ -350,6 +372,12 @@ impl RamSender {
             return Ok(());
         }
         self.cancel.check()?;
+        if let Some((_, after)) = self.deadline.filter(|&(at, _)| Instant::now() >= at) {
+            return Err(io::Error::other(DeadlineReached(after)));
+        }
+        if let Some(point) = self.pass_point.take() {
+            self.faults.hit(point)?;
+        }
         b.table.clear();
         encode_batch_prefix(b.runs.len() as u32, b.data_pages as u32, &mut b.table);
         for run in &b.runs {
@@ -385,9 +413,10 @@ impl RamSender {
         Ok(())
     }
 
-    /// Sleeps as needed to stay under the bandwidth limit.
+    /// Sleeps as needed to stay under the bandwidth limit (live passes only: the final pass
+    /// goes as fast as the link allows, the guest is paused).
     fn throttle(&self) {
-        let Some(limit) = self.cfg.max_bandwidth.filter(|&l| l > 0) else {
+        let Some(limit) = self.cfg.max_bandwidth.filter(|&l| l > 0 && !self.paused) else {
             return;
         };
         let due = Duration::from_secs_f64(self.pass_bytes as f64 / limit as f64);

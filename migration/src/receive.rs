@@ -4,29 +4,33 @@
 //! Receiver states:
 //!
 //! ```text
-//! Header ─▶ Config ─▶ Layout ─▶ (prove or reset pristine memory, reply Ready)
-//!   ─▶ { PassBegin RamPages* }+  (last pass flagged final)
+//! Header ─▶ Config ─▶ Layout ─▶ (prove or reset pristine memory, reply Ready)   handshake deadline
+//!   ─▶ { PassBegin RamPages* [PassEnd → PassDone] }+  (last pass flagged final)
 //!   ─▶ DeviceState* ─▶ End (counts + checksum chain verified)
-//!   ─▶ restore_state ─▶ resume ─▶ reply Running
+//!   ─▶ restore_state ─▶ reply Restored ─▶ wait for Go                       commit deadline
+//!   ─▶ (committed) resume ─▶ reply Running
 //! ```
 //!
-//! Any error, in any state, returns `Err` without resuming (a half-restored guest never runs)
-//! and, when there is a peer, tells the source why.
+//! Before `Go` any error, in any state, returns `Err` without resuming (a half-restored guest
+//! never runs) and, when there is a peer, tells the source why: the source keeps its guest.
+//! Once `Go` arrived the guest is this side's: it is resumed and reported `Running`, and a
+//! request to give up comes too late. A snapshot file has no peer and no commit step.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
+use crate::fault::{FaultPoint, Faults, FaultyTransport};
 use crate::memory::layout_of;
 use crate::ram_recv::{RamLoadError, RamReceiver};
 use crate::records::{
-    decode_layout, encode_message, EndRecord, PassBegin, PassMark, Ready, StateBlob,
+    decode_layout, encode_message, EndRecord, PassBegin, PassMark, Ready, Restored, StateBlob,
 };
 use crate::stats::ReceiveStats;
 use crate::stream::{send_reply, RecordReader};
-use crate::transport::Transport;
+use crate::transport::{Deadline, Transport};
 use crate::vm::{MigrationTarget, VmOpError};
 use crate::wire::{
     RecordHeader, RecordKind, WireError, FORMAT_VERSION, MAX_MESSAGE_LEN, PASS_FINAL,
@@ -39,8 +43,15 @@ pub struct ReceiveOptions {
     /// When guest memory is not provably zero: reset it (`MADV_DONTNEED` everything) so the
     /// source may elide zero pages; if false, declare it not pristine and receive every page.
     pub reset_if_not_pristine: bool,
-    /// Longest wait for stream bytes (sockets).
-    pub read_timeout: Option<Duration>,
+    /// Longest wait for any one read or write (sockets).
+    pub io_timeout: Option<Duration>,
+    /// Longest from the connection to the `Ready` reply: a peer that connects and sends
+    /// nothing, or trickles, holds the destination no longer.
+    pub handshake_timeout: Duration,
+    /// How long the restored guest waits for the source's `Go` before it is discarded.
+    pub go_timeout: Duration,
+    /// The fault to inject, if any (tests; see `fault.rs`).
+    pub faults: Faults,
     /// Set (with the connection's reading side shut down to wake the reader) to give the
     /// migration up: it fails as [`DestinationError::GivenUp`], which the source is told.
     pub give_up: Cancel,
@@ -48,16 +59,50 @@ pub struct ReceiveOptions {
     pub progress: Arc<ReceiveProgress>,
 }
 
-/// How far a receive has come, readable from other threads while it runs.
+/// How far a receive has come, readable from other threads while it runs, and the one
+/// decision two threads may race for: the commit (`Go` arrived) or giving up.
 #[derive(Debug, Default)]
 pub struct ReceiveProgress {
     /// Passes begun.
     passes: AtomicU32,
     /// Stream offset of the last record header read.
     bytes: AtomicU64,
+    /// [`OPEN`], [`COMMITTED`] or [`GIVEN_UP`]: whichever came first.
+    decision: AtomicU8,
 }
 
+const OPEN: u8 = 0;
+const COMMITTED: u8 = 1;
+const GIVEN_UP: u8 = 2;
+
 impl ReceiveProgress {
+    /// The receiver got `Go`: true if the guest is now this side's, false if the receive was
+    /// given up first.
+    fn commit(&self) -> bool {
+        self.decide(COMMITTED)
+    }
+
+    /// Gives the receive up: true if it was still open, false once committed (too late: the
+    /// guest runs here).
+    pub fn give_up(&self) -> bool {
+        self.decide(GIVEN_UP)
+    }
+
+    fn decide(&self, to: u8) -> bool {
+        match self
+            .decision
+            .compare_exchange(OPEN, to, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(current) => current == to,
+        }
+    }
+
+    /// Whether `Go` arrived.
+    pub fn committed(&self) -> bool {
+        self.decision.load(Ordering::Acquire) == COMMITTED
+    }
+
     /// The pass being received (`None` before the first).
     pub fn pass(&self) -> Option<u32> {
         self.passes.load(Ordering::Relaxed).checked_sub(1)
@@ -69,13 +114,23 @@ impl ReceiveProgress {
     }
 }
 
+/// Default of [`ReceiveOptions::io_timeout`].
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`ReceiveOptions::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`ReceiveOptions::go_timeout`].
+pub const DEFAULT_GO_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Default for ReceiveOptions {
     fn default() -> Self {
         ReceiveOptions {
             reset_if_not_pristine: true,
-            read_timeout: Some(Duration::from_secs(60)),
+            io_timeout: Some(DEFAULT_IO_TIMEOUT),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            go_timeout: DEFAULT_GO_TIMEOUT,
             give_up: Cancel::default(),
             progress: Arc::default(),
+            faults: Faults::none(),
         }
     }
 }
@@ -117,8 +172,12 @@ pub enum DestinationError {
     Reply(#[source] std::io::Error),
     #[error("Restoring device state failed")]
     Restore(#[source] VmOpError),
-    #[error("Resuming the guest failed")]
+    #[error("Resuming the guest failed (it is not running)")]
     Resume(#[source] VmOpError),
+    #[error("No Go from the source within {0:?} of Restored: the guest is discarded")]
+    NoGo(std::time::Duration, #[source] WireError),
+    #[error("Injected fault")]
+    Fault(#[source] std::io::Error),
 }
 
 impl DestinationError {
@@ -139,19 +198,22 @@ pub fn receive_migration<T: MigrationTarget + ?Sized>(
     options: &ReceiveOptions,
 ) -> Result<ReceiveStats, DestinationError> {
     let peer = transport.has_peer();
+    let mut transport = FaultyTransport::new(transport, options.faults.clone());
     if peer {
         transport
-            .set_read_timeout(options.read_timeout)
+            .set_read_timeout(options.io_timeout)
+            .and_then(|()| transport.set_write_timeout(options.io_timeout))
             .map_err(DestinationError::Reply)?;
     }
-    let mut reader = RecordReader::new(transport);
+    let mut reader = RecordReader::new(&mut transport);
     let result = match receive(target, &mut reader, options) {
-        Err(e) if options.give_up.is_cancelled() => {
+        Err(e) if options.give_up.is_cancelled() && !options.progress.committed() => {
             log::debug!("given up while: {e}");
             Err(DestinationError::GivenUp)
         }
         other => other,
     };
+    reader.transport().set_deadline(None);
     if let Err(e) = &result {
         if e.is_empty_stream() {
             log::info!("a connection closed without sending anything");
@@ -175,6 +237,17 @@ fn receive<T: MigrationTarget + ?Sized>(
     options: &ReceiveOptions,
 ) -> Result<ReceiveStats, DestinationError> {
     let started = Instant::now();
+    let faults = &options.faults;
+    let peer = reader.transport().has_peer();
+    if peer {
+        reader.transport().set_deadline(Some(Deadline {
+            at: started + options.handshake_timeout,
+            what: "handshake",
+        }));
+    }
+    faults
+        .hit(FaultPoint::Connect)
+        .map_err(DestinationError::Fault)?;
     reader.read_stream_header()?;
     let config = expect(reader, RecordKind::Config, "Config")?;
     target
@@ -196,50 +269,109 @@ fn receive<T: MigrationTarget + ?Sized>(
         rx.reset().map_err(DestinationError::Reset)?;
     }
     let pristine = rx.is_pristine();
-    if reader.transport().has_peer() {
+    faults
+        .hit(FaultPoint::BeforeReady)
+        .map_err(DestinationError::Fault)?;
+    if peer {
         let ready = Ready {
             version: FORMAT_VERSION,
             pristine,
         };
         send_reply(reader.transport(), RecordKind::Ready, &ready.encode())
             .map_err(DestinationError::Reply)?;
+        reader.transport().set_deadline(None);
     }
 
-    let states = load_body(reader, &mut rx, &options.progress)?;
+    let states = load_body(reader, &mut rx, options)?;
     let mut stats = rx.stats().clone();
     stats.pristine = pristine;
     stats.device_states = states.len() as u32;
     stats.bytes = reader.offset();
     stats.records = reader.records() + 1;
 
+    faults
+        .hit(FaultPoint::BeforeRestored)
+        .map_err(DestinationError::Fault)?;
     let t = Instant::now();
     target
         .restore_state(states)
         .map_err(DestinationError::Restore)?;
     stats.restore_us = t.elapsed().as_micros() as u64;
+    if peer {
+        commit(reader, options)?;
+    }
     let t = Instant::now();
     target.resume().map_err(DestinationError::Resume)?;
     stats.resume_us = t.elapsed().as_micros() as u64;
-    if reader.transport().has_peer() {
+    if peer {
+        // The guest runs here now, whatever happens to the reply.
         let t = Instant::now();
-        // If this fails the source resumes its copy; failing here makes the vmm exit.
         let mut report = target.running_report(&stats);
         report.truncate(MAX_MESSAGE_LEN);
-        send_reply(reader.transport(), RecordKind::Running, &report)
-            .map_err(DestinationError::Reply)?;
+        if let Err(e) = faults.hit(FaultPoint::BeforeRunning) {
+            log::warn!("{e}: closing the connection instead of reporting Running");
+            reader.transport().shutdown();
+        } else if let Err(e) = send_reply(reader.transport(), RecordKind::Running, &report) {
+            log::warn!(
+                "The guest runs here but the source did not take the Running reply ({e}); \
+                 it reports the outcome as unknown"
+            );
+        }
         stats.report_us = t.elapsed().as_micros() as u64;
+        if let Err(e) = faults.hit(FaultPoint::AfterRunning) {
+            log::warn!("{e}: ignored, the guest runs here");
+        }
     }
     stats.duration_us = started.elapsed().as_micros() as u64;
     log::info!("{stats}");
     Ok(stats)
 }
 
+/// The commit step: tell the source everything is restored, and wait (bounded) for its `Go`.
+/// Returns once the guest is this side's to run.
+fn commit(reader: &mut RecordReader<'_>, options: &ReceiveOptions) -> Result<(), DestinationError> {
+    let restored = Restored {
+        go_timeout: options.go_timeout,
+    };
+    send_reply(reader.transport(), RecordKind::Restored, &restored.encode())
+        .map_err(DestinationError::Reply)?;
+    options
+        .faults
+        .hit(FaultPoint::BeforeGo)
+        .map_err(DestinationError::Fault)?;
+    let t = reader.transport();
+    t.set_deadline(Some(Deadline::after(options.go_timeout, "commit")));
+    let go = reader.next_header();
+    reader.transport().set_deadline(None);
+    let (h, offset) = go.map_err(|e| DestinationError::NoGo(options.go_timeout, e))?;
+    match h.kind {
+        RecordKind::Go => {}
+        RecordKind::Abort => return Err(aborted(reader, &h, offset)),
+        kind => {
+            return Err(DestinationError::Unexpected {
+                offset,
+                kind,
+                expected: "Go",
+            })
+        }
+    }
+    if !options.progress.commit() {
+        return Err(DestinationError::GivenUp);
+    }
+    log::info!("Committed: Go received; the guest is this side's now");
+    Ok(())
+}
+
 /// RAM passes, device states and `End`; returns the states once `End` checked out.
 fn load_body(
     reader: &mut RecordReader<'_>,
     rx: &mut RamReceiver,
-    progress: &ReceiveProgress,
+    options: &ReceiveOptions,
 ) -> Result<Vec<StateBlob>, DestinationError> {
+    let progress = &options.progress;
+    let hit = |point| options.faults.hit(point).map_err(DestinationError::Fault);
+    // The fault point of the pass in progress, hit at its first page record.
+    let mut pass_point = None;
     let mut next_pass = 0u32;
     let mut in_pass = false;
     let mut final_seen = false;
@@ -273,6 +405,11 @@ fn load_body(
                     });
                 }
                 rx.begin_pass(&p, offset)?;
+                pass_point = Some(match p.pass {
+                    _ if p.flags & PASS_FINAL != 0 => FaultPoint::FinalPass,
+                    0 => FaultPoint::MidBulk,
+                    _ => FaultPoint::MidDirty,
+                });
                 progress.passes.store(p.pass + 1, Ordering::Relaxed);
                 next_pass += 1;
                 in_pass = true;
@@ -297,10 +434,16 @@ fn load_body(
                 in_pass = false;
             }
             RecordKind::RamPages if in_pass && states.is_empty() => {
+                if let Some(point) = pass_point.take() {
+                    hit(point)?;
+                }
                 rx.load_batch(reader, &h, offset)?;
             }
             RecordKind::RamPages => return Err(unexpected("PassBegin before RAM pages")),
             RecordKind::DeviceState if final_seen => {
+                if states.is_empty() {
+                    hit(FaultPoint::StateSend)?;
+                }
                 let s = StateBlob::decode(&reader.read_payload(&h, offset)?, offset)?;
                 if !ids.insert(s.id.clone()) {
                     return Err(DestinationError::DuplicateState { offset, id: s.id });

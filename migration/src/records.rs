@@ -1,6 +1,8 @@
 //! Payload codecs of the record kinds (layout, pass, run table, device state, end, replies).
 //! Pure: bytes in, checked values out, every error naming the record's stream offset.
 
+use std::time::Duration;
+
 use crate::wire::{
     PayloadReader, RecordKind, WireError, BATCH_PREFIX_LEN, FORMAT_VERSION, MAX_BATCH_DATA_PAGES,
     MAX_BATCH_RUNS, MAX_MESSAGE_LEN, MAX_REGIONS, MAX_STATE_ID_LEN, MAX_STATE_LEN, PAGE_SIZE,
@@ -296,6 +298,29 @@ impl Ready {
         Ok(Ready {
             version,
             pristine: flags & READY_PRISTINE != 0,
+        })
+    }
+}
+
+/// The destination's `Restored` reply: the state is restored, the guest is not running, and
+/// the destination waits this long for `Go` before it discards the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Restored {
+    pub go_timeout: Duration,
+}
+
+impl Restored {
+    pub fn encode(&self) -> [u8; 4] {
+        let ms = u32::try_from(self.go_timeout.as_millis()).unwrap_or(u32::MAX);
+        ms.to_le_bytes()
+    }
+
+    pub fn decode(payload: &[u8], offset: u64) -> Result<Self, WireError> {
+        let mut r = PayloadReader::new(payload, offset, RecordKind::Restored);
+        let ms = r.u32("go timeout")?;
+        r.finish()?;
+        Ok(Restored {
+            go_timeout: Duration::from_millis(u64::from(ms)),
         })
     }
 }

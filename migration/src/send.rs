@@ -5,25 +5,30 @@
 //!    `Ready` back (with whether its memory is pristine).
 //! 2. `precopy`: the bulk pass, then dirty passes while the guest runs, each acknowledged
 //!    (`PassEnd`/`PassDone`) and followed by the convergence policy (`precopy.rs`).
-//! 3. `stop_and_copy`: pause, the final pass, device state, `End`.
-//! 4. `complete`: the destination's `Running`.
+//! 3. `stop_and_copy`: pause, the final pass, device state, `End`, all within the switchover
+//!    deadline.
+//! 4. `complete`: the commit. The destination's `Restored`, then `Go`, then its `Running`
+//!    (for a snapshot file: synced and renamed over the target).
 //!
-//! On any error before `Running` arrives, dirty logging is switched off and a paused guest is
-//! resumed: the source VM keeps running and nothing is lost. The VM is reached only through
-//! the contract in `vm.rs`.
+//! On any error before `Go` is sent, dirty logging is switched off and a paused guest is
+//! resumed: the source VM keeps running and nothing is lost. After `Go` the guest is resumed
+//! here only if the destination says it did not start it; otherwise it stays paused and the
+//! error says the outcome is unknown. The VM is reached only through the contract in
+//! `vm.rs`.
 
 use std::collections::HashSet;
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::cancel::{is_cancellation, Cancel};
+use crate::cancel::{deadline_of, is_cancellation, Cancel};
+use crate::fault::{FaultPoint, Faults, FaultyTransport, InjectedFault};
 use crate::memory::{layout_of, RamRegion};
 use crate::precopy::{self, Decision, Limits};
 use crate::ram_send::{RamSendConfig, RamSender};
-use crate::records::{encode_layout, encode_message, PassMark, Ready, StateBlob};
+use crate::records::{encode_layout, encode_message, PassMark, Ready, Restored, StateBlob};
 use crate::stats::{MigrationStats, PassStats, StopReason};
 use crate::stream::{read_reply, RecordWriter};
-use crate::transport::Transport;
+use crate::transport::{Deadline, Transport};
 use crate::vm::{MigrationSource, VmOpError};
 use crate::wire::{self, RecordKind, WireError, MAX_REGIONS};
 
@@ -42,17 +47,48 @@ pub struct Progress {
 /// Progress callback.
 pub type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
 
-/// Options of [`send_migration`].
+/// The whole migration's deadline and what happens when it passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MigrationDeadline {
+    /// From the start of [`send_migration`].
+    pub after: Duration,
+    pub action: DeadlineAction,
+}
+
+/// What a passed [`MigrationDeadline`] does (as Cloud Hypervisor's `timeout_strategy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeadlineAction {
+    /// Give the migration up (the source keeps the guest), at once if pre-copy is still
+    /// running, or during the final pass if that is where it is.
+    Cancel,
+    /// Stop pre-copy after the pass in progress and switch over whatever is left (a longer
+    /// downtime); once paused, the final pass is bounded by
+    /// [`SendOptions::switchover_timeout`] as always.
+    Switchover,
+}
+
+/// Options of [`send_migration`]. Every wait is bounded: the defaults suit a real network;
+/// tests shorten them.
 pub struct SendOptions {
     pub limits: Limits,
-    /// Stream bytes per second, `None` for unlimited.
+    /// Stream bytes per second during the live passes, `None` for unlimited. The final pass
+    /// is never throttled (the guest is paused).
     pub max_bandwidth: Option<u64>,
     /// Elide zero pages from the bulk pass when the destination is pristine (`--no-zero-elision`
     /// turns it off).
     pub zero_elision: bool,
-    /// How long to wait for each destination reply, and for a destination that stopped
-    /// reading the stream.
-    pub reply_timeout: Duration,
+    /// Longest wait for any one read or write on the connection: a destination reply, or a
+    /// destination that stopped reading the stream.
+    pub io_timeout: Duration,
+    /// Longest wait from the first byte until the destination's `Ready` (it builds its VM and
+    /// proves its memory pristine meanwhile).
+    pub handshake_timeout: Duration,
+    /// Longest the guest may stay paused before the commit (final pass, state, the
+    /// destination's restore): past it the migration fails and the guest resumes here,
+    /// however slowly the destination still reads.
+    pub switchover_timeout: Duration,
+    /// The whole migration's deadline, if any.
+    pub deadline: Option<MigrationDeadline>,
     /// Called after each pass.
     pub progress: Option<ProgressFn>,
     /// Use pagemap to skip never-touched pages without reading them.
@@ -61,10 +97,19 @@ pub struct SendOptions {
     pub batch_pages: usize,
     /// Gives the migration up when set (before any record of guest memory, between passes).
     pub cancel: Cancel,
+    /// The fault to inject, if any (tests; see `fault.rs`).
+    pub faults: Faults,
     /// Test hook run after each page's zero check, before the page is queued.
     #[cfg(test)]
     pub(crate) scan_hook: Option<Box<dyn FnMut(usize, usize) + Send>>,
 }
+
+/// Default of [`SendOptions::io_timeout`].
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`SendOptions::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`SendOptions::switchover_timeout`].
+pub const DEFAULT_SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for SendOptions {
     fn default() -> Self {
@@ -72,18 +117,23 @@ impl Default for SendOptions {
             limits: Limits::default(),
             max_bandwidth: None,
             zero_elision: true,
-            reply_timeout: Duration::from_secs(60),
+            io_timeout: DEFAULT_IO_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            switchover_timeout: DEFAULT_SWITCHOVER_TIMEOUT,
+            deadline: None,
             progress: None,
             use_pagemap: true,
             batch_pages: wire::MAX_BATCH_DATA_PAGES,
             cancel: Cancel::default(),
+            faults: Faults::none(),
             #[cfg(test)]
             scan_hook: None,
         }
     }
 }
 
-/// Errors of the source side. After any of them the guest runs on the source.
+/// Errors of the source side. After any of them but [`SourceError::OutcomeUnknown`] the
+/// guest runs on the source.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("Invalid guest memory layout: {0}")]
@@ -102,6 +152,8 @@ pub enum SourceError {
     Destination(String),
     #[error("The migration was cancelled")]
     Cancelled,
+    #[error("The migration's deadline ({0:?}) passed")]
+    DeadlinePassed(Duration),
     #[error("Starting dirty logging failed")]
     StartDirtyLog(#[source] VmOpError),
     #[error("Fetching the dirty log of region {region} failed")]
@@ -120,6 +172,25 @@ pub enum SourceError {
     SaveState(#[source] VmOpError),
     #[error("Invalid device state: {0}")]
     InvalidState(String),
+    #[error("Making the snapshot durable failed")]
+    Commit(#[source] io::Error),
+    #[error(
+        "The destination's commit window ({window:?}) was half over when its Restored \
+         arrived here: not committing"
+    )]
+    CommitWindow { window: Duration },
+    #[error("Injected fault")]
+    Fault(#[source] io::Error),
+    #[error(
+        "The destination failed to start the guest after the commit (it is not running there): {0}"
+    )]
+    FailedAfterCommit(String),
+    #[error(
+        "Outcome unknown: the guest was handed over (Go sent) but the destination's Running \
+         never arrived; it may be running there. The guest stays paused here: `resume --force` \
+         runs it here (only if it does not run there), `shutdown` ends it"
+    )]
+    OutcomeUnknown(#[source] Box<SourceError>),
     #[error("Migration failed ({failure}) and resuming the guest failed")]
     Resume {
         failure: Box<SourceError>,
@@ -128,23 +199,39 @@ pub enum SourceError {
     },
 }
 
+impl SourceError {
+    /// Whether the guest was handed over and may run at the destination: it stays paused
+    /// here and only an operator may resume it.
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(self, SourceError::OutcomeUnknown(_))
+    }
+}
+
 /// What must be undone if the migration fails.
 #[derive(Default)]
 struct Undo {
     logging: bool,
     paused: bool,
+    /// `Go` went out: the guest must not be resumed here unless the destination says it is
+    /// not running.
+    committed: bool,
 }
 
 /// Migrates the VM behind `source` over `transport`. Returns once the destination reported
-/// the guest running (for a snapshot file: once the stream is sealed); the caller then stops
-/// the source VM. On error the source guest is running again.
+/// the guest running (for a snapshot file: once the snapshot is durable); the caller then
+/// stops the source VM. On error the source guest is running again, except after the commit
+/// with no answer from the destination ([`SourceError::OutcomeUnknown`]): then it stays
+/// paused.
 pub fn send_migration<S: MigrationSource + ?Sized>(
     source: &mut S,
     transport: &mut dyn Transport,
     mut options: SendOptions,
 ) -> Result<MigrationStats, SourceError> {
     let mut undo = Undo::default();
-    let result = run(source, transport, &mut options, &mut undo);
+    let faults = options.faults.clone();
+    let mut transport = FaultyTransport::new(transport, faults);
+    let result = run(source, &mut transport, &mut options, &mut undo);
+    transport.set_deadline(None);
     let _ = transport.set_read_timeout(None);
     let _ = transport.set_write_timeout(None);
     let Err(failure) = result else {
@@ -155,6 +242,10 @@ pub fn send_migration<S: MigrationSource + ?Sized>(
         if let Err(e) = source.stop_dirty_log() {
             log::warn!("Stopping dirty logging after the failure failed: {e}");
         }
+    }
+    if undo.committed {
+        log::error!("The guest stays paused here: the destination may be running it");
+        return Err(failure);
     }
     if undo.paused {
         if let Err(source) = source.resume() {
@@ -176,6 +267,8 @@ struct Outbound<'a, S: ?Sized> {
     undo: &'a mut Undo,
     /// A socket (the destination replies), not a snapshot file.
     peer: bool,
+    /// When the whole migration's deadline passes, and what it does then.
+    deadline: Option<(Instant, MigrationDeadline)>,
     stats: MigrationStats,
 }
 
@@ -191,16 +284,22 @@ fn run<S: MigrationSource + ?Sized>(
     let peer = transport.has_peer();
     if peer {
         transport
-            .set_read_timeout(Some(options.reply_timeout))
-            .and_then(|_| transport.set_write_timeout(Some(options.reply_timeout)))
+            .set_read_timeout(Some(options.io_timeout))
+            .and_then(|_| transport.set_write_timeout(Some(options.io_timeout)))
             .map_err(SourceError::Send)?;
     }
+    options
+        .faults
+        .hit(FaultPoint::Connect)
+        .map_err(SourceError::Fault)?;
+    let deadline = options.deadline.map(|d| (started + d.after, d));
     let mut m = Outbound {
         source,
         w: RecordWriter::start(transport).map_err(SourceError::Send)?,
         options,
         undo,
         peer,
+        deadline,
         stats: MigrationStats::default(),
     };
     let elide = handshake(&mut m, &regions, started)?;
@@ -212,7 +311,13 @@ fn run<S: MigrationSource + ?Sized>(
             use_pagemap: m.options.use_pagemap,
         },
     );
-    ram.set_cancel(m.options.cancel.clone());
+    ram.set_stop(
+        m.options.cancel.clone(),
+        m.deadline
+            .filter(|(_, d)| d.action == DeadlineAction::Cancel)
+            .map(|(at, d)| (at, d.after)),
+    );
+    ram.set_faults(m.options.faults.clone());
     #[cfg(test)]
     {
         ram.scan_hook = m.options.scan_hook.take();
@@ -254,10 +359,20 @@ fn handshake<S: MigrationSource + ?Sized>(
     m.undo.logging = true;
     setup.end("start dirty log");
 
+    m.options
+        .faults
+        .hit(FaultPoint::BeforeReady)
+        .map_err(SourceError::Fault)?;
     // Without a peer (snapshot file) the loader proves or makes its memory pristine itself.
     let pristine = if m.peer {
-        let ready = expect_reply(m.w.transport(), RecordKind::Ready)?;
-        Ready::decode(&ready, 0)
+        let t = m.w.transport();
+        t.set_deadline(Some(Deadline {
+            at: started + m.options.handshake_timeout,
+            what: "handshake",
+        }));
+        let ready = expect_reply(t, RecordKind::Ready);
+        t.set_deadline(None);
+        Ready::decode(&ready?, 0)
             .map_err(SourceError::Reply)?
             .pristine
     } else {
@@ -292,7 +407,7 @@ fn precopy<S: MigrationSource + ?Sized>(
             wait_until_applied(&mut m.w, pass.pass)?;
         }
         if m.options.cancel.is_cancelled() {
-            return Err(abort(&mut m.w));
+            return Err(abort(&mut m.w, "cancelled on the source"));
         }
         let dirty = collect_dirty(m.source, ram)?;
         pass.close(ram.pass_elapsed(), dirty);
@@ -301,7 +416,21 @@ fn precopy<S: MigrationSource + ?Sized>(
         m.source
             .between_passes(&pass, throttle)
             .map_err(SourceError::BetweenPasses)?;
-        let decision = precopy::decide(&pass, &limits);
+        let mut decision = precopy::decide(&pass, &limits);
+        if let Some((at, d)) = m.deadline.filter(|(at, _)| Instant::now() >= *at) {
+            let _ = at;
+            match d.action {
+                DeadlineAction::Cancel => return Err(deadline_passed(&mut m.w, d.after)),
+                DeadlineAction::Switchover if decision == Decision::Continue => {
+                    log::warn!(
+                        "The migration's deadline ({:?}) passed: switching over",
+                        d.after
+                    );
+                    decision = Decision::StopAndCopy(StopReason::Deadline);
+                }
+                DeadlineAction::Switchover => {}
+            }
+        }
         let next = pass.pass + 1;
         m.stats.expected_downtime_us = expected_downtime(&pass).as_micros() as u64;
         m.stats.max_throttle_pct = m.stats.max_throttle_pct.max(throttle);
@@ -335,10 +464,25 @@ fn stop_and_copy<S: MigrationSource + ?Sized>(
     ram: &mut RamSender,
 ) -> Result<Instant, SourceError> {
     if m.options.cancel.is_cancelled() {
-        return Err(abort(&mut m.w));
+        return Err(abort(&mut m.w, "cancelled on the source"));
     }
     let paused_at = Instant::now();
     let mut phase = Phases::new(paused_at);
+    // From the pause to the commit nothing may wait longer than the switchover allows (nor
+    // past a cancelling deadline): a destination that reads slowly cannot hold the guest.
+    let mut bound = Deadline {
+        at: paused_at + m.options.switchover_timeout,
+        what: "switchover",
+    };
+    if let Some((at, d)) = m.deadline {
+        if d.action == DeadlineAction::Cancel && at < bound.at {
+            bound = Deadline {
+                at,
+                what: "migration",
+            };
+        }
+    }
+    m.w.transport().set_deadline(Some(bound));
     // A pause that fails half-way may have stopped some vCPUs: resume on error either way.
     m.undo.paused = true;
     m.source.pause().map_err(SourceError::Pause)?;
@@ -356,6 +500,10 @@ fn stop_and_copy<S: MigrationSource + ?Sized>(
     let states = m.source.save_state().map_err(SourceError::SaveState)?;
     check_states(&states)?;
     phase.end("save state");
+    m.options
+        .faults
+        .hit(FaultPoint::StateSend)
+        .map_err(SourceError::Fault)?;
     for s in &states {
         m.stats.state_bytes +=
             m.w.write_record(RecordKind::DeviceState, &[&s.encode_head(), &s.data])
@@ -367,24 +515,76 @@ fn stop_and_copy<S: MigrationSource + ?Sized>(
     Ok(paused_at)
 }
 
-/// Phase 4: the destination's `Running` (a snapshot file is complete once sealed). From then
-/// on the guest runs there: nothing may resume it here.
+/// Phase 4: the commit. A snapshot file is complete once durable (synced and renamed over
+/// the target). Over a socket: the destination restores everything without resuming and
+/// answers `Restored`; this side commits by sending `Go` (from then on it never resumes the
+/// guest on its own); the destination resumes on `Go` and answers `Running`. Without
+/// `Running`, the outcome is unknown and the guest stays paused here.
 fn complete<S: MigrationSource + ?Sized>(
     m: &mut Outbound<'_, S>,
     paused_at: Instant,
 ) -> Result<(), SourceError> {
     let mut phase = Phases::new(Instant::now());
-    if m.peer {
-        let report = expect_reply(m.w.transport(), RecordKind::Running)?;
-        if !report.is_empty() {
-            m.stats.destination_report = Some(String::from_utf8_lossy(&report).into_owned());
-        }
+    if !m.peer {
+        m.w.transport().commit().map_err(SourceError::Commit)?;
+        phase.end("sync snapshot");
+    } else {
+        let faults = m.options.faults.clone();
+        faults
+            .hit(FaultPoint::BeforeRestored)
+            .map_err(SourceError::Fault)?;
+        let restored = expect_reply(m.w.transport(), RecordKind::Restored)?;
+        let received = Instant::now();
+        let window = Restored::decode(&restored, 0)
+            .map_err(SourceError::Reply)?
+            .go_timeout;
         phase.end("destination restore");
+        faults
+            .hit(FaultPoint::BeforeGo)
+            .map_err(SourceError::Fault)?;
+        // The destination gives up `window` after it sent Restored, which was some time
+        // before it arrived here: commit only with half the window left, so `Go` is there in
+        // time (or the destination knows to discard).
+        if received.elapsed() >= window / 2 {
+            let why = "the destination's commit window passed";
+            let _ = m.w.write_record(RecordKind::Abort, &[&encode_message(why)]);
+            return Err(SourceError::CommitWindow { window });
+        }
+        m.undo.committed = true;
+        if let Err(e) = m.w.write_record(RecordKind::Go, &[]) {
+            // The write failed before a byte of `Go` left: the destination cannot run it.
+            m.undo.committed = false;
+            return Err(SourceError::Send(e));
+        }
+        log::info!("Committed: Go sent; the guest is the destination's now");
+        m.w.transport().set_deadline(None);
+        phase.end("commit");
+        let running = faults
+            .hit(FaultPoint::BeforeRunning)
+            .map_err(SourceError::Fault)
+            .and_then(|()| expect_reply(m.w.transport(), RecordKind::Running));
+        match running {
+            Ok(report) if !report.is_empty() => {
+                m.stats.destination_report = Some(String::from_utf8_lossy(&report).into_owned());
+            }
+            Ok(_) => {}
+            // The destination says it did not start the guest and never will: it is ours.
+            Err(SourceError::Destination(why)) => {
+                m.undo.committed = false;
+                return Err(SourceError::FailedAfterCommit(why));
+            }
+            Err(e) => return Err(SourceError::OutcomeUnknown(Box::new(e))),
+        }
+        phase.end("destination running");
+        if let Err(e) = faults.hit(FaultPoint::AfterRunning) {
+            log::warn!("{e}: ignored, the migration has completed");
+        }
     }
     m.stats.downtime_us = paused_at.elapsed().as_micros() as u64;
     m.stats.downtime_phases_us.extend(phase.done());
-    // Turning logging off is neither downtime nor a reason to call the migration failed.
+    // The guest runs at the destination (or is in the snapshot): nothing may resume it here.
     m.undo.paused = false;
+    m.undo.committed = false;
     m.undo.logging = false;
     if let Err(e) = m.source.stop_dirty_log() {
         log::warn!("Stopping dirty logging after the migration failed: {e}");
@@ -512,19 +712,34 @@ fn wait_until_applied(w: &mut RecordWriter<'_>, pass: u32) -> Result<(), SourceE
 }
 
 /// Tells the destination the migration is given up (best effort: it may be gone).
-fn abort(w: &mut RecordWriter<'_>) -> SourceError {
-    let reason = encode_message("cancelled on the source");
-    if let Err(e) = w.write_record(RecordKind::Abort, &[&reason]) {
+fn abort(w: &mut RecordWriter<'_>, why: &str) -> SourceError {
+    if let Err(e) = w.write_record(RecordKind::Abort, &[&encode_message(why)]) {
         log::info!("The destination did not take the Abort record: {e}");
     }
     SourceError::Cancelled
+}
+
+/// The migration's deadline passed during pre-copy (action `cancel`): the stream ends with
+/// `Abort` and the guest stays here.
+fn deadline_passed(w: &mut RecordWriter<'_>, after: Duration) -> SourceError {
+    abort(
+        w,
+        &format!("the migration's deadline ({after:?}) passed on the source"),
+    );
+    SourceError::DeadlinePassed(after)
 }
 
 /// A failed write often means the destination gave up: report its message if it sent one.
 /// A cancellation surfacing as a write error ends the stream with `Abort` instead.
 fn send_error(w: &mut RecordWriter<'_>, e: io::Error) -> SourceError {
     if is_cancellation(&e) {
-        return abort(w);
+        return abort(w, "cancelled on the source");
+    }
+    if let Some(after) = deadline_of(&e) {
+        return deadline_passed(w, after);
+    }
+    if e.get_ref().is_some_and(|inner| inner.is::<InjectedFault>()) {
+        return SourceError::Fault(e);
     }
     let t = w.transport();
     if t.has_peer() && t.set_read_timeout(Some(Duration::from_secs(2))).is_ok() {

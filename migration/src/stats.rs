@@ -16,6 +16,8 @@ pub enum StopReason {
     Converged,
     /// The pass limit was reached first: the guest is paused anyway, downtime may be longer.
     MaxPasses,
+    /// The migration's deadline passed with action `switchover`.
+    Deadline,
 }
 
 /// Which pass.

@@ -2,6 +2,11 @@
 //! replies) and `file:PATH` (a snapshot: no peer, no replies), plus an in-memory buffer for
 //! tests and fuzzing.
 //!
+//! Connecting is bounded ([`Endpoint::connect`] takes a timeout). A snapshot is written to a
+//! new temporary file beside the target and only [`Transport::commit`] (data synced, renamed
+//! over the target, directory synced) replaces an older snapshot: a failure at any byte
+//! leaves the previous one untouched.
+//!
 //! Writes are vectored (`sendmsg`/`writev` with up to `IOV_MAX` parts per call, looping on
 //! short writes); reads are large (the stream reader asks for whole payloads, straight into
 //! guest memory on the destination).
@@ -9,12 +14,12 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Most parts per `writev`/`sendmsg` (Linux `IOV_MAX`).
 const IOV_MAX: usize = 1024;
@@ -38,6 +43,15 @@ pub trait Transport {
     fn set_write_timeout(&mut self, _timeout: Option<Duration>) -> io::Result<()> {
         Ok(())
     }
+    /// No send or receive may wait past `deadline` (sockets only; `None` lifts it).
+    fn set_deadline(&mut self, _deadline: Option<Deadline>) {}
+    /// Makes what was sent durable and final (a snapshot file: synced and renamed over the
+    /// target). Sockets have nothing to do.
+    fn commit(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Closes both directions at once (sockets), so the peer sees the end now.
+    fn shutdown(&mut self) {}
 }
 
 /// Errors parsing an endpoint URI.
@@ -74,6 +88,8 @@ pub enum TransportError {
     Open(Endpoint, #[source] io::Error),
     #[error("Creating snapshot {0} failed")]
     Create(Endpoint, #[source] io::Error),
+    #[error("Connecting to {0} timed out after {1:?}")]
+    ConnectTimeout(Endpoint, Duration),
 }
 
 /// A parsed migration endpoint.
@@ -152,31 +168,36 @@ impl Endpoint {
         }
     }
 
-    /// Source side: connects to a listening destination, or creates the snapshot file.
-    pub fn connect(&self) -> Result<Connection, TransportError> {
+    /// Source side: connects to a listening destination within `timeout`, or creates the
+    /// temporary file of a new snapshot (the target is replaced only by
+    /// [`Transport::commit`]).
+    pub fn connect(&self, timeout: Duration) -> Result<Connection, TransportError> {
+        let failed = |e| TransportError::Connect(self.clone(), e);
         match self {
-            Endpoint::Unix(path) => UnixStream::connect(path)
-                .map(|s| Connection::Unix(widen_send_buffer(s)))
-                .map_err(|e| TransportError::Connect(self.clone(), e)),
+            Endpoint::Unix(path) => connect_unix(path, timeout)
+                .map(|s| Stream::Unix(widen_send_buffer(s)).into())
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::TimedOut => {
+                        TransportError::ConnectTimeout(self.clone(), timeout)
+                    }
+                    _ => failed(e),
+                }),
             Endpoint::Tcp { host, port } => {
                 if *port == 0 {
                     let e = io::Error::new(io::ErrorKind::InvalidInput, "port 0");
-                    return Err(TransportError::Connect(self.clone(), e));
+                    return Err(failed(e));
                 }
-                let stream = TcpStream::connect((host.as_str(), *port))
-                    .map_err(|e| TransportError::Connect(self.clone(), e))?;
-                stream
-                    .set_nodelay(true)
-                    .map_err(|e| TransportError::Connect(self.clone(), e))?;
-                Ok(Connection::Tcp(stream))
+                let stream = connect_tcp(host, *port, timeout).map_err(|e| match e.kind() {
+                    io::ErrorKind::TimedOut => {
+                        TransportError::ConnectTimeout(self.clone(), timeout)
+                    }
+                    _ => failed(e),
+                })?;
+                stream.set_nodelay(true).map_err(failed)?;
+                Ok(Stream::Tcp(stream).into())
             }
-            Endpoint::File(path) => OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(path)
-                .map(Connection::File)
+            Endpoint::File(path) => SnapshotWriter::create(path)
+                .map(|w| Stream::Snapshot(w).into())
                 .map_err(|e| TransportError::Create(self.clone(), e)),
         }
     }
@@ -216,6 +237,139 @@ impl Endpoint {
                 let f = File::open(path).map_err(|e| TransportError::Open(self.clone(), e))?;
                 Ok(Listener::File(Some(f), path.clone()))
             }
+        }
+    }
+}
+
+/// Connects to a unix socket, waiting at most `timeout` for a listener whose backlog is full
+/// (a blocking connect would wait without bound).
+fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: an all-zero sockaddr_un is valid; the family and path are filled in below.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "unix socket path too long or contains NUL",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; the result is checked and owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket we just created and own exclusively.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let deadline = Instant::now() + timeout;
+    loop {
+        // SAFETY: `addr` is a valid, initialised sockaddr_un that outlives the call and the
+        // length is its size.
+        let rc = unsafe {
+            libc::connect(
+                owned.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        // A unix socket connects at once or says the backlog is full (EAGAIN): try again.
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Some(libc::EAGAIN) => return Err(io::ErrorKind::TimedOut.into()),
+            _ => return Err(e),
+        }
+    }
+    let stream = UnixStream::from(owned);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Connects to the first address of `host:port` that answers within `timeout` in all.
+fn connect_tcp(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+    let deadline = Instant::now() + timeout;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the host has no address");
+    for addr in (host, port).to_socket_addrs()? {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        match TcpStream::connect_timeout(&addr, left) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// A snapshot being written: a new temporary file (`O_CREAT | O_EXCL | O_NOFOLLOW`, mode 0600)
+/// in the target's directory. [`Transport::commit`] makes it the target; dropped before
+/// that, the temporary file is removed and the target (an older snapshot) is untouched.
+#[derive(Debug)]
+pub struct SnapshotWriter {
+    file: File,
+    tmp: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl SnapshotWriter {
+    fn create(target: &Path) -> io::Result<SnapshotWriter> {
+        let name = target
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".tmp-{}", std::process::id()));
+        let tmp = target.with_file_name(tmp_name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        Ok(SnapshotWriter {
+            file,
+            tmp,
+            target: target.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    /// Data synced, the temporary file renamed over the target, the directory synced: the new
+    /// snapshot is there after a crash, and until the rename the old one is.
+    fn commit(&mut self) -> io::Result<()> {
+        self.file.sync_data()?;
+        std::fs::rename(&self.tmp, &self.target)?;
+        self.committed = true;
+        let dir = match self.target.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()
+    }
+}
+
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
         }
     }
 }
@@ -290,7 +444,7 @@ impl Listener {
         match self {
             Listener::Unix(l, _) => l
                 .accept()
-                .map(|(s, _)| Connection::Unix(s))
+                .map(|(s, _)| Stream::Unix(s).into())
                 .map_err(|e| TransportError::Accept(ep, e)),
             Listener::Tcp(l) => {
                 let (s, _) = l
@@ -298,9 +452,9 @@ impl Listener {
                     .map_err(|e| TransportError::Accept(ep.clone(), e))?;
                 s.set_nodelay(true)
                     .map_err(|e| TransportError::Accept(ep, e))?;
-                Ok(Connection::Tcp(s))
+                Ok(Stream::Tcp(s).into())
             }
-            Listener::File(f, _) => f.take().map(Connection::File).ok_or_else(|| {
+            Listener::File(f, _) => f.take().map(|f| Stream::File(f).into()).ok_or_else(|| {
                 TransportError::Accept(ep, io::Error::other("snapshot already opened"))
             }),
         }
@@ -322,13 +476,61 @@ pub struct MemoryStream {
     pos: usize,
 }
 
-/// An open migration connection.
+/// A point in time no wait may pass, and what it bounds (for the error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline {
+    pub at: Instant,
+    pub what: &'static str,
+}
+
+impl Deadline {
+    /// `after` from now.
+    pub fn after(after: Duration, what: &'static str) -> Deadline {
+        Deadline {
+            at: Instant::now() + after,
+            what,
+        }
+    }
+
+    fn passed(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the {} deadline passed", self.what),
+        )
+    }
+}
+
+/// An open migration connection: the stream, and the bounds on every wait for it (a timeout
+/// per operation, and optionally a deadline that no operation may pass, however slowly the
+/// peer trickles bytes).
 #[derive(Debug)]
-pub enum Connection {
+pub struct Connection {
+    stream: Stream,
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+    deadline: Option<Deadline>,
+}
+
+#[derive(Debug)]
+enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    /// A snapshot being read.
     File(File),
+    /// A snapshot being written.
+    Snapshot(SnapshotWriter),
     Memory(MemoryStream),
+}
+
+impl From<Stream> for Connection {
+    fn from(stream: Stream) -> Connection {
+        Connection {
+            stream,
+            read_timeout: None,
+            write_timeout: None,
+            deadline: None,
+        }
+    }
 }
 
 impl Connection {
@@ -336,28 +538,29 @@ impl Connection {
     pub fn pair() -> io::Result<(Connection, Connection)> {
         let (a, b) = UnixStream::pair()?;
         Ok((
-            Connection::Unix(widen_send_buffer(a)),
-            Connection::Unix(widen_send_buffer(b)),
+            Stream::Unix(widen_send_buffer(a)).into(),
+            Stream::Unix(widen_send_buffer(b)).into(),
         ))
     }
 
     /// An empty in-memory stream to write a snapshot into.
     pub fn memory() -> Connection {
-        Connection::Memory(MemoryStream::default())
+        Stream::Memory(MemoryStream::default()).into()
     }
 
     /// An in-memory stream to read `bytes` from.
     pub fn from_bytes(bytes: Vec<u8>) -> Connection {
-        Connection::Memory(MemoryStream {
+        Stream::Memory(MemoryStream {
             data: bytes,
             pos: 0,
         })
+        .into()
     }
 
     /// The bytes of an in-memory stream (empty for other kinds).
     pub fn into_bytes(self) -> Vec<u8> {
-        match self {
-            Connection::Memory(m) => m.data,
+        match self.stream {
+            Stream::Memory(m) => m.data,
             _ => Vec::new(),
         }
     }
@@ -365,46 +568,111 @@ impl Connection {
     /// A duplicate of the socket that another thread may shut down to wake a blocked read or
     /// write (which then sees the end of the stream). `None` for files and memory.
     pub fn wake_handle(&self) -> Option<OwnedFd> {
-        match self {
-            Connection::Unix(s) => s.try_clone().ok().map(OwnedFd::from),
-            Connection::Tcp(s) => s.try_clone().ok().map(OwnedFd::from),
-            Connection::File(_) | Connection::Memory(_) => None,
+        match &self.stream {
+            Stream::Unix(s) => s.try_clone().ok().map(OwnedFd::from),
+            Stream::Tcp(s) => s.try_clone().ok().map(OwnedFd::from),
+            Stream::File(_) | Stream::Snapshot(_) | Stream::Memory(_) => None,
+        }
+    }
+
+    /// The peer's address, for logs (`None` for files and memory).
+    pub fn peer(&self) -> Option<String> {
+        match &self.stream {
+            Stream::Unix(_) => Some("a local process".into()),
+            Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.to_string()),
+            _ => None,
         }
     }
 
     fn fd(&self) -> Option<RawFd> {
-        match self {
-            Connection::Unix(s) => Some(s.as_raw_fd()),
-            Connection::Tcp(s) => Some(s.as_raw_fd()),
-            Connection::File(f) => Some(f.as_raw_fd()),
-            Connection::Memory(_) => None,
+        match &self.stream {
+            Stream::Unix(s) => Some(s.as_raw_fd()),
+            Stream::Tcp(s) => Some(s.as_raw_fd()),
+            Stream::File(f) => Some(f.as_raw_fd()),
+            Stream::Snapshot(w) => Some(w.file.as_raw_fd()),
+            Stream::Memory(_) => None,
+        }
+    }
+
+    fn is_socket(&self) -> bool {
+        matches!(self.stream, Stream::Unix(_) | Stream::Tcp(_))
+    }
+
+    /// Before each blocking call on a socket with a deadline: the wait allowed now (the
+    /// operation's timeout, cut to what is left), or the error once it passed.
+    fn bound(&self, timeout: Option<Duration>) -> io::Result<Option<Duration>> {
+        let Some(d) = self.deadline else {
+            return Ok(timeout);
+        };
+        let left = d.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(d.passed());
+        }
+        Ok(Some(timeout.map_or(left, |t| t.min(left))))
+    }
+
+    /// A timed-out blocking call (`EAGAIN`) as the error it is.
+    fn timed_out(&self, e: io::Error, timeout: Option<Duration>) -> io::Error {
+        if e.kind() != io::ErrorKind::WouldBlock {
+            return e;
+        }
+        match self.deadline {
+            Some(d) if Instant::now() >= d.at => d.passed(),
+            _ => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the peer did nothing for {:?}", timeout.unwrap_or_default()),
+            ),
+        }
+    }
+
+    fn set_socket_timeout(&self, read: bool, t: Option<Duration>) -> io::Result<()> {
+        match (&self.stream, read) {
+            (Stream::Unix(s), true) => s.set_read_timeout(t),
+            (Stream::Unix(s), false) => s.set_write_timeout(t),
+            (Stream::Tcp(s), true) => s.set_read_timeout(t),
+            (Stream::Tcp(s), false) => s.set_write_timeout(t),
+            _ => Ok(()),
         }
     }
 }
 
 impl Transport for Connection {
     fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
-        let socket = matches!(self, Connection::Unix(_) | Connection::Tcp(_));
-        match self.fd() {
-            Some(fd) => send_all(fd, parts, socket),
-            None => {
-                if let Connection::Memory(m) = self {
-                    for p in parts {
-                        m.data.extend_from_slice(p);
-                    }
+        let socket = self.is_socket();
+        let Some(fd) = self.fd() else {
+            if let Stream::Memory(m) = &mut self.stream {
+                for p in parts {
+                    m.data.extend_from_slice(p);
                 }
-                Ok(())
             }
-        }
+            return Ok(());
+        };
+        let timeout = self.write_timeout;
+        let bounded = socket && self.deadline.is_some();
+        let before_each = || -> io::Result<()> {
+            if bounded {
+                self.set_socket_timeout(false, self.bound(timeout)?)?;
+            }
+            Ok(())
+        };
+        send_all(fd, parts, socket, before_each).map_err(|e| self.timed_out(e, timeout))
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let timeout = self.read_timeout;
+        if self.is_socket() && self.deadline.is_some() {
+            self.set_socket_timeout(true, self.bound(timeout)?)?;
+        }
         loop {
-            let r = match self {
-                Connection::Unix(s) => s.read(buf),
-                Connection::Tcp(s) => s.read(buf),
-                Connection::File(f) => f.read(buf),
-                Connection::Memory(m) => {
+            let r = match &mut self.stream {
+                Stream::Unix(s) => s.read(buf),
+                Stream::Tcp(s) => s.read(buf),
+                Stream::File(f) => f.read(buf),
+                Stream::Snapshot(_) => Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "a snapshot being written is not read",
+                )),
+                Stream::Memory(m) => {
                     let n = buf.len().min(m.data.len() - m.pos);
                     buf[..n].copy_from_slice(&m.data[m.pos..m.pos + n]);
                     m.pos += n;
@@ -413,34 +681,59 @@ impl Transport for Connection {
             };
             match r {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => return other,
+                Err(e) => return Err(self.timed_out(e, timeout)),
+                ok => return ok,
             }
         }
     }
 
     fn has_peer(&self) -> bool {
-        matches!(self, Connection::Unix(_) | Connection::Tcp(_))
+        self.is_socket()
     }
 
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        match self {
-            Connection::Unix(s) => s.set_read_timeout(timeout),
-            Connection::Tcp(s) => s.set_read_timeout(timeout),
-            _ => Ok(()),
-        }
+        self.read_timeout = timeout;
+        self.set_socket_timeout(true, timeout)
     }
 
     fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        match self {
-            Connection::Unix(s) => s.set_write_timeout(timeout),
-            Connection::Tcp(s) => s.set_write_timeout(timeout),
+        self.write_timeout = timeout;
+        self.set_socket_timeout(false, timeout)
+    }
+
+    fn set_deadline(&mut self, deadline: Option<Deadline>) {
+        self.deadline = deadline;
+        if deadline.is_none() {
+            // Back to the plain per-operation timeouts.
+            let _ = self.set_socket_timeout(true, self.read_timeout);
+            let _ = self.set_socket_timeout(false, self.write_timeout);
+        }
+    }
+
+    fn commit(&mut self) -> io::Result<()> {
+        match &mut self.stream {
+            Stream::Snapshot(w) => w.commit(),
             _ => Ok(()),
         }
     }
+
+    fn shutdown(&mut self) {
+        let _ = match &self.stream {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            _ => Ok(()),
+        };
+    }
 }
 
-/// Writes every part with as few `sendmsg`/`writev` calls as the kernel allows.
-fn send_all(fd: RawFd, parts: &[&[u8]], socket: bool) -> io::Result<()> {
+/// Writes every part with as few `sendmsg`/`writev` calls as the kernel allows, calling
+/// `before_each` before every call (it may refuse to go on).
+fn send_all(
+    fd: RawFd,
+    parts: &[&[u8]],
+    socket: bool,
+    before_each: impl Fn() -> io::Result<()>,
+) -> io::Result<()> {
     let mut iov: Vec<libc::iovec> = parts
         .iter()
         .filter(|p| !p.is_empty())
@@ -451,6 +744,7 @@ fn send_all(fd: RawFd, parts: &[&[u8]], socket: bool) -> io::Result<()> {
         .collect();
     let mut first = 0;
     while first < iov.len() {
+        before_each()?;
         let last = (first + IOV_MAX).min(iov.len());
         let batch = &mut iov[first..last];
         let n = if socket {
@@ -573,7 +867,7 @@ mod tests {
             .unwrap();
         let ep = l.local_endpoint().unwrap();
         let t = std::thread::spawn(move || {
-            let mut c = ep.connect().unwrap();
+            let mut c = ep.connect(Duration::from_secs(5)).unwrap();
             c.send(&[b"hello"]).unwrap();
         });
         let mut c = l.accept().unwrap();
@@ -591,9 +885,138 @@ mod tests {
     fn connect_to_nothing_names_the_endpoint() {
         let err = Endpoint::parse("unix:/nonexistent/dir/sock")
             .unwrap()
-            .connect()
+            .connect(Duration::from_secs(1))
             .unwrap_err();
         assert!(err.to_string().contains("unix:/nonexistent/dir/sock"));
+    }
+
+    #[test]
+    fn a_snapshot_replaces_the_old_one_only_when_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("vm.snap");
+        std::fs::write(&target, b"old snapshot").unwrap();
+        let ep = Endpoint::File(target.clone());
+        let listing = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+
+        // Written but not committed (a failure, a full disk): the old one stays, the
+        // temporary file goes.
+        let mut c = ep.connect(Duration::from_secs(1)).unwrap();
+        c.send(&[b"half a new"]).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"old snapshot");
+        drop(c);
+        assert_eq!(std::fs::read(&target).unwrap(), b"old snapshot");
+        assert_eq!(listing(), ["vm.snap"]);
+
+        // Committed: the new one, mode 0600.
+        let mut c = ep.connect(Duration::from_secs(1)).unwrap();
+        c.send(&[b"new snapshot"]).unwrap();
+        c.commit().unwrap();
+        drop(c);
+        assert_eq!(std::fs::read(&target).unwrap(), b"new snapshot");
+        assert_eq!(listing(), ["vm.snap"]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_snapshot_never_follows_a_link_planted_at_its_temporary_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let target = dir.path().join("vm.snap");
+        let tmp = dir
+            .path()
+            .join(format!(".vm.snap.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let err = Endpoint::File(target.clone())
+            .connect(Duration::from_secs(1))
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Create(..)), "{err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(!target.exists());
+    }
+
+    #[test]
+    fn connecting_to_a_unix_listener_that_never_accepts_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("full.sock");
+        let _listener = UnixListener::bind(&path).unwrap();
+        let ep = Endpoint::Unix(path);
+        // Fill the backlog; then a connect waits for room that never comes.
+        let mut held = Vec::new();
+        let started = Instant::now();
+        let err = loop {
+            match ep.connect(Duration::from_millis(100)) {
+                Ok(c) => held.push(c),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 100_000, "the backlog never filled");
+        };
+        assert!(matches!(err, TransportError::ConnectTimeout(..)), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_deadline_bounds_a_peer_that_trickles() {
+        let (mut a, b) = Connection::pair().unwrap();
+        a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        a.set_deadline(Some(Deadline::after(Duration::from_millis(300), "test")));
+        // The peer sends a byte every 50 ms: each read succeeds within its timeout, the
+        // deadline still ends the wait.
+        let trickler = std::thread::spawn(move || {
+            let mut b = b;
+            for _ in 0..40 {
+                if b.send(&[b"x"]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let started = Instant::now();
+        let mut buf = [0u8; 1];
+        let err = loop {
+            match a.recv(&mut buf) {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(err.to_string(), "the test deadline passed");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(a);
+        trickler.join().unwrap();
+    }
+
+    #[test]
+    fn a_deadline_bounds_a_peer_that_reads_a_trickle() {
+        let (mut a, b) = Connection::pair().unwrap();
+        a.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        a.set_deadline(Some(Deadline::after(Duration::from_millis(300), "test")));
+        let reader = std::thread::spawn(move || {
+            let mut b = b;
+            let mut buf = [0u8; 4096];
+            for _ in 0..40 {
+                if b.recv(&mut buf).map_or(true, |n| n == 0) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let data = vec![7u8; 64 << 20];
+        let started = Instant::now();
+        let err = a.send(&[&data]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(a);
+        reader.join().unwrap();
     }
 
     fn shut_down(fd: OwnedFd) {

@@ -10,8 +10,9 @@ use std::fmt;
 
 /// First bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"MINIVMM\0";
-/// The one version of the whole stream (no per-record versions).
-pub const FORMAT_VERSION: u32 = 1;
+/// The one version of the whole stream (no per-record versions). Version 2 added the commit
+/// step (`Restored`, `Go`); version 1 streams are refused.
+pub const FORMAT_VERSION: u32 = 2;
 /// Magic, version, CRC32C of both.
 pub const STREAM_HEADER_LEN: usize = 16;
 /// Kind, flags, payload length, payload CRC32C, header CRC32C.
@@ -53,7 +54,7 @@ pub const READY_PRISTINE: u32 = 1;
 pub enum WireError {
     #[error("Bad magic at offset {offset}: not a minivmm migration stream")]
     BadMagic { offset: u64 },
-    #[error("Unsupported format version {version} at offset {offset} (this build reads {FORMAT_VERSION})")]
+    #[error("Unsupported format version {version} at offset {offset} (this build reads {FORMAT_VERSION}{})", version_hint(*.version))]
     UnsupportedVersion { offset: u64, version: u32 },
     #[error("Stream header checksum mismatch at offset {offset}")]
     StreamHeaderChecksum { offset: u64 },
@@ -112,14 +113,20 @@ pub enum RecordKind {
     PassEnd = 0x0007,
     /// The source gave the migration up (it was cancelled), with a UTF-8 reason.
     Abort = 0x0008,
+    /// The commit: after `Restored`, the destination may resume the guest; the source never
+    /// will on its own again.
+    Go = 0x0009,
     /// Destination reply after the layout: version and whether its memory is pristine.
     Ready = 0x0101,
-    /// Destination reply after `End`: the guest runs on the destination.
+    /// Destination reply after `Go`: the guest runs on the destination.
     Running = 0x0102,
     /// Destination reply: it refused or failed, with a message.
     Error = 0x0103,
     /// Destination reply to `PassEnd`: every page of the pass is in guest memory.
     PassDone = 0x0104,
+    /// Destination reply after `End`: the whole state is restored, the guest is not running,
+    /// and it waits for `Go`.
+    Restored = 0x0105,
 }
 
 impl RecordKind {
@@ -134,10 +141,12 @@ impl RecordKind {
             0x0006 => RecordKind::End,
             0x0007 => RecordKind::PassEnd,
             0x0008 => RecordKind::Abort,
+            0x0009 => RecordKind::Go,
             0x0101 => RecordKind::Ready,
             0x0102 => RecordKind::Running,
             0x0103 => RecordKind::Error,
             0x0104 => RecordKind::PassDone,
+            0x0105 => RecordKind::Restored,
             _ => return None,
         })
     }
@@ -157,6 +166,8 @@ impl RecordKind {
             RecordKind::Running => MAX_MESSAGE_LEN,
             RecordKind::Error | RecordKind::Abort => MAX_MESSAGE_LEN,
             RecordKind::PassEnd | RecordKind::PassDone => 4,
+            RecordKind::Go => 0,
+            RecordKind::Restored => 4,
         }
     }
 }
@@ -164,6 +175,14 @@ impl RecordKind {
 impl fmt::Display for RecordKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Why an older version cannot be read, for the error message.
+fn version_hint(version: u32) -> &'static str {
+    match version {
+        1 => "; version 1 comes from a minivmm without the commit step, whose migrations and snapshots this one does not take",
+        _ => "",
     }
 }
 
@@ -348,15 +367,19 @@ mod tests {
             decode_stream_header(&bad),
             Err(WireError::StreamHeaderChecksum { .. })
         ));
-        // A future version with a valid checksum is refused by version, not checksum.
-        let mut v2 = h;
-        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let crc = crc32c::crc32c(&v2[..12]);
-        v2[12..].copy_from_slice(&crc.to_le_bytes());
-        assert!(matches!(
-            decode_stream_header(&v2),
-            Err(WireError::UnsupportedVersion { version: 2, .. })
-        ));
+        // Another version with a valid checksum is refused by version, not checksum; version
+        // 1 (before the commit step) with a message that says so.
+        for version in [1u32, 3] {
+            let mut other = h;
+            other[8..12].copy_from_slice(&version.to_le_bytes());
+            let e = decode_stream_header(&reseal(other)).unwrap_err();
+            assert!(
+                matches!(e, WireError::UnsupportedVersion { version: v, .. } if v == version),
+                "{e}"
+            );
+            let commit_hint = e.to_string().contains("without the commit step");
+            assert_eq!(commit_hint, version == 1, "{e}");
+        }
     }
 
     fn reseal(mut b: [u8; 16]) -> [u8; 16] {

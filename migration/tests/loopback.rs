@@ -8,6 +8,8 @@ use std::thread;
 use std::time::Duration;
 
 use migration::fake::{fake_target, FailAt, FakeVm, GuestWriter};
+use migration::fault::{Fault, FaultAction, FaultPoint, Faults};
+use migration::send::{DeadlineAction, MigrationDeadline};
 use migration::{
     receive_migration, send_migration, Cancel, Connection, DestinationError, Endpoint, Limits,
     MigrationStats, ReceiveOptions, ReceiveStats, SendOptions, SourceError, StateBlob, Transport,
@@ -105,9 +107,7 @@ fn migrate_over<T: Transport + Send + 'static>(
         (r, dst)
     });
     let s = send_migration(src, a, opts);
-    if let Connection::Unix(s) = a {
-        let _ = s.shutdown(std::net::Shutdown::Both);
-    }
+    a.shutdown();
     let (r, dst) = dest.join().unwrap();
     (s, r, dst)
 }
@@ -202,7 +202,7 @@ fn unix_and_tcp_endpoints() {
             (r, dst)
         });
         let mut src = source();
-        let mut conn = endpoint.connect().unwrap();
+        let mut conn = endpoint.connect(Duration::from_secs(5)).unwrap();
         let stats = send_migration(&mut src, &mut conn, SendOptions::default()).unwrap();
         let (r, dst) = dest.join().unwrap();
         r.unwrap();
@@ -220,7 +220,7 @@ fn snapshot_file_is_sparse_and_restores() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vm.snap");
     let endpoint = Endpoint::parse(&format!("file:{}", path.display())).unwrap();
-    let mut conn = endpoint.connect().unwrap();
+    let mut conn = endpoint.connect(Duration::from_secs(5)).unwrap();
     let stats = send_migration(&mut src, &mut conn, SendOptions::default()).unwrap();
     drop(conn);
 
@@ -319,32 +319,35 @@ fn handshake_disables_elision_into_written_memory() {
     assert_eq!(src.first_difference(&dst), None);
 }
 
-/// A destination that dies: after `limit` received bytes, or when it is about to report
-/// the guest running, it shuts the socket down and fails every further call.
+/// A destination that dies: after `limit` received bytes, or when it is about to send the
+/// reply of kind `before` (`Restored`, `Running`), it shuts the socket down and fails every
+/// further call.
 struct Killed {
     conn: Connection,
     received: usize,
     limit: usize,
-    before_running: bool,
+    before: Option<u16>,
     dead: bool,
 }
+
+const RESTORED: u16 = 0x0105;
+const RUNNING: u16 = 0x0102;
 
 impl Killed {
     fn kill(&mut self) -> io::Error {
         self.dead = true;
-        if let Connection::Unix(s) = &self.conn {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
+        self.conn.shutdown();
         io::Error::new(io::ErrorKind::ConnectionAborted, "destination killed")
     }
 }
 
 impl Transport for Killed {
     fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
-        let running = parts
+        let kind = parts
             .first()
-            .is_some_and(|h| h.len() >= 2 && h[..2] == 0x0102u16.to_le_bytes());
-        if self.dead || (self.before_running && running) {
+            .filter(|h| h.len() >= 2)
+            .map(|h| u16::from_le_bytes([h[0], h[1]]));
+        if self.dead || (self.before.is_some() && kind == self.before) {
             return Err(self.kill());
         }
         self.conn.send(parts)
@@ -367,22 +370,22 @@ impl Transport for Killed {
 
 #[test]
 fn destination_killed_mid_stream_then_retry_succeeds() {
-    // (bytes the destination reads before dying, dies just before reporting Running)
+    // (bytes the destination reads before dying, dies just before sending this reply)
     let cases = [
-        (100, false),
-        (40_000, false),
-        (400_000, false),
-        (usize::MAX, true),
+        (100, None),
+        (40_000, None),
+        (400_000, None),
+        (usize::MAX, Some(RESTORED)),
     ];
     let mut any_written = false;
-    for (limit, before_running) in cases {
+    for (limit, before) in cases {
         let mut src = source();
         let (mut a, b) = Connection::pair().unwrap();
         let killed = Killed {
             conn: b,
             received: 0,
             limit,
-            before_running,
+            before,
             dead: false,
         };
         let (s, r, dst) = migrate_over(
@@ -395,6 +398,10 @@ fn destination_killed_mid_stream_then_retry_succeeds() {
         );
         let err = s.unwrap_err();
         assert!(r.is_err(), "limit {limit}");
+        assert!(
+            !dst.running,
+            "limit {limit}: the destination never runs without Go"
+        );
         assert_source_recovered(&src);
         let paused = src.calls.contains(&"pause");
         assert_eq!(
@@ -433,6 +440,281 @@ fn destination_killed_mid_stream_then_retry_succeeds() {
         assert_eq!(dst.states, states());
     }
     assert!(any_written, "no case left a half-written destination");
+}
+
+/// The partition at the handover: the destination restored, got `Go`, resumed, and its
+/// `Running` never arrives. The source cannot know whether the guest runs there: it must not
+/// resume it (two copies), and says the outcome is unknown.
+#[test]
+fn a_destination_lost_after_go_leaves_the_source_paused_and_says_so() {
+    let mut src = source();
+    let (mut a, b) = Connection::pair().unwrap();
+    let killed = Killed {
+        conn: b,
+        received: 0,
+        limit: usize::MAX,
+        before: Some(RUNNING),
+        dead: false,
+    };
+    let (s, r, dst) = migrate_over(
+        &mut src,
+        &mut a,
+        fake_target(LAYOUT),
+        killed,
+        SendOptions {
+            io_timeout: Duration::from_millis(500),
+            ..SendOptions::default()
+        },
+        ReceiveOptions::default(),
+    );
+    let err = s.unwrap_err();
+    assert!(err.is_outcome_unknown(), "{err}");
+    assert!(err.to_string().contains("may be running there"), "{err}");
+    r.expect("the destination committed and runs the guest");
+    assert!(dst.running, "the guest runs at the destination");
+    assert!(
+        src.paused && !src.running && !src.calls.contains(&"resume"),
+        "the source must not resume a guest that may run elsewhere: {:?}",
+        src.calls
+    );
+    assert!(!src.logging());
+}
+
+/// The commit step's order: `Go` only after `Restored`. A destination whose `Restored` is
+/// lost (its sends vanish from then on, nothing is closed) never gets `Go`, discards the
+/// guest at its commit deadline, and the source resumes its own: exactly one copy. A source
+/// that sent `Go` without waiting for `Restored` would have both sides run it, or none.
+#[test]
+fn restored_lost_means_no_go_and_the_source_keeps_the_guest() {
+    let mut src = source();
+    let ropts = ReceiveOptions {
+        go_timeout: Duration::from_millis(300),
+        faults: Faults::new(Some(Fault {
+            point: FaultPoint::BeforeRestored,
+            action: FaultAction::Silence,
+        })),
+        ..ReceiveOptions::default()
+    };
+    let opts = SendOptions {
+        io_timeout: Duration::from_millis(600),
+        ..SendOptions::default()
+    };
+    let (s, r, dst) = migrate(&mut src, fake_target(LAYOUT), opts, ropts);
+    let err = s.unwrap_err();
+    assert!(!err.is_outcome_unknown(), "{err}");
+    assert!(matches!(r, Err(DestinationError::NoGo(..))), "{r:?}");
+    assert!(!dst.running, "no Go, no guest at the destination");
+    assert_source_recovered(&src);
+}
+
+/// `Go` is lost (the source's sends vanish after `Restored`): the destination discards the
+/// guest at its deadline and says so; its `Error` still reaches the source, which then
+/// knows the guest is not running there and resumes it.
+#[test]
+fn go_lost_the_destination_discards_and_the_source_resumes() {
+    let mut src = source();
+    let opts = SendOptions {
+        io_timeout: Duration::from_secs(5),
+        faults: Faults::new(Some(Fault {
+            point: FaultPoint::BeforeGo,
+            action: FaultAction::Silence,
+        })),
+        ..SendOptions::default()
+    };
+    let ropts = ReceiveOptions {
+        go_timeout: Duration::from_millis(300),
+        ..ReceiveOptions::default()
+    };
+    let (s, r, dst) = migrate(&mut src, fake_target(LAYOUT), opts, ropts);
+    let err = s.unwrap_err();
+    assert!(matches!(err, SourceError::FailedAfterCommit(_)), "{err}");
+    assert!(matches!(r, Err(DestinationError::NoGo(..))), "{r:?}");
+    assert!(!dst.running);
+    assert_source_recovered(&src);
+}
+
+/// A source that stalls after `Restored` past half the destination's commit window does not
+/// commit: the destination may already have given up. It resumes, and the destination,
+/// which gets `Abort` (or nothing in time), discards.
+#[test]
+fn a_late_source_does_not_commit() {
+    let mut src = source();
+    let opts = SendOptions {
+        faults: Faults::new(Some(Fault {
+            point: FaultPoint::BeforeGo,
+            action: FaultAction::Stall(Duration::from_millis(200)),
+        })),
+        ..SendOptions::default()
+    };
+    let ropts = ReceiveOptions {
+        go_timeout: Duration::from_millis(300),
+        ..ReceiveOptions::default()
+    };
+    let (s, r, dst) = migrate(&mut src, fake_target(LAYOUT), opts, ropts);
+    let err = s.unwrap_err();
+    assert!(matches!(err, SourceError::CommitWindow { .. }), "{err}");
+    assert!(r.is_err(), "{r:?}");
+    assert!(!dst.running);
+    assert_source_recovered(&src);
+}
+
+/// A destination told to give up once `Go` arrived is too late: the guest is its own and
+/// runs; one told before `Go` gives up and the source keeps the guest.
+#[test]
+fn giving_up_races_the_commit_and_exactly_one_side_wins() {
+    // Given up after Go: too late.
+    let progress = std::sync::Arc::new(migration::ReceiveProgress::default());
+    let mut src = source();
+    let ropts = ReceiveOptions {
+        progress: progress.clone(),
+        faults: Faults::new(Some(Fault {
+            point: FaultPoint::BeforeRunning,
+            action: FaultAction::Stall(Duration::from_millis(100)),
+        })),
+        ..ReceiveOptions::default()
+    };
+    let giver = {
+        let progress = progress.clone();
+        thread::spawn(move || {
+            while !progress.committed() {
+                thread::sleep(Duration::from_millis(1));
+            }
+            progress.give_up()
+        })
+    };
+    let (s, r, dst) = migrate(&mut src, fake_target(LAYOUT), SendOptions::default(), ropts);
+    assert!(!giver.join().unwrap(), "giving up after Go is refused");
+    s.expect("the migration completed");
+    r.expect("the destination runs the guest");
+    assert!(dst.running && !src.running);
+
+    // Given up before the migration reaches Go: the destination never runs it.
+    let progress = std::sync::Arc::new(migration::ReceiveProgress::default());
+    assert!(progress.give_up());
+    let mut src = source();
+    let ropts = ReceiveOptions {
+        progress,
+        ..ReceiveOptions::default()
+    };
+    let (s, r, dst) = migrate(&mut src, fake_target(LAYOUT), SendOptions::default(), ropts);
+    assert!(s.is_err() && r.is_err());
+    assert!(!dst.running);
+    assert_source_recovered(&src);
+}
+
+/// The whole migration's deadline with action `cancel`: a migration that cannot finish in
+/// time (a busy guest over a slow link) is given up, the destination told why, the guest
+/// stays here.
+#[test]
+fn a_passed_deadline_cancels_and_the_source_keeps_the_guest() {
+    let mut src = source();
+    keep_writing(&mut src, 11);
+    let opts = SendOptions {
+        max_bandwidth: Some(2 << 20),
+        batch_pages: 16,
+        limits: Limits {
+            downtime: Duration::ZERO,
+            max_passes: 1000,
+            ..Limits::default()
+        },
+        deadline: Some(MigrationDeadline {
+            after: Duration::from_millis(300),
+            action: DeadlineAction::Cancel,
+        }),
+        ..SendOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let (s, r, dst) = migrate(
+        &mut src,
+        fake_target(LAYOUT),
+        opts,
+        ReceiveOptions::default(),
+    );
+    let err = s.unwrap_err();
+    assert!(matches!(err, SourceError::DeadlinePassed(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        matches!(&r, Err(DestinationError::Aborted(why)) if why.contains("deadline")),
+        "{r:?}"
+    );
+    assert!(!dst.running);
+    assert_source_recovered(&src);
+}
+
+/// The same deadline with action `switchover`: pre-copy stops after the pass in progress and
+/// the rest goes in the final pass; the migration completes.
+#[test]
+fn a_passed_deadline_can_force_the_switchover() {
+    let mut src = source();
+    keep_writing(&mut src, 12);
+    let opts = SendOptions {
+        max_bandwidth: Some(8 << 20),
+        limits: Limits {
+            downtime: Duration::ZERO,
+            max_passes: 1000,
+            ..Limits::default()
+        },
+        deadline: Some(MigrationDeadline {
+            after: Duration::from_millis(500),
+            action: DeadlineAction::Switchover,
+        }),
+        ..SendOptions::default()
+    };
+    let (s, r, dst) = migrate(
+        &mut src,
+        fake_target(LAYOUT),
+        opts,
+        ReceiveOptions::default(),
+    );
+    let stats = s.expect("switched over");
+    r.expect("the destination runs it");
+    assert_eq!(
+        stats.stop_reason,
+        migration::StopReason::Deadline,
+        "{stats}"
+    );
+    assert_eq!(src.first_difference(&dst), None);
+    assert!(dst.running && !src.running);
+}
+
+/// The bandwidth limit throttles the live passes only: with the guest paused the final pass
+/// goes as fast as the link allows.
+#[test]
+fn the_bandwidth_limit_does_not_lengthen_the_downtime() {
+    let mut src = source();
+    // After the bulk pass the guest rewrites every page: the final pass carries all of them.
+    src.between_passes = Some(Box::new(|w, _| {
+        for page in 0..total_pages(LAYOUT) {
+            w.fill(page_gpa(LAYOUT, page), PAGE_SIZE, 0x5a);
+        }
+    }));
+    let limit = 16 << 20;
+    let opts = SendOptions {
+        max_bandwidth: Some(limit),
+        limits: Limits {
+            downtime: Duration::ZERO,
+            max_passes: 1,
+            ..Limits::default()
+        },
+        ..SendOptions::default()
+    };
+    let (s, r, dst) = migrate(
+        &mut src,
+        fake_target(LAYOUT),
+        opts,
+        ReceiveOptions::default(),
+    );
+    let stats = s.unwrap();
+    r.unwrap();
+    assert_eq!(src.first_difference(&dst), None);
+    let last = stats.passes.last().unwrap();
+    let throttled = Duration::from_secs_f64(last.bytes as f64 / limit as f64);
+    assert!(
+        Duration::from_micros(last.duration_us) < throttled / 3,
+        "final pass of {} bytes took {} us; at the limit it would take {throttled:?}",
+        last.bytes,
+        last.duration_us
+    );
 }
 
 #[test]
@@ -529,7 +811,9 @@ fn after_the_destination_runs_the_source_stays_stopped() {
             "final pass",
             "save state",
             "send state",
-            "destination restore"
+            "destination restore",
+            "commit",
+            "destination running"
         ]
     );
 }
@@ -547,9 +831,14 @@ fn destination_failures_are_reported_and_never_resume() {
             ReceiveOptions::default(),
         );
         let err = s.unwrap_err();
+        // A restore that fails ends the migration before the commit; a start that fails
+        // after it is reported as such (the destination then says the guest is not running).
         assert!(
-            matches!(&err, SourceError::Destination(m) if m.contains("injected failure")),
-            "{err}"
+            matches!(&err, SourceError::Destination(m) if m.contains("injected failure"))
+                && fail == FailAt::Restore
+                || matches!(&err, SourceError::FailedAfterCommit(m) if m.contains("injected failure"))
+                    && fail == FailAt::Resume,
+            "{fail:?}: {err}"
         );
         assert!(r.is_err());
         assert!(!dst.running);

@@ -230,17 +230,21 @@ fn crafted_streams_get_typed_errors() {
     // Header: 16 bytes; Config and MemoryLayout follow, so the first crafted record starts at:
     let first = Craft::new().bytes().len() as u64;
 
-    // Unknown version (with a correct header checksum).
-    let mut v2 = Craft::new().bytes();
-    v2[8] = 2;
-    let crc = crc32c::crc32c(&v2[..12]);
-    v2[12..16].copy_from_slice(&crc.to_le_bytes());
-    expect_err(v2, |e| {
-        matches!(
-            e,
-            DestinationError::Wire(WireError::UnsupportedVersion { version: 2, .. })
-        )
-    });
+    // Another version (with a correct header checksum): version 1, from before the commit
+    // step, and a future one.
+    for version in [1u8, 3] {
+        let mut other = Craft::new().bytes();
+        other[8] = version;
+        let crc = crc32c::crc32c(&other[..12]);
+        other[12..16].copy_from_slice(&crc.to_le_bytes());
+        expect_err(other, |e| {
+            matches!(
+                e,
+                DestinationError::Wire(WireError::UnsupportedVersion { version: v, .. })
+                    if *v == u32::from(version)
+            )
+        });
+    }
 
     // Unknown record kind.
     let mut unknown = Craft::new().pass(0, 0).bytes();

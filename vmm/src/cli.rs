@@ -1,4 +1,4 @@
-//! Command-line interface: `minivmm run | receive | migrate`.
+//! Command-line interface: `minivmm run | receive | migrate | resume`.
 
 use std::path::PathBuf;
 
@@ -24,6 +24,20 @@ pub enum Command {
     Receive(ReceiveArgs),
     /// Ask a running VMM, over its control socket, to live-migrate (or snapshot) its VM.
     Migrate(MigrateArgs),
+    /// Resume a paused VM. After a migration whose outcome is unknown (the guest was handed
+    /// over and the destination never confirmed it runs) only with --force.
+    Resume(ResumeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// Control socket of the VM (default as for `run`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Resume even though the last migration's outcome is unknown. Say so only when the guest
+    /// does not run at the destination: otherwise it runs twice.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +100,17 @@ pub struct ReceiveArgs {
     /// vCPUs of the VM to expect (with --mem).
     #[arg(long, value_name = "N", requires = "mem")]
     pub cpus: Option<u32>,
+    /// Longest wait for any one read or write on a connection (default 30000).
+    #[arg(long, value_name = "MS")]
+    pub io_timeout_ms: Option<u64>,
+    /// Longest from a connection to the reply that accepts the stream: a peer that sends
+    /// nothing valid in time is dropped (default 10000).
+    #[arg(long, value_name = "MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Longest the restored guest waits for the source's go-ahead before it is discarded
+    /// (default 10000).
+    #[arg(long, value_name = "MS")]
+    pub commit_timeout_ms: Option<u64>,
 }
 
 impl From<ReceiveArgs> for RawReceiveConfig {
@@ -97,6 +122,9 @@ impl From<ReceiveArgs> for RawReceiveConfig {
             attempts: a.attempts,
             mem: a.mem,
             cpus: a.cpus,
+            io_timeout_ms: a.io_timeout_ms,
+            handshake_timeout_ms: a.handshake_timeout_ms,
+            commit_timeout_ms: a.commit_timeout_ms,
         }
     }
 }
@@ -110,7 +138,8 @@ pub struct MigrateArgs {
     /// pass); the guest runs on here and the `migrate` that started it exits 1.
     #[arg(long, conflicts_with_all = [
         "to", "downtime_ms", "max_bandwidth", "max_passes", "no_zero_elision", "keep_running",
-        "verify_memory", "no_auto_converge", "json", "fail_after_bytes",
+        "verify_memory", "no_auto_converge", "json", "connect_timeout_ms", "io_timeout_ms",
+        "handshake_timeout_ms", "switchover_timeout_ms", "deadline_ms", "on_deadline",
     ])]
     pub cancel: bool,
     /// Control socket of the VM to migrate (default as for `run`).
@@ -141,9 +170,33 @@ pub struct MigrateArgs {
     /// Print the result as one JSON document.
     #[arg(long)]
     pub json: bool,
-    /// Fault injection for tests: break the stream after N bytes.
-    #[arg(long, value_name = "N", hide = true)]
-    pub fail_after_bytes: Option<u64>,
+    /// Longest wait to connect to the destination (default 10000).
+    #[arg(long, value_name = "MS")]
+    pub connect_timeout_ms: Option<u64>,
+    /// Longest wait for any one read or write on the connection (default 30000).
+    #[arg(long, value_name = "MS")]
+    pub io_timeout_ms: Option<u64>,
+    /// Longest from connecting to the destination's Ready (default 30000).
+    #[arg(long, value_name = "MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Longest the guest stays paused before the destination takes it over; past it the
+    /// migration fails and the guest runs on here (default 30000).
+    #[arg(long, value_name = "MS")]
+    pub switchover_timeout_ms: Option<u64>,
+    /// The whole migration's deadline (default none).
+    #[arg(long, value_name = "MS")]
+    pub deadline_ms: Option<u64>,
+    /// What the deadline does: cancel (the guest stays here) or switchover (pause and send
+    /// the rest now, at the cost of a longer downtime).
+    #[arg(long, value_enum, requires = "deadline_ms", default_value = "cancel")]
+    pub on_deadline: DeadlineArg,
+}
+
+/// `--on-deadline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeadlineArg {
+    Cancel,
+    Switchover,
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use migration::Endpoint;
+use std::time::Duration;
+
+use migration::{receive, Endpoint};
 
 /// Default guest memory size.
 pub const DEFAULT_MEM_BYTES: u64 = 512 << 20;
@@ -146,6 +148,12 @@ pub struct ReceiveConfig {
     pub attempts: u32,
     /// Memory bytes and vCPUs of a VM to build before the source connects.
     pub shape: Option<(u64, u8)>,
+    /// Longest wait for any one read or write on a connection.
+    pub io_timeout: Duration,
+    /// Longest from a connection to the `Ready` reply.
+    pub handshake_timeout: Duration,
+    /// Longest the restored guest waits for the source's `Go`.
+    pub commit_timeout: Duration,
 }
 
 /// Unvalidated `receive` values as they come from the command line.
@@ -157,6 +165,9 @@ pub struct RawReceiveConfig {
     pub attempts: u32,
     pub mem: Option<String>,
     pub cpus: Option<u32>,
+    pub io_timeout_ms: Option<u64>,
+    pub handshake_timeout_ms: Option<u64>,
+    pub commit_timeout_ms: Option<u64>,
 }
 
 impl ReceiveConfig {
@@ -186,11 +197,15 @@ impl ReceiveConfig {
             }
             _ => None,
         };
+        let ms = |v: Option<u64>, default| v.map_or(default, Duration::from_millis);
         Ok(ReceiveConfig {
             source,
             api_socket: raw.api_socket.unwrap_or_else(default_api_socket),
             attempts: raw.attempts,
             shape,
+            io_timeout: ms(raw.io_timeout_ms, receive::DEFAULT_IO_TIMEOUT),
+            handshake_timeout: ms(raw.handshake_timeout_ms, receive::DEFAULT_HANDSHAKE_TIMEOUT),
+            commit_timeout: ms(raw.commit_timeout_ms, receive::DEFAULT_GO_TIMEOUT),
         })
     }
 }

@@ -9,7 +9,7 @@ use clap::Parser;
 use vmm::cli::{Cli, Command};
 use vmm::config::{ReceiveConfig, VmConfig};
 use vmm::control::client;
-use vmm::control::protocol::{Done, Reply, Request};
+use vmm::control::protocol::{Done, Reply, Request, ResumeRequest};
 use vmm::exit::VmExit;
 use vmm::migrate::receive::receive;
 use vmm::{error_chain, runner};
@@ -19,6 +19,18 @@ fn main() -> ExitCode {
         .format_timestamp_micros()
         .init();
     let cli = Cli::parse();
+    // Fault injection (the fault matrix's tests) is armed only through the environment.
+    match migration::fault::Fault::from_env() {
+        Ok(None) => {}
+        Ok(Some(f)) => eprintln!(
+            "minivmm: FAULT INJECTION ARMED ({}={f}): migrations will fail on purpose",
+            migration::fault::FAULT_ENV
+        ),
+        Err(e) => {
+            eprintln!("error: {}: {e}", migration::fault::FAULT_ENV);
+            return ExitCode::from(2);
+        }
+    }
     match cli.command {
         Command::Run(args) => {
             let config = match VmConfig::new(args.into()) {
@@ -45,6 +57,7 @@ fn main() -> ExitCode {
             finish(receive(config, announce))
         }
         Command::Migrate(args) => migrate(&args),
+        Command::Resume(args) => resume(&args),
     }
 }
 
@@ -98,6 +111,29 @@ fn migrate(args: &vmm::cli::MigrateArgs) -> ExitCode {
                 println!("{}", client::summary_text(&summary));
             }
             ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `minivmm resume [--force]`.
+fn resume(args: &vmm::cli::ResumeArgs) -> ExitCode {
+    let api = args
+        .api_socket
+        .clone()
+        .unwrap_or_else(vmm::config::default_api_socket);
+    let req = Request::Resume(ResumeRequest { force: args.force });
+    match client::request::<Done>(&api, &req) {
+        Ok(Reply::Ok(Done {})) => {
+            eprintln!("minivmm: resumed");
+            ExitCode::SUCCESS
+        }
+        Ok(Reply::Error(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
         }
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));

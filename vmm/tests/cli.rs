@@ -254,7 +254,10 @@ fn control_socket_session_and_shutdown() {
     assert!(refused(&r, "explode"), "{r:?}");
     assert_eq!(ask(&mut conn, &Request::Pause), Reply::Ok(Done {}));
     assert_eq!(status(&mut conn).state, RunState::Paused);
-    assert_eq!(ask(&mut conn, &Request::Resume), Reply::Ok(Done {}));
+    assert_eq!(
+        ask(&mut conn, &Request::Resume(Default::default())),
+        Reply::Ok(Done {})
+    );
     assert_eq!(status(&mut conn).state, RunState::Running);
 
     // A second minivmm on the live socket is refused.

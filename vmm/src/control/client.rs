@@ -11,9 +11,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::protocol::{
-    MigrateLine, MigrateRequest, MigrateSummary, PassProgress, Reply, Request, MAX_REQUEST_LEN,
+    MigrateLine, MigrateRequest, MigrateSummary, OnDeadline, PassProgress, Reply, Request,
+    MAX_REQUEST_LEN,
 };
-use crate::cli::MigrateArgs;
+use crate::cli::{DeadlineArg, MigrateArgs};
 
 /// Timeout of [`request`].
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -176,6 +177,14 @@ pub fn migrate_request(a: &MigrateArgs, max_bandwidth: Option<u64>) -> Option<Mi
         keep_running: a.keep_running,
         verify_memory: a.verify_memory,
         auto_converge: !a.no_auto_converge,
-        fail_after_bytes: a.fail_after_bytes,
+        connect_timeout_ms: a.connect_timeout_ms,
+        io_timeout_ms: a.io_timeout_ms,
+        handshake_timeout_ms: a.handshake_timeout_ms,
+        switchover_timeout_ms: a.switchover_timeout_ms,
+        deadline_ms: a.deadline_ms,
+        on_deadline: match a.on_deadline {
+            DeadlineArg::Cancel => OnDeadline::Cancel,
+            DeadlineArg::Switchover => OnDeadline::Switchover,
+        },
     })
 }

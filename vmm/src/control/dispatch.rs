@@ -5,6 +5,8 @@
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
+use log::warn;
+
 use super::protocol::{
     Done, IncomingProgress, IncomingState, IncomingStatus, OutgoingStatus, Reply, Request,
     Response, ShuttingDown, VmStatus,
@@ -12,7 +14,7 @@ use super::protocol::{
 use super::server::RequestHandler;
 use crate::exit::VmExit;
 use crate::migrate::incoming::Incoming;
-use crate::migrate::outgoing::Outgoing;
+use crate::migrate::outgoing::{unknown_outcome_message, Outgoing};
 use crate::migrate::worker;
 use crate::sync::lock;
 use crate::{error_chain, Vmm, VmmError};
@@ -63,8 +65,24 @@ impl RequestHandler for VmmControl {
             }
             Request::Cancel if self.outgoing.cancel() => Some(Reply::Ok(Done {}.into())),
             Request::Cancel => Some(Reply::error("no migration is running")),
+            // After a handover without confirmation only the operator may run it here.
+            Request::Resume(r) if self.outgoing.unknown_to().is_some() => {
+                let to = self.outgoing.unknown_to().unwrap_or_default();
+                if !r.force {
+                    return Some(Reply::error(unknown_outcome_message(&to)));
+                }
+                warn!("resume --force: the operator says the guest does not run at {to}");
+                let resumed = lock(&self.vmm).resume();
+                if resumed.is_ok() {
+                    self.outgoing.resumed_by_force();
+                }
+                Some(match resumed {
+                    Ok(()) => Reply::Ok(Done {}.into()),
+                    Err(e) => Reply::Error(error_chain(&e)),
+                })
+            }
             // Resuming a VM that moved would run its guest twice.
-            Request::Pause | Request::Resume if busy => Some(Reply::error(
+            Request::Pause | Request::Resume(_) if busy => Some(Reply::error(
                 "the VM is migrating or has moved; pause and resume are refused",
             )),
             other => {
@@ -85,7 +103,7 @@ fn handle_basic(vmm: &mut Vmm, req: Request, migration: Option<OutgoingStatus>) 
     match req {
         Request::Status => Reply::Ok(status(vmm, migration).into()),
         Request::Pause => done(vmm.pause()),
-        Request::Resume => done(vmm.resume()),
+        Request::Resume(_) => done(vmm.resume()),
         Request::Shutdown => {
             vmm.exit_signal().trigger(VmExit::ShutdownRequest);
             Reply::Ok(ShuttingDown { migration }.into())
@@ -131,10 +149,13 @@ impl RequestHandler for WaitingControl {
                 }
                 .into(),
             ),
-            Request::Shutdown => {
-                self.0.end(VmExit::ShutdownRequest);
+            Request::Shutdown if self.0.end(VmExit::ShutdownRequest) => {
                 Reply::Ok(ShuttingDown::default().into())
             }
+            Request::Shutdown => Reply::error(
+                "too late to give the incoming migration up: the source committed and the \
+                 guest runs here now; ask again to end it",
+            ),
             other => Reply::error(format!(
                 "no VM to {} yet: this minivmm is {} an incoming migration on {listen}",
                 other.name(),

@@ -56,8 +56,10 @@ requests! {
     "status" => Status,
     /// Stop every vCPU: [`Done`].
     "pause" => Pause,
-    /// Let every vCPU run again: [`Done`].
-    "resume" => Resume,
+    /// Let every vCPU run again: [`Done`]. After a migration whose outcome is unknown only
+    /// with `"force":true`, the operator's word that the guest does not run at the
+    /// destination.
+    "resume" => Resume(ResumeRequest),
     /// End the VM (or give the incoming migration up): [`ShuttingDown`].
     "shutdown" => Shutdown,
     /// Live-migrate (or snapshot) the VM. The reply, [`MigrateSummary`], comes when it is
@@ -96,9 +98,45 @@ pub struct MigrateRequest {
     /// Throttle the vCPUs when the guest dirties memory faster than it can be sent (default on).
     #[serde(default = "default_true")]
     pub auto_converge: bool,
-    /// Fault injection for tests: break the stream after this many bytes.
+    /// Longest wait to connect, milliseconds (default 10 s).
     #[serde(default)]
-    pub fail_after_bytes: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+    /// Longest wait for any one read or write on the connection, milliseconds (default 30 s).
+    #[serde(default)]
+    pub io_timeout_ms: Option<u64>,
+    /// Longest from connecting to the destination's `Ready`, milliseconds (default 30 s).
+    #[serde(default)]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Longest the guest stays paused before the commit, milliseconds (default 30 s).
+    #[serde(default)]
+    pub switchover_timeout_ms: Option<u64>,
+    /// The whole migration's deadline, milliseconds (default none).
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
+    /// What the deadline does: `cancel` (default: keep the guest here) or `switchover`.
+    #[serde(default)]
+    pub on_deadline: OnDeadline,
+}
+
+/// What a migration's deadline does when it passes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDeadline {
+    /// Give the migration up; the guest runs on here.
+    #[default]
+    Cancel,
+    /// Stop pre-copy after the pass in progress and switch over whatever is left.
+    Switchover,
+}
+
+/// Arguments of `resume`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeRequest {
+    /// Resume even though a migration's outcome is unknown: the operator checked that the
+    /// guest does not run at the destination.
+    #[serde(default)]
+    pub force: bool,
 }
 
 impl MigrateRequest {
@@ -113,7 +151,12 @@ impl MigrateRequest {
             keep_running: false,
             verify_memory: false,
             auto_converge: true,
-            fail_after_bytes: None,
+            connect_timeout_ms: None,
+            io_timeout_ms: None,
+            handshake_timeout_ms: None,
+            switchover_timeout_ms: None,
+            deadline_ms: None,
+            on_deadline: OnDeadline::Cancel,
         }
     }
 }
@@ -259,6 +302,11 @@ pub struct OutgoingStatus {
     pub cancelling: bool,
     /// The migration succeeded: the guest runs at `to` now.
     pub moved: bool,
+    /// The guest was handed over but the destination never confirmed it runs: it stays
+    /// paused here until `resume` with `force` (the operator's word that it does not run
+    /// at `to`) or `shutdown`.
+    #[serde(default)]
+    pub outcome_unknown: bool,
     /// The last pass's progress, `null` during the bulk pass.
     pub last_pass: Option<PassProgress>,
 }
@@ -462,7 +510,14 @@ mod tests {
     fn requests_parse() {
         assert_eq!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status));
         assert_eq!(parse_request(r#" {"cmd":"pause"} "#), Ok(Request::Pause));
-        assert_eq!(parse_request(r#"{"cmd":"resume"}"#), Ok(Request::Resume));
+        assert_eq!(
+            parse_request(r#"{"cmd":"resume"}"#),
+            Ok(Request::Resume(ResumeRequest { force: false }))
+        );
+        assert_eq!(
+            parse_request(r#"{"cmd":"resume","force":true}"#),
+            Ok(Request::Resume(ResumeRequest { force: true }))
+        );
         assert_eq!(
             parse_request(r#"{"cmd":"shutdown"}"#),
             Ok(Request::Shutdown)
@@ -475,7 +530,7 @@ mod tests {
         let all = [
             Request::Status,
             Request::Pause,
-            Request::Resume,
+            Request::Resume(ResumeRequest::default()),
             Request::Shutdown,
             Request::Migrate(migrate),
             Request::Cancel,
@@ -556,6 +611,7 @@ mod tests {
             elapsed_ms: 7,
             cancelling: true,
             moved: false,
+            outcome_unknown: false,
             last_pass: Some(progress),
         });
         let wire = serde_json::to_value(Reply::Ok(vm.clone())).expect("serialise");

@@ -105,6 +105,9 @@ impl Incoming {
         s.phase = IncomingState::Receiving;
         s.connection = connection;
         let progress = Arc::new(ReceiveProgress::default());
+        if s.ended.is_some() {
+            progress.give_up();
+        }
         s.progress = Some(progress.clone());
         s.shut_down_if_ended();
         progress
@@ -119,13 +122,24 @@ impl Incoming {
     }
 
     /// Give up the incoming migration (the first reason wins): the blocked accept or read
-    /// fails at once.
-    pub fn end(&self, why: VmExit) {
+    /// fails at once, and the source is told so and keeps its guest. Too late once the
+    /// source committed (its `Go` arrived): the guest is this side's then, and runs; false.
+    pub fn end(&self, why: VmExit) -> bool {
         let mut s = self.lock();
+        if let Some(p) = &s.progress {
+            if !p.give_up() {
+                warn!(
+                    "{why:?} comes too late to give the incoming migration up: the source \
+                     committed and the guest runs here (ask again to end it)"
+                );
+                return false;
+            }
+        }
         info!("incoming migration given up: {why:?}");
         s.ended.get_or_insert(why);
         self.give_up.cancel();
         s.shut_down_if_ended();
+        true
     }
 
     /// The endpoint the source is awaited on.
@@ -206,7 +220,9 @@ impl<H: RequestHandler + Send + 'static> InterimLoop<H> {
         let mut em = EventLoop::new().map_err(IncomingError::EventManager)?;
         let signals = SignalSubscriber::new({
             let incoming = incoming.clone();
-            move |sig| incoming.end(VmExit::Signal(sig))
+            move |sig| {
+                incoming.end(VmExit::Signal(sig));
+            }
         })
         .map_err(IncomingError::Signals)?;
         em.add_subscriber(Arc::new(Mutex::new(signals)));

@@ -1,6 +1,8 @@
 //! The VM's outgoing migration as the control socket sees it: at most one at a time, how to
 //! cancel it, what `status` shows of it, and, once it succeeded, a claim that stays until the
-//! process ends (a VM that moved must never be resumed or sent again).
+//! process ends (a VM that moved must never be resumed or sent again). A migration whose
+//! outcome is unknown (handed over, no confirmation) keeps the claim too, until the operator
+//! resumes the guest here with `force` (or ends it).
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -17,11 +19,27 @@ pub struct Outgoing(Mutex<Option<Current>>);
 struct Current {
     to: String,
     started: Instant,
-    /// The migration succeeded: the guest runs at `to` now.
-    moved: bool,
+    state: State,
     cancel: Cancel,
     /// The last pass's progress, `None` during the bulk pass.
     progress: Option<PassProgress>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Migrating,
+    /// The migration succeeded: the guest runs at `to` now.
+    Moved,
+    /// Handed over without confirmation: the guest may run at `to`.
+    Unknown,
+}
+
+/// Why a paused VM may not simply be resumed.
+pub fn unknown_outcome_message(to: &str) -> String {
+    format!(
+        "outcome unknown: the guest was handed over to {to} and may be running there; it stays \
+         paused here. Resume it here with force only if it does not run at {to}, or shut it down"
+    )
 }
 
 impl Outgoing {
@@ -32,16 +50,17 @@ impl Outgoing {
     /// Claims the slot for a migration to `to`: its cancellation flag, or why not.
     pub(crate) fn begin(&self, to: &str) -> Result<Cancel, String> {
         let mut current = self.lock();
-        match current.as_ref() {
-            Some(c) if c.moved => return Err(format!("the VM has moved to {}", c.to)),
-            Some(_) => return Err("a migration is already running".into()),
+        match current.as_ref().map(|c| (c.state, &c.to)) {
+            Some((State::Moved, to)) => return Err(format!("the VM has moved to {to}")),
+            Some((State::Unknown, to)) => return Err(unknown_outcome_message(to)),
+            Some((State::Migrating, _)) => return Err("a migration is already running".into()),
             None => {}
         }
         let cancel = Cancel::new();
         *current = Some(Current {
             to: to.to_string(),
             started: Instant::now(),
-            moved: false,
+            state: State::Migrating,
             cancel: cancel.clone(),
             progress: None,
         });
@@ -62,8 +81,34 @@ impl Outgoing {
 
     /// The migration succeeded: the slot stays taken until the process ends.
     pub fn moved(&self) {
+        self.settle(State::Moved);
+    }
+
+    /// The guest was handed over without confirmation: the slot stays taken until
+    /// the operator resumes it here with force, or the process ends.
+    pub fn outcome_unknown(&self) {
+        self.settle(State::Unknown);
+    }
+
+    fn settle(&self, state: State) {
         if let Some(c) = self.lock().as_mut() {
-            c.moved = true;
+            c.state = state;
+        }
+    }
+
+    /// The destination `to` of a migration whose outcome is unknown.
+    pub(crate) fn unknown_to(&self) -> Option<String> {
+        self.lock()
+            .as_ref()
+            .filter(|c| c.state == State::Unknown)
+            .map(|c| c.to.clone())
+    }
+
+    /// The operator resumed the guest here after an unknown outcome: the slot is free.
+    pub(crate) fn resumed_by_force(&self) {
+        let mut current = self.lock();
+        if current.as_ref().is_some_and(|c| c.state == State::Unknown) {
+            *current = None;
         }
     }
 
@@ -79,7 +124,12 @@ impl Outgoing {
         }
         log::info!("cancelling the running migration before the VM ends");
         let deadline = Instant::now() + limit;
-        while self.lock().as_ref().is_some_and(|c| !c.moved) && Instant::now() < deadline {
+        while self
+            .lock()
+            .as_ref()
+            .is_some_and(|c| c.state == State::Migrating)
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -87,7 +137,7 @@ impl Outgoing {
     /// Asks the running migration to stop; false when none runs.
     pub(crate) fn cancel(&self) -> bool {
         match self.lock().as_ref() {
-            Some(c) if !c.moved => {
+            Some(c) if c.state == State::Migrating => {
                 c.cancel.cancel();
                 true
             }
@@ -101,7 +151,8 @@ impl Outgoing {
             to: c.to.clone(),
             elapsed_ms: c.started.elapsed().as_millis() as u64,
             cancelling: c.cancel.is_cancelled(),
-            moved: c.moved,
+            moved: c.state == State::Moved,
+            outcome_unknown: c.state == State::Unknown,
             last_pass: c.progress.clone(),
         })
     }
@@ -143,5 +194,25 @@ mod tests {
             "the VM has moved to unix:/m",
             "a VM that left is never sent again"
         );
+    }
+
+    #[test]
+    fn an_unknown_outcome_holds_the_vm_until_forced() {
+        let o = Outgoing::default();
+        o.begin("tcp:h:1").expect("free slot");
+        assert_eq!(o.unknown_to(), None);
+        o.outcome_unknown();
+        assert!(!o.cancel(), "nothing to cancel any more");
+        assert!(o.status().expect("held").outcome_unknown);
+        assert_eq!(o.unknown_to().as_deref(), Some("tcp:h:1"));
+        assert!(o
+            .begin("unix:/m")
+            .unwrap_err()
+            .starts_with("outcome unknown"));
+        o.resumed_by_force();
+        assert!(!o.running(), "the operator's resume frees the VM");
+        o.begin("unix:/m").expect("migratable again");
+        o.resumed_by_force();
+        assert!(o.running(), "force frees only an unknown outcome");
     }
 }

@@ -15,6 +15,7 @@ use migration::{receive_migration, DestinationError, Listener, ReceiveOptions};
 
 use super::incoming::{Incoming, IncomingError, InterimLoop};
 use super::target_vm::TargetVm;
+use super::worker::armed_faults;
 use crate::config::ReceiveConfig;
 use crate::control::dispatch::WaitingControl;
 use crate::control::{self, ControlError};
@@ -42,6 +43,8 @@ pub enum ReceiveError {
     Prepare(#[source] migration::VmOpError),
     #[error("cannot serve the control socket and signals while waiting")]
     Incoming(#[source] IncomingError),
+    #[error("bad fault injection setting")]
+    Fault(#[source] migration::fault::FaultSpecError),
     #[error(transparent)]
     Run(RunError),
 }
@@ -71,7 +74,16 @@ pub fn receive(
             .prepare(mem_bytes, cpus)
             .map_err(ReceiveError::Prepare)?;
     }
-    let given_up = accept_migration(&mut listener, &mut target, &incoming, config.attempts)?;
+    let faults = armed_faults().map_err(ReceiveError::Fault)?;
+    let options = ReceiveOptions {
+        io_timeout: Some(config.io_timeout),
+        handshake_timeout: config.handshake_timeout,
+        go_timeout: config.commit_timeout,
+        give_up: incoming.give_up_flag(),
+        faults,
+        ..ReceiveOptions::default()
+    };
+    let given_up = accept_migration(&mut listener, &mut target, &incoming, &config, options)?;
     if let Some(why) = given_up {
         return Ok(why);
     }
@@ -97,9 +109,11 @@ fn accept_migration(
     listener: &mut Listener,
     target: &mut TargetVm,
     incoming: &Incoming,
-    attempts: u32,
+    config: &ReceiveConfig,
+    options: ReceiveOptions,
 ) -> Result<Option<VmExit>, ReceiveError> {
     let is_file = matches!(listener, Listener::File(..));
+    let attempts = config.attempts;
     let mut attempt = 1;
     loop {
         let result = listener
@@ -107,9 +121,8 @@ fn accept_migration(
             .map_err(ReceiveError::Transport)
             .and_then(|mut conn| {
                 let options = ReceiveOptions {
-                    give_up: incoming.give_up_flag(),
                     progress: incoming.receiving(conn.wake_handle()),
-                    ..ReceiveOptions::default()
+                    ..options.clone()
                 };
                 receive_migration(target, &mut conn, &options).map_err(ReceiveError::Receive)
             });
@@ -120,8 +133,9 @@ fn accept_migration(
             }
             Err(e) => e,
         };
-        // A started guest cannot be received again.
-        if target.started() {
+        // A guest that started here, or a VM whose start failed half-way (its vCPUs ran on
+        // its memory), cannot be received into again.
+        if target.started() || target.unusable() {
             return Err(e);
         }
         // Nothing is lost: the source has no acknowledgement and keeps running.

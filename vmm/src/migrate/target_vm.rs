@@ -30,6 +30,8 @@ pub struct TargetVm {
     vmm: Option<Vmm>,
     regions: Vec<RamRegion>,
     started: bool,
+    /// A start that failed half-way: vCPUs ran on this memory, it takes no other stream.
+    unusable: bool,
     /// Hash checked against the source's before resuming (when the source sent one).
     pub memory_hash: Option<MemoryHash>,
 }
@@ -50,6 +52,7 @@ impl TargetVm {
             vmm: None,
             regions: Vec::new(),
             started: false,
+            unusable: false,
             memory_hash: None,
         })
     }
@@ -81,6 +84,11 @@ impl TargetVm {
     /// Whether the guest was started (after which a failure cannot be retried).
     pub fn started(&self) -> bool {
         self.started
+    }
+
+    /// Whether a start failed after some vCPUs ran (no retry into this VM either).
+    pub fn unusable(&self) -> bool {
+        self.unusable
     }
 
     /// The restored, running VM.
@@ -157,7 +165,10 @@ impl MigrationTarget for TargetVm {
     }
 
     fn resume(&mut self) -> Result<(), VmOpError> {
-        self.vmm()?.start().map_err(VmOpError::new)?;
+        if let Err(e) = self.vmm()?.start() {
+            self.unusable = true;
+            return Err(VmOpError::new(e));
+        }
         self.started = true;
         Ok(())
     }

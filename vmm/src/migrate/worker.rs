@@ -1,25 +1,26 @@
 //! The migration worker: a thread that sends the VM while the event loop keeps serving the
 //! console and the control socket, then answers the `migrate` request on the connection it
 //! took over. On success the source VM ends (its guest runs at the destination); on failure
-//! the guest is already running again here and only the error is reported.
+//! the guest is already running again here and only the error is reported; when the outcome
+//! is unknown (handed over, no confirmation) the guest stays paused here, held for the
+//! operator's decision.
 
 use std::io::{self, Write};
-use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use log::{error, info};
-use migration::{
-    send_migration, Cancel, Connection, Endpoint, Limits, MigrationStats, Progress, SendOptions,
-    Transport,
-};
+use log::{error, info, warn};
+use migration::fault::{Fault, FaultSpecError, Faults, FAULT_ENV};
+use migration::send::{DeadlineAction, MigrationDeadline};
+use migration::{send_migration, Cancel, Endpoint, Limits, MigrationStats, Progress, SendOptions};
 use serde::Serialize;
 
 use super::outgoing::Outgoing;
 use super::source_vm::SourceVm;
 use crate::control::protocol::{
-    DestinationReport, MigrateRequest, MigrateSummary, PassProgress, ProgressLine, Reply,
+    DestinationReport, MigrateRequest, MigrateSummary, OnDeadline, PassProgress, ProgressLine,
+    Reply,
 };
 use crate::error_chain;
 use crate::exit::VmExit;
@@ -40,15 +41,21 @@ pub fn spawn(
         let (reply, ended) = match migrate(&vmm, &args, &conn, &outgoing, cancel) {
             Ok((summary, ended)) => (Reply::Ok(summary), ended),
             Err(e) => {
-                error!("migration to {} failed: {e}", args.to);
-                (Reply::Error(e), false)
+                error!("migration to {} failed: {}", args.to, e.message);
+                // Settled before the reply, which its reader may follow with `status` or
+                // `migrate` at once.
+                if e.outcome_unknown {
+                    outgoing.outcome_unknown();
+                } else {
+                    outgoing.end();
+                }
+                (Reply::Error(e.message), false)
             }
         };
-        // Settled before the reply, which its reader may follow with `status` or `migrate`
-        // at once. A VM that left stays claimed: it must never be migrated a second time.
+        // A VM that left stays claimed: it must never be migrated a second time.
         if ended {
             outgoing.moved();
-        } else {
+        } else if matches!(reply, Reply::Ok(_)) {
             outgoing.end();
         }
         if let Err(e) = write_line(&conn, &reply) {
@@ -74,6 +81,21 @@ fn write_line(mut conn: &UnixStream, v: &impl Serialize) -> io::Result<()> {
     conn.write_all(line.as_bytes())
 }
 
+/// Why a migration failed, and whether its outcome is unknown (the guest stays paused here).
+struct Failed {
+    message: String,
+    outcome_unknown: bool,
+}
+
+impl From<String> for Failed {
+    fn from(message: String) -> Failed {
+        Failed {
+            message,
+            outcome_unknown: false,
+        }
+    }
+}
+
 /// Run one migration; returns its summary and whether the VM left this process.
 fn migrate(
     vmm: &Arc<Mutex<Vmm>>,
@@ -81,21 +103,33 @@ fn migrate(
     conn: &UnixStream,
     outgoing: &Arc<Outgoing>,
     cancel: Cancel,
-) -> Result<(MigrateSummary, bool), String> {
+) -> Result<(MigrateSummary, bool), Failed> {
     let endpoint = Endpoint::parse(&args.to).map_err(|e| error_chain(&e))?;
     let is_file = matches!(endpoint, Endpoint::File(_));
     let mut source = SourceVm::new(vmm.clone(), args.verify_memory).map_err(|e| error_chain(&e))?;
-    let connection = endpoint.connect().map_err(|e| error_chain(&e))?;
-    let mut transport = FailAfter {
-        inner: connection,
-        budget: args.fail_after_bytes,
-    };
+    let faults = armed_faults().map_err(|e| error_chain(&e))?;
+    let connect_timeout = ms(args.connect_timeout_ms).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let mut connection = endpoint
+        .connect(connect_timeout)
+        .map_err(|e| error_chain(&e))?;
     let progress_conn = conn.try_clone().map_err(|e| e.to_string())?;
+    let default = SendOptions::default();
     let options = SendOptions {
         limits: limits(args),
         max_bandwidth: args.max_bandwidth,
         zero_elision: !args.no_zero_elision,
+        io_timeout: ms(args.io_timeout_ms).unwrap_or(default.io_timeout),
+        handshake_timeout: ms(args.handshake_timeout_ms).unwrap_or(default.handshake_timeout),
+        switchover_timeout: ms(args.switchover_timeout_ms).unwrap_or(default.switchover_timeout),
+        deadline: ms(args.deadline_ms).map(|after| MigrationDeadline {
+            after,
+            action: match args.on_deadline {
+                OnDeadline::Cancel => DeadlineAction::Cancel,
+                OnDeadline::Switchover => DeadlineAction::Switchover,
+            },
+        }),
         cancel,
+        faults,
         progress: Some(Box::new({
             let outgoing = outgoing.clone();
             move |p: &Progress| {
@@ -106,17 +140,42 @@ fn migrate(
                 outgoing.progress(line.progress);
             }
         })),
-        ..SendOptions::default()
+        ..default
     };
     info!("migrating to {}", args.to);
-    let stats =
-        send_migration(&mut source, &mut transport, options).map_err(|e| error_chain(&e))?;
+    let stats = send_migration(&mut source, &mut connection, options).map_err(|e| Failed {
+        outcome_unknown: e.is_outcome_unknown(),
+        message: error_chain(&e),
+    })?;
     let stays = is_file && args.keep_running;
     if stays {
         lock(vmm).resume().map_err(|e| error_chain(&e))?;
     }
     info!("migration to {} complete: {stats}", args.to);
     Ok((summary(&stats, &source, args), !stays))
+}
+
+/// Default of `MigrateRequest::connect_timeout_ms`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn ms(v: Option<u64>) -> Option<Duration> {
+    v.map(Duration::from_millis)
+}
+
+/// The fault armed through the environment (`MINIVMM_FAULT`), for the fault matrix: one per
+/// process, fired at most once, whichever migration reaches its point first.
+pub fn armed_faults() -> Result<Faults, FaultSpecError> {
+    static PROCESS: OnceLock<Faults> = OnceLock::new();
+    if let Some(f) = PROCESS.get() {
+        return Ok(f.for_next_migration());
+    }
+    let fault = Fault::from_env()?;
+    if let Some(f) = fault {
+        warn!("FAULT INJECTION ARMED ({FAULT_ENV}={f}): a migration will fail on purpose");
+    }
+    Ok(PROCESS
+        .get_or_init(|| Faults::new(fault))
+        .for_next_migration())
 }
 
 /// The policy's limits: the request's, each default from `Limits::default`.
@@ -160,47 +219,5 @@ fn summary(stats: &MigrationStats, source: &SourceVm, args: &MigrateRequest) -> 
         dest_rss_kib: dest.as_ref().map(|d| d.rss_kib),
         destination: dest,
         stats: serde_json::to_value(stats).unwrap_or(serde_json::Value::Null),
-    }
-}
-
-/// Fault injection (`fail_after_bytes`): the stream breaks after a byte budget, as when the
-/// network or the destination dies mid-migration.
-struct FailAfter {
-    inner: Connection,
-    budget: Option<u64>,
-}
-
-impl Transport for FailAfter {
-    fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
-        let Some(budget) = self.budget.as_mut() else {
-            return self.inner.send(parts);
-        };
-        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
-        if len <= *budget {
-            *budget -= len;
-            return self.inner.send(parts);
-        }
-        if let Connection::Unix(s) = &self.inner {
-            let _ = s.shutdown(Shutdown::Both);
-        } else if let Connection::Tcp(s) = &self.inner {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        Err(io::Error::other("injected failure (fail_after_bytes)"))
-    }
-
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.recv(buf)
-    }
-
-    fn has_peer(&self) -> bool {
-        self.inner.has_peer()
-    }
-
-    fn set_read_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
-        self.inner.set_read_timeout(t)
-    }
-
-    fn set_write_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
-        self.inner.set_write_timeout(t)
     }
 }
