@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::io;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,7 +18,10 @@ use std::time::Duration;
 
 use crate::transport::{Deadline, Transport};
 
-/// The environment variable that arms a fault: `POINT:ACTION` or `POINT:stall:MS`.
+/// The environment variable that arms a fault: `POINT:ACTION` or `POINT:stall:MS` (fires
+/// once per process), or `@PATH`: a file holding such a spec, read again at the start of
+/// every migration (empty or absent: none; fires once per migration). The file lets a test
+/// fault many migrations of one long-lived process.
 pub const FAULT_ENV: &str = "MINIVMM_FAULT";
 
 /// How long a `stall` sleeps unless the variable says otherwise.
@@ -35,7 +39,7 @@ pub enum FaultPoint {
     MidBulk,
     /// At the first page record of the first dirty pass.
     MidDirty,
-    /// At the first page record of the final pass (the source's guest is paused).
+    /// At the beginning of the final pass (the source's guest is paused).
     FinalPass,
     /// Source: before sending the device state. Destination: at the first state record.
     StateSend,
@@ -184,12 +188,48 @@ impl FromStr for Fault {
     }
 }
 
-impl Fault {
-    /// The fault armed by [`FAULT_ENV`], if any.
-    pub fn from_env() -> Result<Option<Fault>, FaultSpecError> {
+/// Where a process's faults come from ([`FAULT_ENV`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FaultSource {
+    /// One fault, fired once per process.
+    Fixed(Fault),
+    /// A file read at the start of each migration.
+    File(PathBuf),
+}
+
+impl FaultSource {
+    /// What [`FAULT_ENV`] arms, if anything.
+    pub fn from_env() -> Result<Option<FaultSource>, FaultSpecError> {
         match std::env::var(FAULT_ENV) {
-            Ok(spec) if !spec.is_empty() => spec.parse().map(Some),
+            Ok(spec) if !spec.is_empty() => FaultSource::parse(&spec).map(Some),
             _ => Ok(None),
+        }
+    }
+
+    fn parse(spec: &str) -> Result<FaultSource, FaultSpecError> {
+        match spec.strip_prefix('@') {
+            Some(path) => Ok(FaultSource::File(PathBuf::from(path))),
+            None => spec.parse().map(FaultSource::Fixed),
+        }
+    }
+
+    /// The fault of the next migration: the fixed one, or what the file says now.
+    pub fn next(&self) -> Result<Option<Fault>, FaultSpecError> {
+        match self {
+            FaultSource::Fixed(f) => Ok(Some(*f)),
+            FaultSource::File(path) => match std::fs::read_to_string(path) {
+                Ok(s) if !s.trim().is_empty() => s.trim().parse().map(Some),
+                _ => Ok(None),
+            },
+        }
+    }
+}
+
+impl fmt::Display for FaultSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FaultSource::Fixed(fault) => write!(f, "{fault}"),
+            FaultSource::File(path) => write!(f, "@{}", path.display()),
         }
     }
 }

@@ -254,15 +254,19 @@ impl RamSender {
         flags: u32,
     ) -> io::Result<PassStats> {
         self.pass_start = Instant::now();
-        self.pass_point = Some(match kind {
-            PassKind::Bulk => FaultPoint::MidBulk,
-            PassKind::Iterative => FaultPoint::MidDirty,
-            PassKind::Final => FaultPoint::FinalPass,
-        });
+        self.pass_point = match kind {
+            PassKind::Bulk => Some(FaultPoint::MidBulk),
+            PassKind::Iterative => Some(FaultPoint::MidDirty),
+            PassKind::Final => None,
+        };
         self.pass_bytes = w.write_record(
             RecordKind::PassBegin,
             &[&PassBegin { pass, flags }.encode()],
         )?;
+        // The final pass may carry no page at all: its point is its beginning.
+        if kind == PassKind::Final {
+            self.faults.hit(FaultPoint::FinalPass)?;
+        }
         Ok(PassStats {
             pass,
             kind,

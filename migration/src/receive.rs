@@ -335,16 +335,32 @@ fn commit(reader: &mut RecordReader<'_>, options: &ReceiveOptions) -> Result<(),
     };
     send_reply(reader.transport(), RecordKind::Restored, &restored.encode())
         .map_err(DestinationError::Reply)?;
+    // The window starts with Restored, whatever this side does meanwhile: a destination that
+    // stalled past it must not take a Go the source sent long ago.
+    let window = Deadline::after(options.go_timeout, "commit");
     options
         .faults
         .hit(FaultPoint::BeforeGo)
         .map_err(DestinationError::Fault)?;
     let t = reader.transport();
-    t.set_deadline(Some(Deadline::after(options.go_timeout, "commit")));
+    t.set_deadline(Some(window));
     let go = reader.next_header();
     reader.transport().set_deadline(None);
     let (h, offset) = go.map_err(|e| DestinationError::NoGo(options.go_timeout, e))?;
     match h.kind {
+        // Even a Go read from a buffer counts only within the window.
+        RecordKind::Go if Instant::now() >= window.at => {
+            return Err(DestinationError::NoGo(
+                options.go_timeout,
+                WireError::Read {
+                    offset,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "Go arrived after the commit window",
+                    ),
+                },
+            ))
+        }
         RecordKind::Go => {}
         RecordKind::Abort => return Err(aborted(reader, &h, offset)),
         kind => {
@@ -405,11 +421,15 @@ fn load_body(
                     });
                 }
                 rx.begin_pass(&p, offset)?;
-                pass_point = Some(match p.pass {
-                    _ if p.flags & PASS_FINAL != 0 => FaultPoint::FinalPass,
-                    0 => FaultPoint::MidBulk,
-                    _ => FaultPoint::MidDirty,
-                });
+                pass_point = match p.pass {
+                    // The final pass may carry no page at all: its point is its beginning.
+                    _ if p.flags & PASS_FINAL != 0 => {
+                        hit(FaultPoint::FinalPass)?;
+                        None
+                    }
+                    0 => Some(FaultPoint::MidBulk),
+                    _ => Some(FaultPoint::MidDirty),
+                };
                 progress.passes.store(p.pass + 1, Ordering::Relaxed);
                 next_pass += 1;
                 in_pass = true;

@@ -601,7 +601,16 @@ impl Connection {
     /// Before each blocking call on a socket with a deadline: the wait allowed now (the
     /// operation's timeout, cut to what is left), or the error once it passed.
     fn bound(&self, timeout: Option<Duration>) -> io::Result<Option<Duration>> {
-        let Some(d) = self.deadline else {
+        self.bound_by(self.deadline, timeout)
+    }
+
+    /// The wait allowed now before `deadline` (cut to `timeout`), or the error once it passed.
+    fn bound_by(
+        &self,
+        deadline: Option<Deadline>,
+        timeout: Option<Duration>,
+    ) -> io::Result<Option<Duration>> {
+        let Some(d) = deadline else {
             return Ok(timeout);
         };
         let left = d.at.saturating_duration_since(Instant::now());
@@ -613,10 +622,19 @@ impl Connection {
 
     /// A timed-out blocking call (`EAGAIN`) as the error it is.
     fn timed_out(&self, e: io::Error, timeout: Option<Duration>) -> io::Error {
-        if e.kind() != io::ErrorKind::WouldBlock {
+        self.timed_out_by(e, self.deadline, timeout)
+    }
+
+    fn timed_out_by(
+        &self,
+        e: io::Error,
+        deadline: Option<Deadline>,
+        timeout: Option<Duration>,
+    ) -> io::Error {
+        if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::TimedOut {
             return e;
         }
-        match self.deadline {
+        match deadline {
             Some(d) if Instant::now() >= d.at => d.passed(),
             _ => io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -648,14 +666,31 @@ impl Transport for Connection {
             return Ok(());
         };
         let timeout = self.write_timeout;
-        let bounded = socket && self.deadline.is_some();
+        // One send (one record) is one operation: all of it within the write timeout, however
+        // the peer dribbles its reading, and within the connection's deadline.
+        let op = timeout.map(|t| Deadline::after(t, "write"));
+        let deadline = match (op, self.deadline) {
+            (Some(a), Some(b)) => Some(if a.at <= b.at { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        let calls = std::cell::Cell::new(0u32);
+        let rearmed = std::cell::Cell::new(false);
         let before_each = || -> io::Result<()> {
-            if bounded {
-                self.set_socket_timeout(false, self.bound(timeout)?)?;
+            // The socket's own timeout covers the first call unless a connection deadline
+            // is closer; every later call (after a partial write) gets what is left.
+            let first = calls.replace(calls.get() + 1) == 0;
+            if socket && deadline.is_some() && (!first || self.deadline.is_some()) {
+                self.set_socket_timeout(false, self.bound_by(deadline, timeout)?)?;
+                rearmed.set(true);
             }
             Ok(())
         };
-        send_all(fd, parts, socket, before_each).map_err(|e| self.timed_out(e, timeout))
+        let r = send_all(fd, parts, socket, before_each)
+            .map_err(|e| self.timed_out_by(e, deadline, timeout));
+        if rearmed.get() {
+            let _ = self.set_socket_timeout(false, timeout);
+        }
+        r
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -1015,6 +1050,36 @@ mod tests {
         let err = a.send(&[&data]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
         assert!(started.elapsed() < Duration::from_secs(2));
+        drop(a);
+        reader.join().unwrap();
+    }
+
+    #[test]
+    fn one_send_finishes_within_the_write_timeout_or_fails() {
+        let (mut a, b) = Connection::pair().unwrap();
+        a.set_write_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        // The peer reads a little every 50 ms: every sendmsg makes some progress within the
+        // socket's timeout; the record as a whole must still fail soon.
+        let reader = std::thread::spawn(move || {
+            let mut b = b;
+            let mut buf = [0u8; 4096];
+            for _ in 0..40 {
+                if b.recv(&mut buf).map_or(true, |n| n == 0) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let data = vec![7u8; 64 << 20];
+        let started = Instant::now();
+        let err = a.send(&[&data]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
         drop(a);
         reader.join().unwrap();
     }

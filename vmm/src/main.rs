@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     // Fault injection (the fault matrix's tests) is armed only through the environment.
-    match migration::fault::Fault::from_env() {
+    match migration::fault::FaultSource::from_env() {
         Ok(None) => {}
         Ok(Some(f)) => eprintln!(
             "minivmm: FAULT INJECTION ARMED ({}={f}): migrations will fail on purpose",

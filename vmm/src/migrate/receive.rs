@@ -74,13 +74,11 @@ pub fn receive(
             .prepare(mem_bytes, cpus)
             .map_err(ReceiveError::Prepare)?;
     }
-    let faults = armed_faults().map_err(ReceiveError::Fault)?;
     let options = ReceiveOptions {
         io_timeout: Some(config.io_timeout),
         handshake_timeout: config.handshake_timeout,
         go_timeout: config.commit_timeout,
         give_up: incoming.give_up_flag(),
-        faults,
         ..ReceiveOptions::default()
     };
     let given_up = accept_migration(&mut listener, &mut target, &incoming, &config, options)?;
@@ -122,6 +120,7 @@ fn accept_migration(
             .and_then(|mut conn| {
                 let options = ReceiveOptions {
                     progress: incoming.receiving(conn.wake_handle()),
+                    faults: armed_faults().map_err(ReceiveError::Fault)?,
                     ..options.clone()
                 };
                 receive_migration(target, &mut conn, &options).map_err(ReceiveError::Receive)

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use log::{error, info, warn};
-use migration::fault::{Fault, FaultSpecError, Faults, FAULT_ENV};
+use migration::fault::{FaultSource, FaultSpecError, Faults, FAULT_ENV};
 use migration::send::{DeadlineAction, MigrationDeadline};
 use migration::{send_migration, Cancel, Endpoint, Limits, MigrationStats, Progress, SendOptions};
 use serde::Serialize;
@@ -162,20 +162,32 @@ fn ms(v: Option<u64>) -> Option<Duration> {
     v.map(Duration::from_millis)
 }
 
-/// The fault armed through the environment (`MINIVMM_FAULT`), for the fault matrix: one per
-/// process, fired at most once, whichever migration reaches its point first.
+/// The fault of the next migration, as the environment (`MINIVMM_FAULT`) arms it, for the
+/// fault matrix: a fixed fault fires once per process, a fault file is read again for each
+/// migration.
 pub fn armed_faults() -> Result<Faults, FaultSpecError> {
-    static PROCESS: OnceLock<Faults> = OnceLock::new();
-    if let Some(f) = PROCESS.get() {
-        return Ok(f.for_next_migration());
+    static SOURCE: OnceLock<Option<FaultSource>> = OnceLock::new();
+    static FIXED: OnceLock<Faults> = OnceLock::new();
+    let source = match SOURCE.get() {
+        Some(s) => s,
+        None => {
+            let s = FaultSource::from_env()?;
+            SOURCE.get_or_init(|| s)
+        }
+    };
+    match source {
+        None => Ok(Faults::none()),
+        Some(FaultSource::Fixed(f)) => Ok(FIXED
+            .get_or_init(|| Faults::new(Some(*f)))
+            .for_next_migration()),
+        Some(file) => {
+            let fault = file.next()?;
+            if let Some(f) = fault {
+                warn!("FAULT INJECTION ARMED ({FAULT_ENV}={file}): {f}");
+            }
+            Ok(Faults::new(fault))
+        }
     }
-    let fault = Fault::from_env()?;
-    if let Some(f) = fault {
-        warn!("FAULT INJECTION ARMED ({FAULT_ENV}={f}): a migration will fail on purpose");
-    }
-    Ok(PROCESS
-        .get_or_init(|| Faults::new(fault))
-        .for_next_migration())
 }
 
 /// The policy's limits: the request's, each default from `Limits::default`.
