@@ -8,7 +8,7 @@ export MINIVMM_KERNEL := $(LINUX)/vmlinuz
 export MINIVMM_VMLINUX := $(LINUX)/vmlinux
 export MINIVMM_INITRAMFS := $(LINUX)/initramfs.cpio.gz
 
-.PHONY: all deps build kernel initramfs guest-linux fmt-check clippy doc import-cycles test-unit test-e2e test bench demo clean
+.PHONY: all deps build kernel initramfs guest-linux fmt-check clippy doc import-cycles test-unit test-e2e test soak bench demo clean
 
 all: build
 
@@ -50,6 +50,11 @@ test-e2e: build guest-linux
 	$(CARGO) test --release -p e2e -- --test-threads=2
 
 test: fmt-check clippy doc import-cycles test-unit test-e2e
+
+## 100 ping-pong migrations of a busy guest, a faulted attempt before every tenth (make test
+## runs 10 of them).
+soak: build
+	MINIVMM_SOAK_MIGRATIONS=100 $(CARGO) test --release -p e2e --test soak -- --nocapture
 
 bench: build
 	$(CARGO) run --release -p bench -- $(BENCH_ARGS)
