@@ -108,7 +108,14 @@ fn soak_ping_pong_with_faults() {
             &dir,
             "long",
             &l_uri,
-            &["--attempts", "100", "--io-timeout-ms", "2000", "--handshake-timeout-ms", "3000"],
+            &[
+                "--attempts",
+                "100",
+                "--io-timeout-ms",
+                "2000",
+                "--handshake-timeout-ms",
+                "3000",
+            ],
             &[("MINIVMM_FAULT", &l_env)],
         ),
         fault: l_fault,
@@ -139,14 +146,25 @@ fn soak_ping_pong_with_faults() {
             eprintln!(
                 "soak {n}: faulted attempt {spec} on the {}: {}",
                 if on_source { "source" } else { "receiver" },
-                if m.ok { "completed?!" } else { "failed, as it must" }
+                if m.ok {
+                    "completed?!"
+                } else {
+                    "failed, as it must"
+                }
             );
-            assert!(!m.ok, "a pre-commit fault {spec} cannot complete: {:?}", m.reply);
+            assert!(
+                !m.ok,
+                "a pre-commit fault {spec} cannot complete: {:?}",
+                m.reply
+            );
             // Stalled processes finish their stall before the verdict.
             std::thread::sleep(Duration::from_millis(3000));
             assert!(here.vm.proc.alive(), "the source keeps the guest");
             verifies(&mut here);
-            assert!(long.vm.proc.alive(), "the long-lived receiver takes the next attempt");
+            assert!(
+                long.vm.proc.alive(),
+                "the long-lived receiver takes the next attempt"
+            );
             e2e::migrate::assert_no_guest_ran(&long.vm.proc);
             faulted += 1;
             // A probe that fails at the first page record: the receiver resets its memory
@@ -180,7 +198,11 @@ fn soak_ping_pong_with_faults() {
     }
     // The long-lived receiver takes one more attempt and runs the guest.
     let m = migrate(&here.vm.api, &l_uri, FLAGS);
-    assert!(m.ok, "the long-lived receiver finally receives: {}", m.stderr);
+    assert!(
+        m.ok,
+        "the long-lived receiver finally receives: {}",
+        m.stderr
+    );
     verifies(&mut long);
     eprintln!(
         "soak: {total} migrations and {faulted} faulted attempts in {:.1} s, 0 verification \
