@@ -69,7 +69,7 @@ fn fault_file(dir: &TempDir, name: &str) -> (PathBuf, String) {
 }
 
 fn endpoint(dir: &TempDir, n: usize) -> String {
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         format!("unix:{}", dir.join(&format!("m{n}.sock")).display())
     } else {
         format!("tcp:127.0.0.1:{}", free_tcp_port())
@@ -133,7 +133,7 @@ fn soak_ping_pong_with_faults() {
     // Every tenth migration; every fifth in the short run, for more than one sample.
     let every = if total >= 50 { 10 } else { 5 };
     for n in 1..=total {
-        if n % every == 0 {
+        if n.is_multiple_of(every) {
             // A faulted attempt at the long-lived receiver: the guest stays here.
             let point = PRE_COMMIT[rng.next(PRE_COMMIT.len())];
             let action = ACTIONS[rng.next(ACTIONS.len())];
@@ -177,7 +177,7 @@ fn soak_ping_pong_with_faults() {
             samples.push((fd_count(long.vm.proc.pid()), long.vm.proc.rss_kib()));
         }
         let uri = endpoint(&dir, n);
-        let name = format!("{}{n}", if n % 2 == 0 { "a" } else { "b" });
+        let name = format!("{}{n}", if n.is_multiple_of(2) { "a" } else { "b" });
         let (fault, env) = fault_file(&dir, &name);
         let mut next = Node {
             vm: Vm::receive_env(&dir, &name, &uri, &[], &[("MINIVMM_FAULT", &env)]),
