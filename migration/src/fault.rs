@@ -4,7 +4,7 @@
 //! `BUGGIFY` points. The fault matrix (`e2e/tests/fault_matrix.rs`) runs every point with
 //! every action on real processes and checks that the guest runs in exactly one of them.
 //!
-//! A fault is armed only through the process's environment ([`Fault::from_env`], variable
+//! A fault is armed only through the process's environment ([`FaultSource::from_env`], variable
 //! [`FAULT_ENV`]), which the vmm reads at start and logs loudly; nothing a control-socket
 //! client or a stream peer sends can arm one.
 
