@@ -27,16 +27,6 @@ const FLAGS: &[&str] = &[
     "--switchover-timeout-ms",
     "3000",
 ];
-/// Faults that leave the guest at the source: every point before the commit.
-const PRE_COMMIT: &[FaultPoint] = &[
-    FaultPoint::Connect,
-    FaultPoint::BeforeReady,
-    FaultPoint::MidBulk,
-    FaultPoint::MidDirty,
-    FaultPoint::FinalPass,
-    FaultPoint::StateSend,
-    FaultPoint::BeforeRestored,
-];
 const ACTIONS: &[&str] = &["fail", "silence", "stall:2500"];
 
 /// Deterministic pseudo-random numbers, SplitMix64 (the seed is printed, to replay a run).
@@ -98,6 +88,12 @@ fn soak_ping_pong_with_faults() {
         .unwrap_or(0x5eed);
     eprintln!("soak: {total} migrations, seed {seed}");
     let mut rng = Rng(seed);
+    // Faults that leave the guest at the source whichever side they hit: every point before
+    // `Restored` (from there on a silenced receiver could take the guest).
+    let pre_commit: Vec<FaultPoint> = FaultPoint::ALL
+        .into_iter()
+        .take_while(|p| *p != FaultPoint::BeforeGo)
+        .collect();
     let dir = TempDir::new("soak");
 
     // The long-lived receiver, target of every faulted attempt.
@@ -135,7 +131,7 @@ fn soak_ping_pong_with_faults() {
     for n in 1..=total {
         if n.is_multiple_of(every) {
             // A faulted attempt at the long-lived receiver: the guest stays here.
-            let point = PRE_COMMIT[rng.next(PRE_COMMIT.len())];
+            let point = pre_commit[rng.next(pre_commit.len())];
             let action = ACTIONS[rng.next(ACTIONS.len())];
             let on_source = rng.next(2) == 0;
             let spec = format!("{point}:{action}");

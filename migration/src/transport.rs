@@ -1030,13 +1030,9 @@ mod tests {
         trickler.join().unwrap();
     }
 
-    #[test]
-    fn a_deadline_bounds_a_peer_that_reads_a_trickle() {
-        let (mut a, b) = Connection::pair().unwrap();
-        a.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-        a.set_deadline(Some(Deadline::after(Duration::from_millis(300), "test")));
-        let reader = std::thread::spawn(move || {
-            let mut b = b;
+    /// A peer that reads 4 KiB every 50 ms, for two seconds.
+    fn slow_reader(mut b: Connection) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             for _ in 0..40 {
                 if b.recv(&mut buf).map_or(true, |n| n == 0) {
@@ -1044,7 +1040,15 @@ mod tests {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-        });
+        })
+    }
+
+    #[test]
+    fn a_deadline_bounds_a_peer_that_reads_a_trickle() {
+        let (mut a, b) = Connection::pair().unwrap();
+        a.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        a.set_deadline(Some(Deadline::after(Duration::from_millis(300), "test")));
+        let reader = slow_reader(b);
         let data = vec![7u8; 64 << 20];
         let started = Instant::now();
         let err = a.send(&[&data]).unwrap_err();
@@ -1061,16 +1065,7 @@ mod tests {
             .unwrap();
         // The peer reads a little every 50 ms: every sendmsg makes some progress within the
         // socket's timeout; the record as a whole must still fail soon.
-        let reader = std::thread::spawn(move || {
-            let mut b = b;
-            let mut buf = [0u8; 4096];
-            for _ in 0..40 {
-                if b.recv(&mut buf).map_or(true, |n| n == 0) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
+        let reader = slow_reader(b);
         let data = vec![7u8; 64 << 20];
         let started = Instant::now();
         let err = a.send(&[&data]).unwrap_err();

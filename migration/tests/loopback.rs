@@ -75,6 +75,11 @@ fn scribble(w: &GuestWriter, layout: &[(u64, usize)], rng: &mut Lcg, writes: usi
     }
 }
 
+/// One armed fault.
+fn fault(point: FaultPoint, action: FaultAction) -> Faults {
+    Faults::new(Some(Fault { point, action }))
+}
+
 fn source() -> FakeVm {
     let mut vm = FakeVm::new(LAYOUT);
     vm.states = states();
@@ -489,10 +494,7 @@ fn restored_lost_means_no_go_and_the_source_keeps_the_guest() {
     let mut src = source();
     let ropts = ReceiveOptions {
         go_timeout: Duration::from_millis(300),
-        faults: Faults::new(Some(Fault {
-            point: FaultPoint::BeforeRestored,
-            action: FaultAction::Silence,
-        })),
+        faults: fault(FaultPoint::BeforeRestored, FaultAction::Silence),
         ..ReceiveOptions::default()
     };
     let opts = SendOptions {
@@ -515,10 +517,7 @@ fn go_lost_the_destination_discards_and_the_source_resumes() {
     let mut src = source();
     let opts = SendOptions {
         io_timeout: Duration::from_secs(5),
-        faults: Faults::new(Some(Fault {
-            point: FaultPoint::BeforeGo,
-            action: FaultAction::Silence,
-        })),
+        faults: fault(FaultPoint::BeforeGo, FaultAction::Silence),
         ..SendOptions::default()
     };
     let ropts = ReceiveOptions {
@@ -540,10 +539,10 @@ fn go_lost_the_destination_discards_and_the_source_resumes() {
 fn a_late_source_does_not_commit() {
     let mut src = source();
     let opts = SendOptions {
-        faults: Faults::new(Some(Fault {
-            point: FaultPoint::BeforeGo,
-            action: FaultAction::Stall(Duration::from_millis(200)),
-        })),
+        faults: fault(
+            FaultPoint::BeforeGo,
+            FaultAction::Stall(Duration::from_millis(200)),
+        ),
         ..SendOptions::default()
     };
     let ropts = ReceiveOptions {
@@ -567,10 +566,10 @@ fn giving_up_races_the_commit_and_exactly_one_side_wins() {
     let mut src = source();
     let ropts = ReceiveOptions {
         progress: progress.clone(),
-        faults: Faults::new(Some(Fault {
-            point: FaultPoint::BeforeRunning,
-            action: FaultAction::Stall(Duration::from_millis(100)),
-        })),
+        faults: fault(
+            FaultPoint::BeforeRunning,
+            FaultAction::Stall(Duration::from_millis(100)),
+        ),
         ..ReceiveOptions::default()
     };
     let giver = {

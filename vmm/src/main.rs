@@ -126,27 +126,20 @@ fn resume(args: &vmm::cli::ResumeArgs) -> ExitCode {
         .clone()
         .unwrap_or_else(vmm::config::default_api_socket);
     let req = Request::Resume(ResumeRequest { force: args.force });
-    match client::request::<Done>(&api, &req) {
-        Ok(Reply::Ok(Done {})) => {
-            eprintln!("minivmm: resumed");
-            ExitCode::SUCCESS
-        }
-        Ok(Reply::Error(e)) => {
-            eprintln!("error: {e}");
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
-            ExitCode::from(1)
-        }
-    }
+    done_or_error(&api, &req, "resumed")
 }
 
 /// `minivmm migrate --cancel`.
 fn cancel(api: &std::path::Path) -> ExitCode {
-    match client::request::<Done>(api, &Request::Cancel) {
+    done_or_error(api, &Request::Cancel, "cancelling the migration")
+}
+
+/// Sends a request whose reply is `Done`: says `done` and exits 0, or prints the error and
+/// exits 1.
+fn done_or_error(api: &std::path::Path, req: &Request, done: &str) -> ExitCode {
+    match client::request::<Done>(api, req) {
         Ok(Reply::Ok(Done {})) => {
-            eprintln!("minivmm: cancelling the migration");
+            eprintln!("minivmm: {done}");
             ExitCode::SUCCESS
         }
         Ok(Reply::Error(e)) => {
