@@ -64,6 +64,7 @@
 //! ```
 
 pub mod cancel;
+pub mod deadline;
 pub mod dirty;
 pub mod fake;
 pub mod fault;
@@ -79,6 +80,7 @@ pub mod send;
 pub mod stats;
 pub mod stream;
 pub mod sync;
+pub mod tls;
 pub mod transport;
 pub mod vm;
 pub mod wire;

@@ -346,9 +346,13 @@ fn handshake<S: MigrationSource + ?Sized>(
         )));
     }
     let layout = encode_layout(&layout_of(regions));
-    m.w.write_record(RecordKind::Config, &[&config])
-        .and_then(|_| m.w.write_record(RecordKind::MemoryLayout, &[&layout]))
-        .map_err(SourceError::Send)?;
+    let sent =
+        m.w.write_record(RecordKind::Config, &[&config])
+            .and_then(|_| m.w.write_record(RecordKind::MemoryLayout, &[&layout]));
+    if let Err(e) = sent {
+        // A destination that refuses at once (a TLS endpoint, say) may have said why.
+        return Err(send_error(&mut m.w, e));
+    }
     setup.end("send configuration");
 
     // Dirty logging goes on before the first byte of guest memory is read; here, while the

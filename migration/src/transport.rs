@@ -21,6 +21,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::deadline::Bound;
+pub use crate::deadline::Deadline;
+use crate::tls::{AllowMatch, PeerIdentity, TlsClient, TlsError, TlsServer, TlsStream};
+
 /// Most parts per `writev`/`sendmsg` (Linux `IOV_MAX`).
 const IOV_MAX: usize = 1024;
 /// `sun_path` holds 108 bytes including the terminating NUL.
@@ -476,30 +480,6 @@ pub struct MemoryStream {
     pos: usize,
 }
 
-/// A point in time no wait may pass, and what it bounds (for the error).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Deadline {
-    pub at: Instant,
-    pub what: &'static str,
-}
-
-impl Deadline {
-    /// `after` from now.
-    pub fn after(after: Duration, what: &'static str) -> Deadline {
-        Deadline {
-            at: Instant::now() + after,
-            what,
-        }
-    }
-
-    fn passed(&self) -> io::Error {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("the {} deadline passed", self.what),
-        )
-    }
-}
-
 /// An open migration connection: the stream, and the bounds on every wait for it (a timeout
 /// per operation, and optionally a deadline that no operation may pass, however slowly the
 /// peer trickles bytes).
@@ -515,6 +495,8 @@ pub struct Connection {
 enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    /// TCP with TLS, after the handshake ([`Connection::tls_client`], [`Connection::tls_server`]).
+    Tls(Box<TlsStream>),
     /// A snapshot being read.
     File(File),
     /// A snapshot being written.
@@ -571,6 +553,7 @@ impl Connection {
         match &self.stream {
             Stream::Unix(s) => s.try_clone().ok().map(OwnedFd::from),
             Stream::Tcp(s) => s.try_clone().ok().map(OwnedFd::from),
+            Stream::Tls(t) => t.tcp.try_clone().ok().map(OwnedFd::from),
             Stream::File(_) | Stream::Snapshot(_) | Stream::Memory(_) => None,
         }
     }
@@ -580,7 +563,83 @@ impl Connection {
         match &self.stream {
             Stream::Unix(_) => Some("a local process".into()),
             Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.to_string()),
+            Stream::Tls(t) => t.tcp.peer_addr().ok().map(|a| a.to_string()),
             _ => None,
+        }
+    }
+
+    /// Source side of mutual TLS on this `tcp:` connection: the handshake, with the
+    /// destination's certificate checked against the CA and against `name` (the host it was
+    /// reached by, or `--tls-name`). Every wait is bounded by the connection's timeouts and
+    /// by `deadline`. A destination that answers in plaintext is reported with what it said.
+    pub fn tls_client(
+        self,
+        tls: &TlsClient,
+        name: &str,
+        deadline: Deadline,
+    ) -> Result<Connection, TlsError> {
+        let (tcp, mut c) = self.into_tcp()?;
+        c.deadline = Some(deadline);
+        let t = TlsStream::connect(tcp, tls, name, c.bound(true), c.bound(false))?;
+        c.stream = Stream::Tls(Box::new(t));
+        // Back to the per-operation timeouts that the handshake's deadline cut short.
+        c.set_deadline(None);
+        Ok(c)
+    }
+
+    /// Destination side of mutual TLS on this accepted `tcp:` connection: the handshake, with
+    /// the source's certificate checked against the CA and the allow-list. Every wait is
+    /// bounded by the connection's timeouts and by `deadline`. A source that speaks plaintext
+    /// is told, in a plaintext `Error` record, that this endpoint needs TLS.
+    pub fn tls_server(self, tls: &TlsServer, deadline: Deadline) -> Result<Connection, TlsError> {
+        let (tcp, mut c) = self.into_tcp()?;
+        c.deadline = Some(deadline);
+        let t = TlsStream::accept(tcp, tls, c.bound(true), c.bound(false))?;
+        c.stream = Stream::Tls(Box::new(t));
+        c.set_deadline(None);
+        Ok(c)
+    }
+
+    /// The peer's certificate identity, on a TLS connection.
+    pub fn tls_peer(&self) -> Option<&PeerIdentity> {
+        match &self.stream {
+            Stream::Tls(t) => t.peer(),
+            _ => None,
+        }
+    }
+
+    /// Which `--tls-allow` entry admitted the peer (destination side).
+    pub fn tls_allowed_by(&self) -> Option<&AllowMatch> {
+        match &self.stream {
+            Stream::Tls(t) => t.allowed_by(),
+            _ => None,
+        }
+    }
+
+    /// The TCP socket, and the connection's bounds to carry over.
+    fn into_tcp(self) -> Result<(TcpStream, Connection), TlsError> {
+        let Connection {
+            stream,
+            read_timeout,
+            write_timeout,
+            deadline,
+        } = self;
+        let bounds = Connection {
+            stream: Stream::Memory(MemoryStream::default()),
+            read_timeout,
+            write_timeout,
+            deadline,
+        };
+        match stream {
+            Stream::Tcp(tcp) => Ok((tcp, bounds)),
+            other => Err(TlsError::NotTcp(
+                match other {
+                    Stream::Unix(_) => "a unix socket",
+                    Stream::Tls(_) => "a TLS connection",
+                    _ => "a file",
+                }
+                .to_string(),
+            )),
         }
     }
 
@@ -588,6 +647,7 @@ impl Connection {
         match &self.stream {
             Stream::Unix(s) => Some(s.as_raw_fd()),
             Stream::Tcp(s) => Some(s.as_raw_fd()),
+            Stream::Tls(t) => Some(t.tcp.as_raw_fd()),
             Stream::File(f) => Some(f.as_raw_fd()),
             Stream::Snapshot(w) => Some(w.file.as_raw_fd()),
             Stream::Memory(_) => None,
@@ -595,51 +655,21 @@ impl Connection {
     }
 
     fn is_socket(&self) -> bool {
-        matches!(self.stream, Stream::Unix(_) | Stream::Tcp(_))
+        matches!(
+            self.stream,
+            Stream::Unix(_) | Stream::Tcp(_) | Stream::Tls(_)
+        )
     }
 
-    /// Before each blocking call on a socket with a deadline: the wait allowed now (the
-    /// operation's timeout, cut to what is left), or the error once it passed.
-    fn bound(&self, timeout: Option<Duration>) -> io::Result<Option<Duration>> {
-        self.bound_by(self.deadline, timeout)
-    }
-
-    /// The wait allowed now before `deadline` (cut to `timeout`), or the error once it passed.
-    fn bound_by(
-        &self,
-        deadline: Option<Deadline>,
-        timeout: Option<Duration>,
-    ) -> io::Result<Option<Duration>> {
-        let Some(d) = deadline else {
-            return Ok(timeout);
-        };
-        let left = d.at.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(d.passed());
-        }
-        Ok(Some(timeout.map_or(left, |t| t.min(left))))
-    }
-
-    /// A timed-out blocking call (`EAGAIN`) as the error it is.
-    fn timed_out(&self, e: io::Error, timeout: Option<Duration>) -> io::Error {
-        self.timed_out_by(e, self.deadline, timeout)
-    }
-
-    fn timed_out_by(
-        &self,
-        e: io::Error,
-        deadline: Option<Deadline>,
-        timeout: Option<Duration>,
-    ) -> io::Error {
-        if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::TimedOut {
-            return e;
-        }
-        match deadline {
-            Some(d) if Instant::now() >= d.at => d.passed(),
-            _ => io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the peer did nothing for {:?}", timeout.unwrap_or_default()),
-            ),
+    /// What bounds a read (`true`) or a write on this connection.
+    fn bound(&self, read: bool) -> Bound {
+        Bound {
+            timeout: if read {
+                self.read_timeout
+            } else {
+                self.write_timeout
+            },
+            deadline: self.deadline,
         }
     }
 
@@ -649,6 +679,8 @@ impl Connection {
             (Stream::Unix(s), false) => s.set_write_timeout(t),
             (Stream::Tcp(s), true) => s.set_read_timeout(t),
             (Stream::Tcp(s), false) => s.set_write_timeout(t),
+            (Stream::Tls(s), true) => s.tcp.set_read_timeout(t),
+            (Stream::Tls(s), false) => s.tcp.set_write_timeout(t),
             _ => Ok(()),
         }
     }
@@ -656,6 +688,24 @@ impl Connection {
 
 impl Transport for Connection {
     fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        // One send (one record) is one operation: all of it within the write timeout, however
+        // the peer dribbles its reading, and within the connection's deadline.
+        let op = self.write_timeout.map(|t| Deadline::after(t, "write"));
+        let write = Bound {
+            timeout: self.write_timeout,
+            deadline: match (op, self.deadline) {
+                (Some(a), Some(b)) => Some(if a.at <= b.at { a } else { b }),
+                (a, b) => a.or(b),
+            },
+        };
+        if let Stream::Tls(t) = &mut self.stream {
+            // Arms the socket before each write; back to the plain timeout after.
+            let r = t.send(parts, write);
+            if write.deadline.is_some() {
+                let _ = self.set_socket_timeout(false, self.write_timeout);
+            }
+            return r;
+        }
         let socket = self.is_socket();
         let Some(fd) = self.fd() else {
             if let Stream::Memory(m) = &mut self.stream {
@@ -665,43 +715,38 @@ impl Transport for Connection {
             }
             return Ok(());
         };
-        let timeout = self.write_timeout;
-        // One send (one record) is one operation: all of it within the write timeout, however
-        // the peer dribbles its reading, and within the connection's deadline.
-        let op = timeout.map(|t| Deadline::after(t, "write"));
-        let deadline = match (op, self.deadline) {
-            (Some(a), Some(b)) => Some(if a.at <= b.at { a } else { b }),
-            (a, b) => a.or(b),
-        };
         let calls = std::cell::Cell::new(0u32);
         let rearmed = std::cell::Cell::new(false);
         let before_each = || -> io::Result<()> {
             // The socket's own timeout covers the first call unless a connection deadline
             // is closer; every later call (after a partial write) gets what is left.
             let first = calls.replace(calls.get() + 1) == 0;
-            if socket && deadline.is_some() && (!first || self.deadline.is_some()) {
-                self.set_socket_timeout(false, self.bound_by(deadline, timeout)?)?;
-                rearmed.set(true);
+            if socket && (!first || self.deadline.is_some()) {
+                write.arm(|t| {
+                    rearmed.set(true);
+                    self.set_socket_timeout(false, t)
+                })?;
             }
             Ok(())
         };
-        let r = send_all(fd, parts, socket, before_each)
-            .map_err(|e| self.timed_out_by(e, deadline, timeout));
+        let r = send_all(fd, parts, socket, before_each).map_err(|e| write.timed_out(e));
         if rearmed.get() {
-            let _ = self.set_socket_timeout(false, timeout);
+            let _ = self.set_socket_timeout(false, self.write_timeout);
         }
         r
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let timeout = self.read_timeout;
-        if self.is_socket() && self.deadline.is_some() {
-            self.set_socket_timeout(true, self.bound(timeout)?)?;
+        let (read, write) = (self.bound(true), self.bound(false));
+        if matches!(self.stream, Stream::Unix(_) | Stream::Tcp(_)) {
+            read.arm(|t| self.set_socket_timeout(true, t))?;
         }
         loop {
             let r = match &mut self.stream {
                 Stream::Unix(s) => s.read(buf),
                 Stream::Tcp(s) => s.read(buf),
+                // Arms its bounds before each read of the socket.
+                Stream::Tls(t) => t.recv(buf, read, write),
                 Stream::File(f) => f.read(buf),
                 Stream::Snapshot(_) => Err(io::Error::new(
                     io::ErrorKind::Unsupported,
@@ -716,7 +761,7 @@ impl Transport for Connection {
             };
             match r {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.timed_out(e, timeout)),
+                Err(e) => return Err(read.timed_out(e)),
                 ok => return ok,
             }
         }
@@ -756,6 +801,7 @@ impl Transport for Connection {
         let _ = match &self.stream {
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tls(t) => t.tcp.shutdown(std::net::Shutdown::Both),
             _ => Ok(()),
         };
     }

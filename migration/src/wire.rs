@@ -54,6 +54,11 @@ pub const READY_PRISTINE: u32 = 1;
 pub enum WireError {
     #[error("Bad magic at offset {offset}: not a minivmm migration stream")]
     BadMagic { offset: u64 },
+    #[error(
+        "The peer opened a TLS connection (a TLS handshake record at offset {offset}) but this \
+         endpoint expects the plaintext stream: it was started without --tls-dir"
+    )]
+    TlsHandshake { offset: u64 },
     #[error("Unsupported format version {version} at offset {offset} (this build reads {FORMAT_VERSION}{})", version_hint(*.version))]
     UnsupportedVersion { offset: u64, version: u32 },
     #[error("Stream header checksum mismatch at offset {offset}")]
@@ -199,6 +204,10 @@ pub fn encode_stream_header() -> [u8; STREAM_HEADER_LEN] {
 /// Checks the stream header (at offset 0).
 pub fn decode_stream_header(bytes: &[u8; STREAM_HEADER_LEN]) -> Result<(), WireError> {
     if bytes[..8] != MAGIC {
+        // A TLS record: content type handshake (22), protocol version 3.x.
+        if bytes[0] == 22 && bytes[1] == 3 {
+            return Err(WireError::TlsHandshake { offset: 0 });
+        }
         return Err(WireError::BadMagic { offset: 0 });
     }
     if crc32c::crc32c(&bytes[..12]) != le_u32(&bytes[12..16]) {
@@ -367,6 +376,11 @@ mod tests {
             decode_stream_header(&bad),
             Err(WireError::StreamHeaderChecksum { .. })
         ));
+        // A TLS ClientHello where the stream should start says so.
+        let hello = [22, 3, 1, 2, 0, 1, 0, 1, 252, 3, 3, 0, 0, 0, 0, 0];
+        let e = decode_stream_header(&hello).unwrap_err();
+        assert!(matches!(e, WireError::TlsHandshake { offset: 0 }), "{e}");
+        assert!(e.to_string().contains("without --tls-dir"), "{e}");
         // Another version with a valid checksum is refused by version, not checksum; version
         // 1 (before the commit step) with a message that says so.
         for version in [1u32, 3] {
