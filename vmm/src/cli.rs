@@ -1,4 +1,4 @@
-//! Command-line interface: `minivmm run | receive | migrate | resume`.
+//! Command-line interface: `minivmm run | receive | migrate | resume | tls-init`.
 
 use std::path::PathBuf;
 
@@ -27,6 +27,29 @@ pub enum Command {
     /// Resume a paused VM. After a migration whose outcome is unknown (the guest was handed
     /// over and the destination never confirmed it runs) only with --force.
     Resume(ResumeArgs),
+    /// Write a TLS directory for `migrate --tls-dir` and `receive --tls-dir`: ca.pem, cert.pem
+    /// and key.pem, for this host's names. Makes a new CA (its key in ca-key.pem) unless --ca
+    /// names the directory of an existing one. Never overwrites a file.
+    TlsInit(TlsInitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TlsInitArgs {
+    /// Directory to write (created, mode 0700, if missing).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// A name this host is reached by: a DNS name or an IP address (repeatable; the first is
+    /// also the certificate's subject CN). Sources connect to it by one of these names, and a
+    /// destination's --tls-allow names one of a source's.
+    #[arg(long, value_name = "HOST", required = true)]
+    pub name: Vec<String>,
+    /// Sign with the CA made by an earlier `tls-init` in this directory (its ca.pem and
+    /// ca-key.pem) instead of making a new CA.
+    #[arg(long, value_name = "DIR")]
+    pub ca: Option<PathBuf>,
+    /// Days the host certificate is valid (default 825).
+    #[arg(long, value_name = "N", default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub days: u32,
 }
 
 #[derive(Debug, Args)]
@@ -111,6 +134,18 @@ pub struct ReceiveArgs {
     /// (default 10000).
     #[arg(long, value_name = "MS")]
     pub commit_timeout_ms: Option<u64>,
+    /// Take only mutual-TLS connections (tcp: only), with ca.pem, cert.pem and key.pem from
+    /// DIR: the source's certificate must be signed by the CA.
+    #[arg(long, value_name = "DIR", conflicts_with = "insecure_plaintext")]
+    pub tls_dir: Option<PathBuf>,
+    /// Take only sources whose certificate names NAME, as its subject CN or as a DNS subject
+    /// alternative name (repeatable; exact, case-insensitive).
+    #[arg(long, value_name = "NAME", requires = "tls_dir")]
+    pub tls_allow: Vec<String>,
+    /// Listen on a non-loopback tcp: address without TLS: anyone who reaches the port can
+    /// send a VM or read one in flight. Each connection is warned about.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
 }
 
 impl From<ReceiveArgs> for RawReceiveConfig {
@@ -125,6 +160,9 @@ impl From<ReceiveArgs> for RawReceiveConfig {
             io_timeout_ms: a.io_timeout_ms,
             handshake_timeout_ms: a.handshake_timeout_ms,
             commit_timeout_ms: a.commit_timeout_ms,
+            tls_dir: a.tls_dir,
+            tls_allow: a.tls_allow,
+            insecure_plaintext: a.insecure_plaintext,
         }
     }
 }
@@ -140,6 +178,7 @@ pub struct MigrateArgs {
         "to", "downtime_ms", "max_bandwidth", "max_passes", "no_zero_elision", "keep_running",
         "verify_memory", "no_auto_converge", "json", "connect_timeout_ms", "io_timeout_ms",
         "handshake_timeout_ms", "switchover_timeout_ms", "deadline_ms", "on_deadline",
+        "tls_dir", "tls_name",
     ])]
     pub cancel: bool,
     /// Control socket of the VM to migrate (default as for `run`).
@@ -190,6 +229,15 @@ pub struct MigrateArgs {
     /// the rest now, at the cost of a longer downtime).
     #[arg(long, value_enum, requires = "deadline_ms", default_value = "cancel")]
     pub on_deadline: DeadlineArg,
+    /// Migrate over mutual TLS (tcp: only), with ca.pem, cert.pem and key.pem from DIR (read
+    /// by the VMM process): the destination's certificate must be signed by the CA and valid
+    /// for the HOST of tcp:HOST:PORT.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The name the destination's certificate must be valid for, instead of HOST (when
+    /// connecting by address).
+    #[arg(long, value_name = "NAME", requires = "tls_dir")]
+    pub tls_name: Option<String>,
 }
 
 /// `--on-deadline`.
@@ -255,5 +303,40 @@ mod tests {
         assert!(a.cancel && a.to.is_none());
         assert!(parse(&["--cancel", "--to", "unix:/m"]).is_err());
         assert!(parse(&["--cancel", "--max-passes", "3"]).is_err());
+        assert!(parse(&["--cancel", "--tls-dir", "/t"]).is_err());
+    }
+
+    #[test]
+    fn tls_flags_need_their_directory() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["minivmm"], args].concat());
+        let to = ["migrate", "--to", "tcp:h:1"];
+        assert!(parse(&[&to[..], &["--tls-name", "h"]].concat()).is_err());
+        assert!(parse(&[&to[..], &["--tls-dir", "/t", "--tls-name", "h"]].concat()).is_ok());
+        let listen = ["receive", "--listen", "tcp:0.0.0.0:1"];
+        assert!(parse(&[&listen[..], &["--tls-allow", "a"]].concat()).is_err());
+        assert!(
+            parse(&[&listen[..], &["--tls-dir", "/t", "--insecure-plaintext"]].concat()).is_err()
+        );
+        let Ok(Cli {
+            command: Command::Receive(a),
+        }) = parse(
+            &[
+                &listen[..],
+                &["--tls-dir", "/t", "--tls-allow", "a", "--tls-allow", "b"],
+            ]
+            .concat(),
+        )
+        else {
+            panic!("receive with TLS parses")
+        };
+        assert_eq!(a.tls_allow, ["a", "b"]);
+        assert!(parse(&["tls-init", "/d"]).is_err(), "tls-init needs --name");
+        let Ok(Cli {
+            command: Command::TlsInit(a),
+        }) = parse(&["tls-init", "/d", "--name", "h", "--name", "10.0.0.1"])
+        else {
+            panic!("tls-init parses")
+        };
+        assert_eq!((a.name.len(), a.days, a.ca), (2, 825, None));
     }
 }

@@ -53,6 +53,14 @@ pub enum ConfigError {
     NoSource,
     #[error("--attempts must be 1..={MAX_ATTEMPTS}, not {0}")]
     Attempts(u32),
+    #[error("--tls-dir takes a tcp: endpoint, not {0}")]
+    TlsNeedsTcp(String),
+    #[error(
+        "refusing to listen on {0} without TLS: anyone who reaches it could send a VM or read \
+         one in flight. Give --tls-dir (see `minivmm tls-init`), listen on a loopback address, \
+         or say --insecure-plaintext"
+    )]
+    PlaintextOnNetwork(String),
 }
 
 /// Most incoming attempts a `receive` accepts.
@@ -154,6 +162,19 @@ pub struct ReceiveConfig {
     pub handshake_timeout: Duration,
     /// Longest the restored guest waits for the source's `Go`.
     pub commit_timeout: Duration,
+    /// Mutual TLS on `tcp:`: the directory to load, and the certificate names allowed.
+    pub tls: Option<TlsSettings>,
+    /// A non-loopback `tcp:` endpoint without TLS, as asked for (`--insecure-plaintext`):
+    /// every connection is warned about.
+    pub insecure_plaintext: bool,
+}
+
+/// `receive --tls-dir DIR [--tls-allow NAME]...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub dir: PathBuf,
+    /// Empty: any certificate the CA signed.
+    pub allow: Vec<String>,
 }
 
 /// Unvalidated `receive` values as they come from the command line.
@@ -168,6 +189,9 @@ pub struct RawReceiveConfig {
     pub io_timeout_ms: Option<u64>,
     pub handshake_timeout_ms: Option<u64>,
     pub commit_timeout_ms: Option<u64>,
+    pub tls_dir: Option<PathBuf>,
+    pub tls_allow: Vec<String>,
+    pub insecure_plaintext: bool,
 }
 
 impl ReceiveConfig {
@@ -185,6 +209,18 @@ impl ReceiveConfig {
         };
         if !(1..=MAX_ATTEMPTS).contains(&raw.attempts) {
             return Err(ConfigError::Attempts(raw.attempts));
+        }
+        let tls = match (raw.tls_dir, &source) {
+            (None, _) => None,
+            (Some(dir), Endpoint::Tcp { .. }) => Some(TlsSettings {
+                dir,
+                allow: raw.tls_allow,
+            }),
+            (Some(_), other) => return Err(ConfigError::TlsNeedsTcp(other.to_string())),
+        };
+        let on_network = matches!(&source, Endpoint::Tcp { host, .. } if !is_loopback(host));
+        if on_network && tls.is_none() && !raw.insecure_plaintext {
+            return Err(ConfigError::PlaintextOnNetwork(source.to_string()));
         }
         let shape = match (raw.mem, raw.cpus) {
             (Some(mem), Some(cpus)) => {
@@ -206,8 +242,19 @@ impl ReceiveConfig {
             io_timeout: ms(raw.io_timeout_ms, receive::DEFAULT_IO_TIMEOUT),
             handshake_timeout: ms(raw.handshake_timeout_ms, receive::DEFAULT_HANDSHAKE_TIMEOUT),
             commit_timeout: ms(raw.commit_timeout_ms, receive::DEFAULT_GO_TIMEOUT),
+            insecure_plaintext: on_network && tls.is_none(),
+            tls,
         })
     }
+}
+
+/// A host that only this machine can reach: a loopback address, or `localhost`. Any other
+/// name counts as reachable from the network (it is not resolved here).
+pub fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn validate_mem(s: &str) -> Result<u64, ConfigError> {
@@ -359,6 +406,58 @@ mod tests {
         let mut r = raw(None, None);
         r.kernel = Some(PathBuf::from("/k"));
         assert_eq!(VmConfig::new(r).map(|c| c.cmdline), Ok(String::new()));
+    }
+
+    fn receive(listen: &str) -> RawReceiveConfig {
+        RawReceiveConfig {
+            listen: Some(listen.into()),
+            attempts: 1,
+            api_socket: Some(PathBuf::from("/tmp/x.sock")),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_network_listener_needs_tls_or_an_explicit_insecure_flag() {
+        for host in ["0.0.0.0", "10.1.2.3", "[::]", "dst.example"] {
+            let uri = format!("tcp:{host}:4444");
+            let e = ReceiveConfig::new(receive(&uri)).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::PlaintextOnNetwork(_)),
+                "{uri}: {e}"
+            );
+            assert!(e.to_string().contains("--tls-dir"), "{e}");
+            let mut r = receive(&uri);
+            r.insecure_plaintext = true;
+            let c = ReceiveConfig::new(r).expect("insecure, as asked");
+            assert!(c.insecure_plaintext && c.tls.is_none());
+            let mut r = receive(&uri);
+            r.tls_dir = Some("/t".into());
+            r.tls_allow = vec!["src".into()];
+            let c = ReceiveConfig::new(r).expect("TLS");
+            assert_eq!(
+                c.tls,
+                Some(TlsSettings {
+                    dir: "/t".into(),
+                    allow: vec!["src".into()]
+                })
+            );
+            assert!(!c.insecure_plaintext);
+        }
+        for uri in [
+            "tcp:127.0.0.1:4444",
+            "tcp:127.3.2.1:1",
+            "tcp:[::1]:4444",
+            "tcp:localhost:1",
+            "unix:/tmp/m.sock",
+        ] {
+            let c = ReceiveConfig::new(receive(uri)).expect("local");
+            assert!(!c.insecure_plaintext && c.tls.is_none(), "{uri}");
+        }
+        let mut r = receive("unix:/tmp/m.sock");
+        r.tls_dir = Some("/t".into());
+        let e = ReceiveConfig::new(r).unwrap_err();
+        assert_eq!(e, ConfigError::TlsNeedsTcp("unix:/tmp/m.sock".into()));
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub mod signals;
 pub mod sync;
 pub mod terminal;
 pub mod test_utils;
+pub mod tls_init;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -58,6 +58,32 @@ fn main() -> ExitCode {
         }
         Command::Migrate(args) => migrate(&args),
         Command::Resume(args) => resume(&args),
+        Command::TlsInit(args) => tls_init(&args),
+    }
+}
+
+/// `minivmm tls-init`: what was written, and what to do with it.
+fn tls_init(args: &vmm::cli::TlsInitArgs) -> ExitCode {
+    match vmm::tls_init::tls_init(args) {
+        Ok(w) => {
+            for f in &w.files {
+                eprintln!("minivmm: wrote {}", f.display());
+            }
+            eprintln!("minivmm: this host's certificate: {}", w.identity);
+            if w.new_ca {
+                eprintln!(
+                    "minivmm: new CA; its key is {}: sign the other hosts' directories with \
+                     `minivmm tls-init DIR --name HOST --ca {}`, then keep it off the hosts",
+                    args.dir.join(vmm::tls_init::CA_KEY_FILE).display(),
+                    args.dir.display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
     }
 }
 

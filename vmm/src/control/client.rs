@@ -166,8 +166,13 @@ pub fn summary_text(v: &MigrateSummary) -> String {
 }
 
 /// The control request for `minivmm migrate` arguments (the bandwidth already parsed);
-/// `None` without `--to`.
+/// `None` without `--to`. The TLS directory goes as an absolute path: the VMM process, which
+/// reads it, may run elsewhere.
 pub fn migrate_request(a: &MigrateArgs, max_bandwidth: Option<u64>) -> Option<MigrateRequest> {
+    let tls_dir = a
+        .tls_dir
+        .as_ref()
+        .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()));
     Some(MigrateRequest {
         to: a.to.clone()?,
         downtime_ms: a.downtime_ms,
@@ -186,5 +191,7 @@ pub fn migrate_request(a: &MigrateArgs, max_bandwidth: Option<u64>) -> Option<Mi
             DeadlineArg::Cancel => OnDeadline::Cancel,
             DeadlineArg::Switchover => OnDeadline::Switchover,
         },
+        tls_dir,
+        tls_name: a.tls_name.clone(),
     })
 }

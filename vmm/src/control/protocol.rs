@@ -17,6 +17,8 @@
 //! → not json           ← {"ok":false,"error":"invalid JSON: ..."}   (the connection stays usable)
 //! ```
 
+use std::path::PathBuf;
+
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
@@ -116,6 +118,14 @@ pub struct MigrateRequest {
     /// What the deadline does: `cancel` (default: keep the guest here) or `switchover`.
     #[serde(default)]
     pub on_deadline: OnDeadline,
+    /// Mutual TLS (`tcp:` only): the directory with `ca.pem`, `cert.pem` and `key.pem`, which
+    /// the VMM process reads (a path, never key material).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
+    /// The name the destination's certificate must be valid for (default: the `HOST` of
+    /// `tcp:HOST:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_name: Option<String>,
 }
 
 /// What a migration's deadline does when it passes.
@@ -157,6 +167,8 @@ impl MigrateRequest {
             switchover_timeout_ms: None,
             deadline_ms: None,
             on_deadline: OnDeadline::Cancel,
+            tls_dir: None,
+            tls_name: None,
         }
     }
 }
@@ -500,6 +512,9 @@ pub struct DestinationReport {
     pub mem_hash: Option<String>,
     /// Non-zero pages it counted while hashing (with `verify_memory`).
     pub nonzero_pages: Option<u64>,
+    /// Over TLS: the subject of the source's certificate, as the destination accepted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_peer: Option<String>,
 }
 
 #[cfg(test)]
@@ -650,6 +665,7 @@ mod tests {
             reset: false,
             mem_hash: Some("00ff".into()),
             nonzero_pages: Some(3),
+            tls_peer: Some("CN=src.example".into()),
         };
         let summary = MigrateSummary {
             to: "unix:/m".into(),

@@ -10,8 +10,11 @@
 
 use std::path::Path;
 
-use log::{info, warn};
-use migration::{receive_migration, DestinationError, Listener, ReceiveOptions};
+use log::{error, info, warn};
+use migration::tls::{AllowList, TlsError, TlsServer};
+use migration::{
+    receive_migration, Connection, Deadline, DestinationError, Listener, ReceiveOptions, Transport,
+};
 
 use super::incoming::{Incoming, IncomingError, InterimLoop};
 use super::target_vm::TargetVm;
@@ -45,6 +48,10 @@ pub enum ReceiveError {
     Incoming(#[source] IncomingError),
     #[error("bad fault injection setting")]
     Fault(#[source] migration::fault::FaultSpecError),
+    #[error("cannot use the TLS directory")]
+    TlsSetup(#[source] TlsError),
+    #[error("connection refused")]
+    Refused(#[source] TlsError),
     #[error(transparent)]
     Run(RunError),
 }
@@ -58,6 +65,13 @@ pub fn receive(
     on_socket: impl FnOnce(&Path),
 ) -> Result<VmExit, ReceiveError> {
     block_exit_signals().map_err(ReceiveError::Signals)?;
+    let tls = match &config.tls {
+        Some(t) => Some(
+            TlsServer::load(&t.dir, AllowList::new(t.allow.clone()))
+                .map_err(ReceiveError::TlsSetup)?,
+        ),
+        None => None,
+    };
     // Listening before the control socket appears: whoever waits for that socket may start
     // the migration at once.
     let mut listener = config.source.listen().map_err(ReceiveError::Transport)?;
@@ -81,7 +95,14 @@ pub fn receive(
         give_up: incoming.give_up_flag(),
         ..ReceiveOptions::default()
     };
-    let given_up = accept_migration(&mut listener, &mut target, &incoming, &config, options)?;
+    let given_up = accept_migration(
+        &mut listener,
+        tls.as_ref(),
+        &mut target,
+        &incoming,
+        &config,
+        options,
+    )?;
     if let Some(why) = given_up {
         return Ok(why);
     }
@@ -102,9 +123,12 @@ pub fn receive(
 
 /// Accept sources until one migration is received and its guest runs (`None`), or the
 /// receive is given up before that (`Some(why)`: a signal, a shutdown request). A connection
-/// that sends nothing is a probe; a failed attempt is retried while `attempts` allow.
+/// that sends nothing is a probe; one refused by TLS (no certificate signed by the CA, a
+/// subject not allowed, plaintext) is no attempt; a failed attempt is retried while
+/// `attempts` allow.
 fn accept_migration(
     listener: &mut Listener,
+    tls: Option<&TlsServer>,
     target: &mut TargetVm,
     incoming: &Incoming,
     config: &ReceiveConfig,
@@ -117,9 +141,12 @@ fn accept_migration(
         let result = listener
             .accept()
             .map_err(ReceiveError::Transport)
-            .and_then(|mut conn| {
+            .and_then(|conn| {
+                let progress = incoming.receiving(conn.wake_handle());
+                let mut conn = secure(conn, tls, config)?;
+                target.tls_peer = conn.tls_peer().map(ToString::to_string);
                 let options = ReceiveOptions {
-                    progress: incoming.receiving(conn.wake_handle()),
+                    progress,
                     faults: armed_faults().map_err(ReceiveError::Fault)?,
                     ..options.clone()
                 };
@@ -154,6 +181,10 @@ fn accept_migration(
         }
         match e {
             ReceiveError::Receive(e) if e.is_empty_stream() && !is_file => {}
+            ReceiveError::Refused(e) if e.is_empty_connection() => info!("{e}"),
+            ReceiveError::Refused(e) => {
+                error!("{}; waiting for the next connection", error_chain(&e))
+            }
             e if attempt >= attempts => return Err(e),
             e => {
                 warn!(
@@ -165,4 +196,44 @@ fn accept_migration(
         }
         incoming.waiting();
     }
+}
+
+/// The TLS handshake with a source (bounded by the handshake timeout; the destination's
+/// logs name the certificate it accepted), or, on a plaintext endpoint reachable from the
+/// network, a warning.
+fn secure(
+    mut conn: Connection,
+    tls: Option<&TlsServer>,
+    config: &ReceiveConfig,
+) -> Result<Connection, ReceiveError> {
+    let peer = conn.peer().unwrap_or_else(|| "a source".into());
+    let Some(tls) = tls else {
+        if config.insecure_plaintext {
+            warn!(
+                "plaintext migration connection from {peer}: not authenticated, not encrypted \
+                 (--insecure-plaintext)"
+            );
+        }
+        return Ok(conn);
+    };
+    conn.set_read_timeout(Some(config.io_timeout))
+        .and_then(|()| conn.set_write_timeout(Some(config.io_timeout)))
+        .map_err(|e| {
+            ReceiveError::Refused(TlsError::Io {
+                peer: peer.clone(),
+                source: e,
+            })
+        })?;
+    let deadline = Deadline::after(config.handshake_timeout, "TLS handshake");
+    let conn = conn
+        .tls_server(tls, deadline)
+        .map_err(ReceiveError::Refused)?;
+    let who = conn
+        .tls_peer()
+        .map_or_else(|| "no readable subject".into(), ToString::to_string);
+    match conn.tls_allowed_by() {
+        Some(by) => info!("TLS source {peer}: {who}, allowed by {by}"),
+        None => info!("TLS source {peer}: {who}, signed by the CA"),
+    }
+    Ok(conn)
 }

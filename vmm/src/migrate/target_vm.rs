@@ -34,6 +34,8 @@ pub struct TargetVm {
     unusable: bool,
     /// Hash checked against the source's before resuming (when the source sent one).
     pub memory_hash: Option<MemoryHash>,
+    /// The subject of the source's TLS certificate (over TLS), for the Running report.
+    pub tls_peer: Option<String>,
 }
 
 impl TargetVm {
@@ -54,6 +56,7 @@ impl TargetVm {
             started: false,
             unusable: false,
             memory_hash: None,
+            tls_peer: None,
         })
     }
 
@@ -180,6 +183,7 @@ impl MigrationTarget for TargetVm {
             reset: stats.reset,
             mem_hash: self.memory_hash.map(|h| h.hex()),
             nonzero_pages: self.memory_hash.map(|h| h.nonzero_pages),
+            tls_peer: self.tls_peer.clone(),
         };
         serde_json::to_vec(&report).unwrap_or_default()
     }

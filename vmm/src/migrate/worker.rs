@@ -13,7 +13,11 @@ use std::time::Duration;
 use log::{error, info, warn};
 use migration::fault::{FaultSource, FaultSpecError, Faults, FAULT_ENV};
 use migration::send::{DeadlineAction, MigrationDeadline};
-use migration::{send_migration, Cancel, Endpoint, Limits, MigrationStats, Progress, SendOptions};
+use migration::tls::TlsClient;
+use migration::{
+    send_migration, Cancel, Connection, Deadline, Endpoint, Limits, MigrationStats, Progress,
+    SendOptions, Transport,
+};
 use serde::Serialize;
 
 use super::outgoing::Outgoing;
@@ -106,14 +110,19 @@ fn migrate(
 ) -> Result<(MigrateSummary, bool), Failed> {
     let endpoint = Endpoint::parse(&args.to).map_err(|e| error_chain(&e))?;
     let is_file = matches!(endpoint, Endpoint::File(_));
+    let tls = tls_client(args, &endpoint)?;
     let mut source = SourceVm::new(vmm.clone(), args.verify_memory).map_err(|e| error_chain(&e))?;
     let faults = armed_faults().map_err(|e| error_chain(&e))?;
     let connect_timeout = ms(args.connect_timeout_ms).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-    let mut connection = endpoint
+    let connection = endpoint
         .connect(connect_timeout)
         .map_err(|e| error_chain(&e))?;
-    let progress_conn = conn.try_clone().map_err(|e| e.to_string())?;
     let default = SendOptions::default();
+    let mut connection = match tls {
+        Some((tls, name)) => secure(connection, &tls, &name, args, &default)?,
+        None => connection,
+    };
+    let progress_conn = conn.try_clone().map_err(|e| e.to_string())?;
     let options = SendOptions {
         limits: limits(args),
         max_bandwidth: args.max_bandwidth,
@@ -153,6 +162,67 @@ fn migrate(
     }
     info!("migration to {} complete: {stats}", args.to);
     Ok((summary(&stats, &source, args), !stays))
+}
+
+/// The TLS configuration of a migration with `tls_dir`, loaded by this process, and the name
+/// the destination's certificate must be valid for. Plaintext over the network is allowed
+/// (the destination decides) but warned about.
+fn tls_client(
+    args: &MigrateRequest,
+    endpoint: &Endpoint,
+) -> Result<Option<(TlsClient, String)>, String> {
+    let host = match endpoint {
+        Endpoint::Tcp { host, .. } => Some(host),
+        _ => None,
+    };
+    let Some(dir) = &args.tls_dir else {
+        if args.tls_name.is_some() {
+            return Err("tls_name needs tls_dir".into());
+        }
+        if host.is_some_and(|h| !crate::config::is_loopback(h)) {
+            warn!(
+                "migrating to {} without TLS: the guest's memory crosses the network \
+                 unencrypted and unauthenticated",
+                args.to
+            );
+        }
+        return Ok(None);
+    };
+    let Some(host) = host else {
+        return Err(format!(
+            "--tls-dir takes a tcp: destination, not {}",
+            args.to
+        ));
+    };
+    let tls = TlsClient::load(dir).map_err(|e| error_chain(&e))?;
+    Ok(Some((
+        tls,
+        args.tls_name.clone().unwrap_or_else(|| host.clone()),
+    )))
+}
+
+/// The TLS handshake with the destination, bounded by the handshake timeout. It fails before
+/// anything of the guest was touched: the guest runs on.
+fn secure(
+    mut connection: Connection,
+    tls: &TlsClient,
+    name: &str,
+    args: &MigrateRequest,
+    default: &SendOptions,
+) -> Result<Connection, String> {
+    let io_timeout = ms(args.io_timeout_ms).unwrap_or(default.io_timeout);
+    connection
+        .set_read_timeout(Some(io_timeout))
+        .and_then(|()| connection.set_write_timeout(Some(io_timeout)))
+        .map_err(|e| e.to_string())?;
+    let handshake = ms(args.handshake_timeout_ms).unwrap_or(default.handshake_timeout);
+    let connection = connection
+        .tls_client(tls, name, Deadline::after(handshake, "TLS handshake"))
+        .map_err(|e| error_chain(&e))?;
+    if let Some(who) = connection.tls_peer() {
+        info!("TLS destination {}: {who}", args.to);
+    }
+    Ok(connection)
 }
 
 /// Default of `MigrateRequest::connect_timeout_ms`.
