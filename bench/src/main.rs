@@ -2,6 +2,8 @@
 //! command line, side by side, plus microbenchmarks of the pieces that bound migration speed.
 //!
 //! Usage: `bench [--reps N] [--only NAME[,NAME]] [--downtime-ms N] [--json] [--no-qemu] [--no-micro]`
+//! or `bench --tls [--reps N] [--only NAME[,NAME]]`: plaintext TCP vs mutual TLS (default
+//! scenario `idle-4G`), and raw TLS throughput (see `tls.rs`).
 //!
 //! The `minivmm` measured is `$MINIVMM_BIN` (`make bench` sets it), else the one beside this
 //! executable (`target/release/minivmm` for `cargo run --release -p bench`, which does not
@@ -10,6 +12,7 @@
 mod micro;
 mod qmp;
 mod scenario;
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,6 +27,7 @@ struct Args {
     json: bool,
     qemu: bool,
     micro: bool,
+    tls: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -34,6 +38,7 @@ fn parse_args() -> Result<Args, String> {
         json: false,
         qemu: true,
         micro: true,
+        tls: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -49,6 +54,7 @@ fn parse_args() -> Result<Args, String> {
             "--json" => a.json = true,
             "--no-qemu" => a.qemu = false,
             "--no-micro" => a.micro = false,
+            "--tls" => a.tls = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -169,6 +175,22 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if args.tls {
+        let only = args.only.clone().unwrap_or_else(|| vec!["idle-4G".into()]);
+        let scenarios: Vec<Scenario> = scenario::all()
+            .into_iter()
+            .filter(|s| only.iter().any(|n| n == s.name))
+            .collect();
+        match tls::run(&bin, &scenarios, args.reps, args.downtime_ms, !args.json) {
+            Ok(v) if args.json => println!("{v}"),
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("bench: --tls: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     let dir = e2e::TempDir::new("bench-image");
     let image = dir.join("testguest.elf");
     if let Err(e) = std::fs::write(&image, guest::TEST_GUEST_ELF) {

@@ -108,14 +108,44 @@ fn settle(p: &mut Proc, s: &Scenario) -> Result<(), String> {
     Ok(())
 }
 
+/// What a minivmm migration runs over.
+#[derive(Clone, Debug)]
+pub enum Link {
+    Unix,
+    /// Plaintext TCP over loopback.
+    Tcp,
+    /// Mutual TLS over loopback TCP: the source's and the destination's TLS directories.
+    Tls {
+        src: PathBuf,
+        dst: PathBuf,
+    },
+}
+
 /// Migrate the test guest from one minivmm process to another over a unix socket.
 pub fn run_minivmm(s: &Scenario, bin: &Path, downtime_ms: u64) -> Result<Measure, String> {
+    run_minivmm_over(s, bin, downtime_ms, &Link::Unix)
+}
+
+/// Migrate the test guest from one minivmm process to another over `link`.
+pub fn run_minivmm_over(
+    s: &Scenario,
+    bin: &Path,
+    downtime_ms: u64,
+    link: &Link,
+) -> Result<Measure, String> {
     let dir = TempDir::new(&format!("bench-ours-{}", s.name));
-    let (src_api, dst_api, mig) = (
-        dir.join("src.sock"),
-        dir.join("dst.sock"),
-        dir.join("mig.sock"),
-    );
+    let (src_api, dst_api) = (dir.join("src.sock"), dir.join("dst.sock"));
+    let uri = match link {
+        Link::Unix => format!("unix:{}", p(&dir.join("mig.sock"))),
+        Link::Tcp | Link::Tls { .. } => format!("tcp:127.0.0.1:{}", e2e::free_tcp_port()),
+    };
+    let (receive_tls, migrate_tls) = match link {
+        Link::Tls { src, dst } => (
+            vec!["--tls-dir".to_string(), p(dst).to_string()],
+            vec!["--tls-dir".to_string(), p(src).to_string()],
+        ),
+        _ => (Vec::new(), Vec::new()),
+    };
     let started = Instant::now();
     let cpus = s.cpus.to_string();
     let mut src = Proc::spawn(
@@ -139,33 +169,41 @@ pub fn run_minivmm(s: &Scenario, bin: &Path, downtime_ms: u64) -> Result<Measure
         "minivmm-dst",
         bin,
         // Told the VM's shape up front, as QEMU's destination is by its -m and -smp.
-        &strings(&[
-            "receive",
-            "--mem",
-            s.mem,
-            "--cpus",
-            &cpus,
-            "--listen",
-            &format!("unix:{}", p(&mig)),
-            "--api-socket",
-            p(&dst_api),
-        ]),
+        &[
+            strings(&[
+                "receive",
+                "--mem",
+                s.mem,
+                "--cpus",
+                &cpus,
+                "--listen",
+                &uri,
+                "--api-socket",
+                p(&dst_api),
+            ]),
+            receive_tls,
+        ]
+        .concat(),
     );
     e2e::wait_for_socket(&mut dst, &dst_api, T);
     let cpu0 = cpu_ms(src.pid());
     let mut m = Proc::spawn(
         "minivmm-migrate",
         bin,
-        &strings(&[
-            "migrate",
-            "--to",
-            &format!("unix:{}", p(&mig)),
-            "--api-socket",
-            p(&src_api),
-            "--downtime-ms",
-            &downtime_ms.to_string(),
-            "--json",
-        ]),
+        &[
+            strings(&[
+                "migrate",
+                "--to",
+                &uri,
+                "--api-socket",
+                p(&src_api),
+                "--downtime-ms",
+                &downtime_ms.to_string(),
+                "--json",
+            ]),
+            migrate_tls,
+        ]
+        .concat(),
     );
     let st = m.wait_exit(T).ok_or("migrate did not finish")?;
     let src_cpu = cpu_ms(src.pid()) - cpu0;
