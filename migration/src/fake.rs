@@ -98,6 +98,8 @@ pub struct FakeVm {
     pub states: Vec<StateBlob>,
     /// vCPU count, part of the configuration blob.
     pub vcpus: u32,
+    /// The device-state ids the target takes (`None`: any).
+    pub known_states: Option<Vec<String>>,
     pub fail_at: Option<FailAt>,
     /// Every trait call, in order ("pause", "resume", ...).
     pub calls: Vec<&'static str>,
@@ -134,6 +136,7 @@ impl FakeVm {
             }),
             states: Vec::new(),
             vcpus: 1,
+            known_states: None,
             fail_at: None,
             calls: Vec::new(),
             paused: false,
@@ -333,6 +336,12 @@ impl MigrationTarget for FakeVm {
             .into());
         }
         Ok(())
+    }
+
+    fn accepts_state(&self, id: &str) -> bool {
+        self.known_states
+            .as_ref()
+            .is_none_or(|known| known.iter().any(|k| k == id))
     }
 
     fn restore_state(&mut self, states: Vec<StateBlob>) -> Result<(), VmOpError> {

@@ -95,7 +95,10 @@ pub use memory::{
     advise_huge_pages, regions_from_guest_memory, AnonMapping, Backing, MemoryError, RamRegion,
 };
 pub use precopy::{Decision, Limits};
-pub use receive::{receive_migration, DestinationError, ReceiveOptions, ReceiveProgress};
+pub use receive::{
+    read_handshake, receive_handshaken, receive_migration, DestinationError, Handshake,
+    ReceiveOptions, ReceiveProgress,
+};
 pub use records::StateBlob;
 pub use send::{send_migration, Progress, SendOptions, SourceError};
 pub use stats::{MigrationStats, PassKind, PassStats, ReceiveStats, StopReason};

@@ -142,13 +142,13 @@ impl RamReceiver {
         if self.final_pass {
             self.populator.drain();
         }
-        self.stats.passes += 1;
+        self.stats.passes = self.stats.passes.saturating_add(1);
         Ok(())
     }
 
     /// Counts a live pass acknowledged to the source.
     pub fn acknowledged(&mut self) {
-        self.stats.passes_acknowledged += 1;
+        self.stats.passes_acknowledged = self.stats.passes_acknowledged.saturating_add(1);
     }
 
     /// Waits until the allocating thread is idle (before the state is restored).

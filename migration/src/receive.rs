@@ -11,13 +11,19 @@
 //!   ─▶ (committed) resume ─▶ reply Running
 //! ```
 //!
+//! The first two steps, the stream header and `Config` within the handshake deadline, are
+//! [`read_handshake`] of their own: until they arrived a connection is not a migration
+//! attempt (a probe, a port scan, garbage, an idle peer), and a caller that serves a
+//! listening socket may run them for several connections at once ([`crate::accept`]), then
+//! go on with [`receive_handshaken`]. [`receive_migration`] is both in one.
+//!
 //! Before `Go` any error, in any state, returns `Err` without resuming (a half-restored guest
 //! never runs) and, when there is a peer, tells the source why: the source keeps its guest.
 //! Once `Go` arrived the guest is this side's: it is resumed and reported `Running`, and a
 //! request to give up comes too late. A snapshot file has no peer and no commit step.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,12 +35,12 @@ use crate::records::{
     decode_layout, encode_message, EndRecord, PassBegin, PassMark, Ready, Restored, StateBlob,
 };
 use crate::stats::ReceiveStats;
-use crate::stream::{send_reply, RecordReader};
+use crate::stream::{send_reply, ReaderState, RecordReader};
 use crate::transport::{Deadline, Transport};
 use crate::vm::{MigrationTarget, VmOpError};
 use crate::wire::{
-    RecordHeader, RecordKind, WireError, FORMAT_VERSION, MAX_MESSAGE_LEN, PASS_FINAL,
-    PASS_ZERO_ELIDED,
+    RecordHeader, RecordKind, WireError, FORMAT_VERSION, MAX_DEVICE_STATES, MAX_DEVICE_STATE_BYTES,
+    MAX_MESSAGE_LEN, PASS_FINAL, PASS_ZERO_ELIDED,
 };
 
 /// Options of [`receive_migration`].
@@ -69,6 +75,8 @@ pub struct ReceiveProgress {
     bytes: AtomicU64,
     /// [`OPEN`], [`COMMITTED`] or [`GIVEN_UP`]: whichever came first.
     decision: AtomicU8,
+    /// The target accepted the stream's configuration.
+    configured: AtomicBool,
 }
 
 const OPEN: u8 = 0;
@@ -96,6 +104,12 @@ impl ReceiveProgress {
             Ok(_) => true,
             Err(current) => current == to,
         }
+    }
+
+    /// Whether the target accepted the stream's configuration: from then on the receive is
+    /// a migration attempt, whatever happens next (before it, the peer was refused).
+    pub fn configured(&self) -> bool {
+        self.configured.load(Ordering::Acquire)
     }
 
     /// Whether `Go` arrived.
@@ -162,6 +176,19 @@ pub enum DestinationError {
     LateElision { offset: u64, pass: u32 },
     #[error("Duplicate device state {id:?} at offset {offset}")]
     DuplicateState { offset: u64, id: String },
+    #[error("Device state {id:?} at offset {offset} is not one this destination restores")]
+    UnknownState { offset: u64, id: String },
+    #[error(
+        "Device state at offset {offset} is one too many: the limit is {MAX_DEVICE_STATES} records"
+    )]
+    TooManyStates { offset: u64 },
+    #[error(
+        "Device state at offset {offset} brings the states to {total} bytes: the limit is \
+         {MAX_DEVICE_STATE_BYTES}"
+    )]
+    StatesTooLarge { offset: u64, total: usize },
+    #[error("Pass {pass} at offset {offset}: no pass may follow it (pass numbers are exhausted)")]
+    PassNumbers { offset: u64, pass: u32 },
     #[error("Configuration rejected")]
     Config(#[source] VmOpError),
     #[error("Memory layout differs: {0}")]
@@ -191,12 +218,53 @@ impl DestinationError {
     }
 }
 
-/// Receives a migration (or loads a snapshot) into `target`, then resumes it.
+/// Receives a migration (or loads a snapshot) into `target`, then resumes it:
+/// [`read_handshake`], then [`receive_handshaken`].
 pub fn receive_migration<T: MigrationTarget + ?Sized>(
     target: &mut T,
     transport: &mut dyn Transport,
     options: &ReceiveOptions,
 ) -> Result<ReceiveStats, DestinationError> {
+    let handshake = match read_handshake(transport, options) {
+        Ok(h) => h,
+        Err(e) if e.is_empty_stream() => {
+            log::info!("a connection closed without sending anything");
+            return Err(e);
+        }
+        Err(e) => {
+            log::error!("Receiving the migration failed: {e}");
+            return Err(e);
+        }
+    };
+    receive_handshaken(target, transport, handshake, options)
+}
+
+/// What a connection sent before it counts as a migration attempt: a valid stream header
+/// and a `Config` record (not yet checked by a target), read by [`read_handshake`].
+pub struct Handshake {
+    config: Vec<u8>,
+    reader: ReaderState,
+    /// When the handshake began: its deadline runs on until `Ready`.
+    started: Instant,
+}
+
+impl std::fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handshake")
+            .field("config_len", &self.config.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the stream header and the `Config` record, within the handshake deadline (sockets).
+/// On failure the peer, if it sent anything, is told why; one that sent nothing (a probe)
+/// is not (see [`DestinationError::is_empty_stream`]). Logging is the caller's: it knows who
+/// the peer is.
+pub fn read_handshake(
+    transport: &mut dyn Transport,
+    options: &ReceiveOptions,
+) -> Result<Handshake, DestinationError> {
+    let started = Instant::now();
     let peer = transport.has_peer();
     let mut transport = FaultyTransport::new(transport, options.faults.clone());
     if peer {
@@ -204,39 +272,88 @@ pub fn receive_migration<T: MigrationTarget + ?Sized>(
             .set_read_timeout(options.io_timeout)
             .and_then(|()| transport.set_write_timeout(options.io_timeout))
             .map_err(DestinationError::Reply)?;
+        transport.set_deadline(Some(Deadline {
+            at: started + options.handshake_timeout,
+            what: "handshake",
+        }));
     }
     let mut reader = RecordReader::new(&mut transport);
-    let result = match receive(target, &mut reader, options) {
-        Err(e) if options.give_up.is_cancelled() && !options.progress.committed() => {
-            log::debug!("given up while: {e}");
-            Err(DestinationError::GivenUp)
-        }
-        other => other,
-    };
-    reader.transport().set_deadline(None);
-    if let Err(e) = &result {
-        if e.is_empty_stream() {
-            log::info!("a connection closed without sending anything");
-            return result;
-        }
-        log::error!("Receiving the migration failed: {e}");
-        if peer {
-            let _ = send_reply(
-                reader.transport(),
-                RecordKind::Error,
-                &encode_message(&crate::error_chain(e)),
-            );
+    let read = (|| {
+        options
+            .faults
+            .hit(FaultPoint::Connect)
+            .map_err(DestinationError::Fault)?;
+        reader.read_stream_header()?;
+        expect(&mut reader, RecordKind::Config, "Config")
+    })();
+    match read {
+        Ok(config) => Ok(Handshake {
+            config,
+            reader: reader.into_state(),
+            started,
+        }),
+        Err(e) => Err(refuse(reader.transport(), e, options)),
+    }
+}
+
+/// Receives the rest of the stream whose handshake `handshake` is, from the same
+/// `transport`, into `target`, then resumes it.
+pub fn receive_handshaken<T: MigrationTarget + ?Sized>(
+    target: &mut T,
+    transport: &mut dyn Transport,
+    handshake: Handshake,
+    options: &ReceiveOptions,
+) -> Result<ReceiveStats, DestinationError> {
+    let mut transport = FaultyTransport::new(transport, options.faults.clone());
+    let mut reader = RecordReader::resume(&mut transport, handshake.reader);
+    let result = receive(
+        target,
+        &mut reader,
+        handshake.config,
+        handshake.started,
+        options,
+    );
+    match result {
+        Ok(stats) => Ok(stats),
+        Err(e) => {
+            let e = refuse(reader.transport(), e, options);
+            log::error!("Receiving the migration failed: {e}");
+            Err(e)
         }
     }
-    result
+}
+
+/// The error a receive ends with (a [`DestinationError::GivenUp`] if that is why it ended),
+/// told to the peer unless it sent nothing at all.
+fn refuse(
+    transport: &mut dyn Transport,
+    e: DestinationError,
+    options: &ReceiveOptions,
+) -> DestinationError {
+    let e = if options.give_up.is_cancelled() && !options.progress.committed() {
+        log::debug!("given up while: {e}");
+        DestinationError::GivenUp
+    } else {
+        e
+    };
+    transport.set_deadline(None);
+    if transport.has_peer() && !e.is_empty_stream() {
+        let _ = send_reply(
+            transport,
+            RecordKind::Error,
+            &encode_message(&crate::error_chain(&e)),
+        );
+    }
+    e
 }
 
 fn receive<T: MigrationTarget + ?Sized>(
     target: &mut T,
     reader: &mut RecordReader<'_>,
+    config: Vec<u8>,
+    started: Instant,
     options: &ReceiveOptions,
 ) -> Result<ReceiveStats, DestinationError> {
-    let started = Instant::now();
     let faults = &options.faults;
     let peer = reader.transport().has_peer();
     if peer {
@@ -245,14 +362,10 @@ fn receive<T: MigrationTarget + ?Sized>(
             what: "handshake",
         }));
     }
-    faults
-        .hit(FaultPoint::Connect)
-        .map_err(DestinationError::Fault)?;
-    reader.read_stream_header()?;
-    let config = expect(reader, RecordKind::Config, "Config")?;
     target
         .validate_config(&config)
         .map_err(DestinationError::Config)?;
+    options.progress.configured.store(true, Ordering::Release);
     let (layout, offset) = expect_at(reader, RecordKind::MemoryLayout, "MemoryLayout")?;
     let layout = decode_layout(&layout, offset)?;
     let regions = target.ram_regions();
@@ -282,7 +395,7 @@ fn receive<T: MigrationTarget + ?Sized>(
         reader.transport().set_deadline(None);
     }
 
-    let states = load_body(reader, &mut rx, options)?;
+    let states = load_body(target, reader, &mut rx, options)?;
     let mut stats = rx.stats().clone();
     stats.pristine = pristine;
     stats.device_states = states.len() as u32;
@@ -378,8 +491,11 @@ fn commit(reader: &mut RecordReader<'_>, options: &ReceiveOptions) -> Result<(),
     Ok(())
 }
 
-/// RAM passes, device states and `End`; returns the states once `End` checked out.
-fn load_body(
+/// RAM passes, device states and `End`; returns the states once `End` checked out. A state
+/// the target does not restore, one too many, or one past the byte limit is refused as it
+/// arrives.
+fn load_body<T: MigrationTarget + ?Sized>(
+    target: &T,
     reader: &mut RecordReader<'_>,
     rx: &mut RamReceiver,
     options: &ReceiveOptions,
@@ -392,6 +508,7 @@ fn load_body(
     let mut in_pass = false;
     let mut final_seen = false;
     let mut states: Vec<StateBlob> = Vec::new();
+    let mut state_bytes = 0usize;
     let mut ids = HashSet::new();
     loop {
         let (h, offset) = reader.next_header()?;
@@ -420,6 +537,11 @@ fn load_body(
                         pass: p.pass,
                     });
                 }
+                // The number after this pass's, which the next must have.
+                let after = p.pass.checked_add(1).ok_or(DestinationError::PassNumbers {
+                    offset,
+                    pass: p.pass,
+                })?;
                 rx.begin_pass(&p, offset)?;
                 pass_point = match p.pass {
                     // The final pass may carry no page at all: its point is its beginning.
@@ -430,18 +552,20 @@ fn load_body(
                     0 => Some(FaultPoint::MidBulk),
                     _ => Some(FaultPoint::MidDirty),
                 };
-                progress.passes.store(p.pass + 1, Ordering::Relaxed);
-                next_pass += 1;
+                progress.passes.store(after, Ordering::Relaxed);
+                next_pass = after;
                 in_pass = true;
                 final_seen = p.flags & PASS_FINAL != 0;
             }
             RecordKind::PassEnd if in_pass && !final_seen => {
                 let m = PassMark::decode(&reader.read_payload(&h, offset)?, offset, h.kind)?;
-                if m.pass + 1 != next_pass {
+                // In a pass, so `next_pass` is that pass's number plus one (at least 1).
+                let current = next_pass.saturating_sub(1);
+                if m.pass != current {
                     return Err(DestinationError::PassOrder {
                         offset,
                         found: m.pass,
-                        expected: next_pass - 1,
+                        expected: current,
                     });
                 }
                 // Everything read is in guest memory once the allocating thread is idle.
@@ -464,9 +588,22 @@ fn load_body(
                 if states.is_empty() {
                     hit(FaultPoint::StateSend)?;
                 }
+                if states.len() >= MAX_DEVICE_STATES {
+                    return Err(DestinationError::TooManyStates { offset });
+                }
                 let s = StateBlob::decode(&reader.read_payload(&h, offset)?, offset)?;
+                if !target.accepts_state(&s.id) {
+                    return Err(DestinationError::UnknownState { offset, id: s.id });
+                }
                 if !ids.insert(s.id.clone()) {
                     return Err(DestinationError::DuplicateState { offset, id: s.id });
+                }
+                state_bytes = state_bytes.saturating_add(s.data.len());
+                if state_bytes > MAX_DEVICE_STATE_BYTES {
+                    return Err(DestinationError::StatesTooLarge {
+                        offset,
+                        total: state_bytes,
+                    });
                 }
                 states.push(s);
             }

@@ -119,6 +119,18 @@ pub struct RecordReader<'t> {
     chain: u32,
 }
 
+/// Where a [`RecordReader`] stopped: its buffered bytes, offset and checksum chain, to go on
+/// reading the same stream later (from another thread, through another borrow of the
+/// transport) with [`RecordReader::resume`].
+pub struct ReaderState {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    offset: u64,
+    records: u64,
+    chain: u32,
+}
+
 impl<'t> RecordReader<'t> {
     pub fn new(t: &'t mut dyn Transport) -> Self {
         RecordReader {
@@ -129,6 +141,32 @@ impl<'t> RecordReader<'t> {
             offset: 0,
             records: 0,
             chain: 0,
+        }
+    }
+
+    /// Stops reading here; [`resume`](Self::resume) goes on from the same byte.
+    pub fn into_state(self) -> ReaderState {
+        ReaderState {
+            buf: self.buf,
+            start: self.start,
+            end: self.end,
+            offset: self.offset,
+            records: self.records,
+            chain: self.chain,
+        }
+    }
+
+    /// Goes on reading where [`into_state`](Self::into_state) stopped, from `t`, which must
+    /// be the same stream.
+    pub fn resume(t: &'t mut dyn Transport, state: ReaderState) -> Self {
+        RecordReader {
+            t,
+            buf: state.buf,
+            start: state.start,
+            end: state.end,
+            offset: state.offset,
+            records: state.records,
+            chain: state.chain,
         }
     }
 

@@ -4,7 +4,8 @@
 //! - [`GuestRam`]: the guest's RAM as regions, on both sides.
 //! - [`DirtyLog`]: which pages the guest (or the vmm) wrote since the last look, on the source.
 //! - [`MigrationSource`]: configuration, pause/resume, state save, the between-passes hook.
-//! - [`MigrationTarget`]: configuration check, state restore, resume.
+//! - [`MigrationTarget`]: configuration check, which device states it takes, state restore,
+//!   resume.
 //!
 //! Every call returns a [`VmOpError`] on failure: the implementation's own error, opaque here,
 //! kept with its chain of sources so that the messages reach the operator whole.
@@ -89,6 +90,11 @@ pub trait MigrationTarget: GuestRam {
     /// Checks the source's configuration; the vmm may create the guest memory from it here.
     /// Called before [`GuestRam::ram_regions`].
     fn validate_config(&mut self, config: &[u8]) -> Result<(), VmOpError>;
+    /// Whether a device state with this id is one the target restores (after
+    /// `validate_config`, which may decide the set, e.g. one state per vCPU). The receiver
+    /// asks as each state arrives and refuses the stream at the first unknown one, so it never
+    /// keeps states it would throw away.
+    fn accepts_state(&self, id: &str) -> bool;
     /// Restores every device and vCPU state (in stream order). Called only after the whole
     /// stream arrived and its end checksum matched.
     fn restore_state(&mut self, states: Vec<StateBlob>) -> Result<(), VmOpError>;

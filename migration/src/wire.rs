@@ -37,6 +37,10 @@ pub const MAX_CONFIG_LEN: usize = 1 << 20;
 pub const MAX_STATE_LEN: usize = 16 << 20;
 /// Longest device-state id.
 pub const MAX_STATE_ID_LEN: usize = 64;
+/// Most device-state records in one stream (the destination keeps them until `End`).
+pub const MAX_DEVICE_STATES: usize = 1024;
+/// Most device-state bytes in one stream, all records together.
+pub const MAX_DEVICE_STATE_BYTES: usize = 64 << 20;
 /// Longest error message from the destination.
 pub const MAX_MESSAGE_LEN: usize = 4096;
 

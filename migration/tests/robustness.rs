@@ -477,3 +477,87 @@ fn eliding_stream_into_written_memory_without_reset_is_refused() {
     target.writer().read(0x4000, &mut b);
     assert_eq!(b, [0; 8]);
 }
+
+/// A `PassEnd` naming the largest pass number: refused as out of order, no overflow (a
+/// panic in builds with overflow checks, as tests and fuzzing have).
+#[test]
+fn pass_numbers_do_not_overflow() {
+    let end = PassMark { pass: u32::MAX }.encode();
+    expect_err(
+        Craft::new()
+            .pass(0, 0)
+            .record(RecordKind::PassEnd, &end)
+            .bytes(),
+        |e| {
+            matches!(
+                e,
+                DestinationError::PassOrder {
+                    found: u32::MAX,
+                    expected: 0,
+                    ..
+                }
+            )
+        },
+    );
+}
+
+fn state_record(id: &str, len: usize) -> Vec<u8> {
+    let s = StateBlob {
+        id: id.into(),
+        version: 1,
+        data: vec![1; len],
+    };
+    let mut p = s.encode_head();
+    p.extend_from_slice(&s.data);
+    p
+}
+
+/// Device states are checked as they arrive, not after `End`: an id the target does not
+/// restore, one record too many, or one byte too many in all ends the stream there (these
+/// streams have no `End` at all: the error is not "truncated").
+#[test]
+fn device_states_are_bounded_on_arrival() {
+    let mut target = fake_target(LAYOUT);
+    target.known_states = Some(vec!["vcpu0".into(), "pit".into()]);
+    let unknown = Craft::new()
+        .pass(0, PASS_FINAL)
+        .record(RecordKind::DeviceState, &state_record("vcpu0", 10))
+        .record(RecordKind::DeviceState, &state_record("vcpu7", 10))
+        .bytes();
+    let err = load(&mut target, &unknown).unwrap_err();
+    assert!(
+        matches!(&err, DestinationError::UnknownState { id, .. } if id == "vcpu7"),
+        "{}",
+        error_chain(&err)
+    );
+    assert_not_resumed(&target);
+    // The valid stream's ids are known: it still loads.
+    load(&mut target, &valid_stream()).unwrap();
+
+    let mut many = Craft::new().pass(0, PASS_FINAL);
+    for i in 0..=migration::wire::MAX_DEVICE_STATES {
+        many = many.record(RecordKind::DeviceState, &state_record(&format!("s{i}"), 1));
+    }
+    let err = expect_err(many.bytes(), |e| {
+        matches!(e, DestinationError::TooManyStates { .. })
+    });
+    assert!(error_chain(&err).contains("limit is 1024 records"));
+
+    // Each record within its own cap, together past the total.
+    let big = migration::wire::MAX_STATE_LEN - 64;
+    let mut large = Craft::new().pass(0, PASS_FINAL);
+    for i in 0..=migration::wire::MAX_DEVICE_STATE_BYTES / big {
+        large = large.record(
+            RecordKind::DeviceState,
+            &state_record(&format!("s{i}"), big),
+        );
+    }
+    let err = expect_err(large.bytes(), |e| {
+        matches!(e, DestinationError::StatesTooLarge { .. })
+    });
+    assert!(
+        error_chain(&err).contains(&format!("limit is {}", 64 << 20)),
+        "{}",
+        error_chain(&err)
+    );
+}

@@ -145,6 +145,10 @@ impl MigrationTarget for TargetVm {
         Ok(())
     }
 
+    fn accepts_state(&self, id: &str) -> bool {
+        VmSnapshot::is_known_id(id, self.incoming.as_ref().map_or(0, |c| c.cpus))
+    }
+
     fn restore_state(&mut self, states: Vec<StateBlob>) -> Result<(), VmOpError> {
         let cpus = self.incoming.as_ref().map_or(0, |c| c.cpus);
         let snapshot = VmSnapshot::from_blobs(&states, cpus).map_err(VmOpError::new)?;

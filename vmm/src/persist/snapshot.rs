@@ -26,6 +26,13 @@ fn vcpu_id(id: usize) -> String {
     format!("{VCPU_ID_PREFIX}{id}")
 }
 
+/// The vCPU a blob id names (`vcpu0`, `vcpu1`...; not `vcpu01`).
+fn vcpu_of(id: &str) -> Option<usize> {
+    id.strip_prefix(VCPU_ID_PREFIX)
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| vcpu_id(*n) == id)
+}
+
 fn blob<T: Serialize>(id: String, value: &T) -> Result<StateBlob, BlobError> {
     let data = encode(&id, value)?;
     Ok(StateBlob {
@@ -53,6 +60,12 @@ impl VmSnapshot {
         Ok(out)
     }
 
+    /// Whether `id` is the blob id of a part of a VM with `cpus` vCPUs.
+    pub fn is_known_id(id: &str, cpus: u8) -> bool {
+        matches!(id, VM_STATE_ID | SERIAL_ID | MEMORY_HASH_ID)
+            || vcpu_of(id).is_some_and(|n| n < usize::from(cpus))
+    }
+
     /// The snapshot of a VM with `cpus` vCPUs from its blobs (in any order). An id that is not
     /// one of ours, a vCPU beyond `cpus`, or a missing part is an error.
     pub fn from_blobs(blobs: &[StateBlob], cpus: u8) -> Result<VmSnapshot, BlobError> {
@@ -66,10 +79,7 @@ impl VmSnapshot {
                 SERIAL_ID => serial = Some(value(b)?),
                 MEMORY_HASH_ID => memory_hash = Some(value(b)?),
                 id => {
-                    let slot = id
-                        .strip_prefix(VCPU_ID_PREFIX)
-                        .and_then(|n| n.parse::<usize>().ok())
-                        .filter(|n| vcpu_id(*n) == id)
+                    let slot = vcpu_of(id)
                         .and_then(|n| vcpus.get_mut(n))
                         .ok_or_else(|| BlobError::Unknown(id.to_string()))?;
                     *slot = Some(value(b)?);
@@ -129,6 +139,16 @@ mod tests {
         assert_eq!(back.serial.in_buffer, b"x");
         assert_eq!(back.memory_hash, snapshot(2).memory_hash);
         assert_eq!(ids(&back.to_blobs().expect("encode")), ids(&blobs));
+    }
+
+    #[test]
+    fn known_ids_are_the_parts_of_a_vm_of_that_size() {
+        for id in ["vm", "serial", "memhash", "vcpu0", "vcpu1"] {
+            assert!(VmSnapshot::is_known_id(id, 2), "{id}");
+        }
+        for id in ["vcpu2", "vcpu01", "vcpu", "vcpu-1", "pit", "VM", ""] {
+            assert!(!VmSnapshot::is_known_id(id, 2), "{id}");
+        }
     }
 
     #[test]
