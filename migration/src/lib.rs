@@ -63,6 +63,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod accept;
 pub mod cancel;
 pub mod deadline;
 pub mod dirty;
@@ -89,6 +90,7 @@ pub mod zero;
 #[cfg(test)]
 mod roundtrip_tests;
 
+pub use accept::{AcceptError, Acceptor, Offer};
 pub use cancel::Cancel;
 pub use dirty::DirtyBitmap;
 pub use memory::{

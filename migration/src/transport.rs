@@ -206,13 +206,13 @@ impl Endpoint {
         }
     }
 
-    /// Destination side: binds the socket (a stale unix socket file is replaced, a live one
-    /// refused), or opens the snapshot file for reading. Then [`Listener::accept`] gives the
-    /// connection.
+    /// Destination side: binds the socket (a unix socket file is mode 0600 whatever the
+    /// umask; a stale one is replaced, a live one refused), or opens the snapshot file for
+    /// reading. Then [`Listener::accept`] gives the connection.
     pub fn listen(&self) -> Result<Listener, TransportError> {
         match self {
             Endpoint::Unix(path) => {
-                let l = match UnixListener::bind(path) {
+                let l = match bind_unix(path) {
                     Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
                         let is_socket = std::fs::symlink_metadata(path)
                             .is_ok_and(|m| m.file_type().is_socket());
@@ -225,7 +225,7 @@ impl Endpoint {
                             return Err(TransportError::InUse(self.clone()));
                         }
                         let _ = std::fs::remove_file(path);
-                        UnixListener::bind(path)
+                        bind_unix(path)
                     }
                     other => other,
                 }
@@ -245,9 +245,11 @@ impl Endpoint {
     }
 }
 
-/// Connects to a unix socket, waiting at most `timeout` for a listener whose backlog is full
-/// (a blocking connect would wait without bound).
-fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+/// Backlog of a listening socket.
+const BACKLOG: libc::c_int = 128;
+
+/// The address of the unix socket at `path`.
+fn unix_address(path: &Path) -> io::Result<libc::sockaddr_un> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: an all-zero sockaddr_un is valid; the family and path are filled in below.
@@ -262,11 +264,16 @@ fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
     }
+    Ok(addr)
+}
+
+/// A new unix stream socket (close-on-exec; `flags` adds e.g. `SOCK_NONBLOCK`).
+fn unix_socket(flags: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: socket(2) with constant arguments; the result is checked and owned right away.
     let fd = unsafe {
         libc::socket(
             libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | flags,
             0,
         )
     };
@@ -274,7 +281,44 @@ fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` is a socket we just created and own exclusively.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Binds and listens on a unix socket whose file is mode 0600 from the start, whatever the
+/// umask: Linux creates the file with the socket inode's mode (less the umask), which
+/// `fchmod` sets before `bind`; no window in which another user could connect, no `chmod`
+/// by path that a planted link could redirect.
+fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    let addr = unix_address(path)?;
+    let fd = unix_socket(0)?;
+    // SAFETY: fchmod(2) on the socket we own; no memory is involved.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), 0o600) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `addr` is a valid, initialised sockaddr_un that outlives the call and the length
+    // is its size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen(2) on the bound socket we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), BACKLOG) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixListener::from(fd))
+}
+
+/// Connects to a unix socket, waiting at most `timeout` for a listener whose backlog is full
+/// (a blocking connect would wait without bound).
+fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    let addr = unix_address(path)?;
+    let owned = unix_socket(libc::SOCK_NONBLOCK)?;
     let deadline = Instant::now() + timeout;
     loop {
         // SAFETY: `addr` is a valid, initialised sockaddr_un that outlives the call and the
@@ -303,6 +347,27 @@ fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
     let stream = UnixStream::from(owned);
     stream.set_nonblocking(false)?;
     Ok(stream)
+}
+
+/// The pid of the process at the other end of a unix socket, as it was when it connected.
+fn peer_pid(s: &UnixStream) -> Option<i32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a live ucred and `len` its size; the kernel writes at most that.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid)
 }
 
 /// Connects to the first address of `host:port` that answers within `timeout` in all.
@@ -451,11 +516,12 @@ impl Listener {
                 .map(|(s, _)| Stream::Unix(s).into())
                 .map_err(|e| TransportError::Accept(ep, e)),
             Listener::Tcp(l) => {
-                let (s, _) = l
-                    .accept()
-                    .map_err(|e| TransportError::Accept(ep.clone(), e))?;
-                s.set_nodelay(true)
-                    .map_err(|e| TransportError::Accept(ep, e))?;
+                let (s, _) = l.accept().map_err(|e| TransportError::Accept(ep, e))?;
+                // A peer that already reset the connection makes this fail: its reads will
+                // say so, it is no reason to stop listening.
+                if let Err(e) = s.set_nodelay(true) {
+                    log::debug!("TCP_NODELAY on an accepted connection: {e}");
+                }
                 Ok(Stream::Tcp(s).into())
             }
             Listener::File(f, _) => f.take().map(|f| Stream::File(f).into()).ok_or_else(|| {
@@ -558,10 +624,14 @@ impl Connection {
         }
     }
 
-    /// The peer's address, for logs (`None` for files and memory).
+    /// The peer's address, for logs (`None` for files and memory): `IP:PORT`, or a local
+    /// process with its pid (from `SO_PEERCRED`).
     pub fn peer(&self) -> Option<String> {
         match &self.stream {
-            Stream::Unix(_) => Some("a local process".into()),
+            Stream::Unix(s) => Some(match peer_pid(s) {
+                Some(pid) => format!("a local process (pid {pid})"),
+                None => "a local process".into(),
+            }),
             Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.to_string()),
             Stream::Tls(t) => t.tcp.peer_addr().ok().map(|a| a.to_string()),
             _ => None,
@@ -641,6 +711,16 @@ impl Connection {
                 .to_string(),
             )),
         }
+    }
+
+    /// Closes the writing direction (sockets): the peer reads what was sent, then the end.
+    pub fn shutdown_write(&mut self) {
+        let _ = match &self.stream {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Tls(t) => t.tcp.shutdown(std::net::Shutdown::Write),
+            _ => Ok(()),
+        };
     }
 
     fn fd(&self) -> Option<RawFd> {
@@ -960,6 +1040,26 @@ mod tests {
         }
         assert_eq!(&buf, b"hello");
         t.join().unwrap();
+    }
+
+    #[test]
+    fn a_unix_listener_is_0600_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("open.sock");
+        // SAFETY: umask(2) only changes this process's file creation mask.
+        let old = unsafe { libc::umask(0) };
+        let l = Endpoint::Unix(path.clone()).listen();
+        // SAFETY: as above, restoring it.
+        unsafe { libc::umask(old) };
+        let _l = l.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        let c = Endpoint::Unix(path)
+            .connect(Duration::from_secs(1))
+            .unwrap();
+        let me = std::process::id();
+        assert_eq!(c.peer(), Some(format!("a local process (pid {me})")));
     }
 
     #[test]

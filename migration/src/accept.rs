@@ -1,0 +1,565 @@
+//! A destination's listening socket, served on a thread of its own while it receives:
+//! [`Acceptor`]. No peer can end the destination or hold it:
+//!
+//! ```text
+//! accept ─┬─ receiver waiting ─▶ handshake thread: stream header + Config within the
+//!         │                       handshake deadline
+//!         │                         ├─ done first ─▶ offered: Acceptor::next returns it
+//!         │                         └─ probe, reset, garbage, idle: logged with the peer's
+//!         │                            address, told why (if it sent anything), closed
+//!         └─ receiver busy ──────▶ Error "busy: ..." record, closed
+//! ```
+//!
+//! Until a connection sent a valid stream header and `Config` it is not a migration attempt:
+//! several handshakes run at once (at most [`MAX_HELPERS`] threads, busy replies included;
+//! a connection beyond that is closed at once), so an idle peer does not keep a real source
+//! waiting. The first complete handshake is offered to the receiver; from
+//! [`Acceptor::next`] until [`Acceptor::idle`] every new connection is answered "busy" and
+//! closed instead of waiting in the backlog.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::receive::{read_handshake, Handshake, ReceiveOptions, ReceiveProgress};
+use crate::records::encode_message;
+use crate::stream::send_reply;
+use crate::sync::lock;
+use crate::transport::{Connection, Listener, Transport, TransportError};
+use crate::wire::RecordKind;
+
+/// Most helper threads at once: handshakes in progress plus busy replies being delivered.
+pub const MAX_HELPERS: usize = 8;
+/// Longest a refused peer is given to read its `Error` record before the connection closes.
+const LINGER: Duration = Duration::from_secs(2);
+/// Pause after an accept that failed for lack of resources (file descriptors, memory).
+const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Why [`Acceptor::next`] has no connection to offer.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("The listening socket stopped accepting connections")]
+    Closed(#[source] TransportError),
+    #[error("The acceptor stopped")]
+    Stopped,
+}
+
+/// A connection that completed its handshake, for the receiver to go on with
+/// ([`crate::receive::receive_handshaken`]).
+#[derive(Debug)]
+pub struct Offer {
+    pub connection: Connection,
+    pub handshake: Handshake,
+    /// Who the peer is, for logs.
+    pub peer: String,
+    /// The progress to pass in `ReceiveOptions::progress`: busy replies quote it.
+    pub progress: Arc<ReceiveProgress>,
+}
+
+/// What the receiver is doing, as the busy replies describe it.
+enum Receiver {
+    Waiting,
+    /// A handshake completed; the receiver has not taken it yet.
+    Offered(Box<Offer>),
+    Busy {
+        peer: String,
+        since: Instant,
+        progress: Arc<ReceiveProgress>,
+    },
+}
+
+struct State {
+    receiver: Receiver,
+    helpers: usize,
+    /// Sockets of the handshakes in progress, shut down when the acceptor stops.
+    handshakes: HashMap<u64, OwnedFd>,
+    next_id: u64,
+    /// Why accepting ended, once it did.
+    closed: Option<TransportError>,
+    stopped: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    options: ReceiveOptions,
+}
+
+/// Serves a listening socket on its own thread (see the module documentation). Dropping it
+/// stops the thread, closes the listener and wakes the handshakes in progress.
+pub struct Acceptor {
+    shared: Arc<Shared>,
+    wake: Option<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Acceptor {
+    /// Starts serving `listener` (a socket; a `file:` snapshot has nothing to serve). The
+    /// handshakes use `options`' timeouts and faults.
+    pub fn start(listener: Listener, options: &ReceiveOptions) -> io::Result<Acceptor> {
+        let wake = listener.wake_handle();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                receiver: Receiver::Waiting,
+                helpers: 0,
+                handshakes: HashMap::new(),
+                next_id: 0,
+                closed: None,
+                stopped: false,
+            }),
+            changed: Condvar::new(),
+            options: ReceiveOptions {
+                progress: Arc::default(),
+                ..options.clone()
+            },
+        });
+        let thread = std::thread::Builder::new().name("acceptor".into()).spawn({
+            let shared = shared.clone();
+            move || accept_loop(listener, &shared)
+        })?;
+        Ok(Acceptor {
+            shared,
+            wake,
+            thread: Some(thread),
+        })
+    }
+
+    /// Waits for the next connection that completed its handshake; the receiver is busy with
+    /// it (other connections are told so) until [`idle`](Self::idle).
+    pub fn next(&self) -> Result<Offer, AcceptError> {
+        let mut s = lock(&self.shared.state);
+        loop {
+            if let Some(e) = s.closed.take() {
+                return Err(AcceptError::Closed(e));
+            }
+            if s.stopped {
+                return Err(AcceptError::Stopped);
+            }
+            match std::mem::replace(&mut s.receiver, Receiver::Waiting) {
+                Receiver::Offered(offer) => {
+                    s.receiver = Receiver::Busy {
+                        peer: offer.peer.clone(),
+                        since: Instant::now(),
+                        progress: offer.progress.clone(),
+                    };
+                    return Ok(*offer);
+                }
+                other => s.receiver = other,
+            }
+            s = self
+                .shared
+                .changed
+                .wait(s)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The receiver is done with the last offer: connections are handshaken again.
+    pub fn idle(&self) {
+        let mut s = lock(&self.shared.state);
+        if matches!(s.receiver, Receiver::Busy { .. }) {
+            s.receiver = Receiver::Waiting;
+        }
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        {
+            let mut s = lock(&self.shared.state);
+            s.stopped = true;
+            for fd in s.handshakes.values() {
+                shut_down(fd);
+            }
+            if let Receiver::Offered(mut offer) =
+                std::mem::replace(&mut s.receiver, Receiver::Waiting)
+            {
+                reply_error(&mut offer.connection, "the destination stopped receiving");
+            }
+        }
+        if let Some(fd) = &self.wake {
+            shut_down(fd);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn shut_down(fd: &OwnedFd) {
+    // SAFETY: shutdown(2) on a socket this process owns; no memory is involved.
+    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+}
+
+/// Whether a failed accept concerned one connection (or a passing shortage), so the listener
+/// goes on; `Some(true)` when it is worth a pause first.
+fn transient(e: &TransportError) -> Option<bool> {
+    let TransportError::Accept(_, e) = e else {
+        return None;
+    };
+    match e.raw_os_error()? {
+        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => Some(true),
+        libc::ECONNABORTED
+        | libc::EINTR
+        | libc::EAGAIN
+        | libc::EPROTO
+        | libc::EPERM
+        | libc::ENETDOWN
+        | libc::ENOPROTOOPT
+        | libc::EHOSTDOWN
+        | libc::ENONET
+        | libc::EHOSTUNREACH
+        | libc::EOPNOTSUPP
+        | libc::ENETUNREACH => Some(false),
+        _ => None,
+    }
+}
+
+fn accept_loop(mut listener: Listener, shared: &Arc<Shared>) {
+    loop {
+        if lock(&shared.state).stopped {
+            return;
+        }
+        match listener.accept() {
+            Ok(conn) => dispatch(conn, shared),
+            Err(e) => match transient(&e) {
+                Some(pause) if !lock(&shared.state).stopped => {
+                    log::warn!("{}; accepting the next", crate::error_chain(&e));
+                    if pause {
+                        std::thread::sleep(RESOURCE_BACKOFF);
+                    }
+                }
+                _ => {
+                    let mut s = lock(&shared.state);
+                    if !s.stopped {
+                        s.closed = Some(e);
+                    }
+                    shared.changed.notify_all();
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// What to tell a peer while the receiver is not waiting; `None` while it is.
+fn busy_message(s: &State) -> Option<String> {
+    match &s.receiver {
+        Receiver::Waiting => None,
+        Receiver::Offered(o) => Some(format!(
+            "busy: a migration from {} is starting; try again when it is over",
+            o.peer
+        )),
+        Receiver::Busy {
+            peer,
+            since,
+            progress,
+        } => {
+            let pass = progress
+                .pass()
+                .map_or("before its first pass".to_string(), |p| format!("pass {p}"));
+            Some(format!(
+                "busy: receiving a migration from {peer} for {:.1} s ({pass}, {} bytes so \
+                 far); try again when it is over",
+                since.elapsed().as_secs_f64(),
+                progress.bytes()
+            ))
+        }
+    }
+}
+
+/// Starts a helper thread for a new connection, if there is room: a handshake while the
+/// receiver waits, a busy reply otherwise.
+fn dispatch(mut conn: Connection, shared: &Arc<Shared>) {
+    let peer = conn.peer().unwrap_or_else(|| "an unknown peer".into());
+    let mut s = lock(&shared.state);
+    if s.helpers >= MAX_HELPERS {
+        drop(s);
+        log::warn!(
+            "Connection from {peer} closed unanswered: {MAX_HELPERS} others are being served"
+        );
+        conn.shutdown();
+        return;
+    }
+    let busy = busy_message(&s);
+    let id = s.next_id;
+    s.next_id += 1;
+    if busy.is_none() {
+        if let Some(fd) = conn.wake_handle() {
+            s.handshakes.insert(id, fd);
+        }
+    }
+    s.helpers += 1;
+    drop(s);
+    let spawned = std::thread::Builder::new().name("handshake".into()).spawn({
+        let shared = shared.clone();
+        let peer = peer.clone();
+        move || {
+            match busy {
+                Some(message) => {
+                    log::info!("Connection from {peer} refused: {message}");
+                    reply_error(&mut conn, &message);
+                }
+                None => handshake(conn, peer, &shared),
+            }
+            let mut s = lock(&shared.state);
+            s.helpers -= 1;
+            s.handshakes.remove(&id);
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("Connection from {peer} closed unanswered: no thread for it ({e})");
+        let mut s = lock(&shared.state);
+        s.helpers -= 1;
+        s.handshakes.remove(&id);
+    }
+}
+
+/// A helper thread's handshake: offered to the receiver if it completes while the receiver
+/// waits; refused (and logged with the peer's address) otherwise.
+fn handshake(mut conn: Connection, peer: String, shared: &Shared) {
+    let handshake = match read_handshake(&mut conn, &shared.options) {
+        Ok(h) => h,
+        Err(e) if e.is_empty_stream() => {
+            log::info!("Connection from {peer} closed without sending anything (a probe?)");
+            return;
+        }
+        Err(e) => {
+            log::warn!(
+                "Connection from {peer} refused before a migration began: {}",
+                crate::error_chain(&e)
+            );
+            linger(&mut conn);
+            return;
+        }
+    };
+    let mut s = lock(&shared.state);
+    if s.stopped {
+        drop(s);
+        reply_error(&mut conn, "the destination stopped receiving");
+        return;
+    }
+    if let Some(message) = busy_message(&s) {
+        drop(s);
+        log::info!("Connection from {peer} refused: {message}");
+        reply_error(&mut conn, &message);
+        return;
+    }
+    log::info!("Connection from {peer}: migration stream begins");
+    s.receiver = Receiver::Offered(Box::new(Offer {
+        connection: conn,
+        handshake,
+        peer,
+        progress: Arc::default(),
+    }));
+    shared.changed.notify_all();
+}
+
+/// Tells the peer `message` with an `Error` record and lets it read it before closing.
+fn reply_error(conn: &mut Connection, message: &str) {
+    let _ = conn.set_write_timeout(Some(LINGER));
+    if send_reply(conn, RecordKind::Error, &encode_message(message)).is_ok() {
+        linger(conn);
+    }
+}
+
+/// Closes our side for writing, then reads (and drops) what the peer still sends until it
+/// closes, stops for a moment, or [`LINGER`] passed: closing on unread bytes would reset the
+/// connection, and the peer could lose the reply it has not read yet.
+fn linger(conn: &mut Connection) {
+    conn.shutdown_write();
+    let deadline = Instant::now() + LINGER;
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match conn.recv(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{fake_target, FakeVm};
+    use crate::receive::receive_handshaken;
+    use crate::stream::{read_reply, RecordWriter};
+    use crate::transport::Endpoint;
+    use crate::{send_migration, MigrationSource, SendOptions, PAGE_SIZE};
+
+    const LAYOUT: &[(u64, usize)] = &[(0, 16 * PAGE_SIZE)];
+
+    fn state(a: &Acceptor) -> std::sync::MutexGuard<'_, State> {
+        lock(&a.shared.state)
+    }
+
+    fn listen(dir: &tempfile::TempDir) -> (Endpoint, Listener) {
+        let ep = Endpoint::Unix(dir.path().join("m.sock"));
+        let l = ep.listen().expect("listen");
+        (ep, l)
+    }
+
+    fn options() -> ReceiveOptions {
+        ReceiveOptions {
+            handshake_timeout: Duration::from_millis(500),
+            io_timeout: Some(Duration::from_secs(5)),
+            ..Default::default()
+        }
+    }
+
+    /// The reply a peer gets after sending `bytes` (and keeping its side open).
+    fn reply_to(ep: &Endpoint, bytes: &[u8]) -> Result<(RecordKind, String), String> {
+        let mut c = ep
+            .connect(Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        if !bytes.is_empty() {
+            c.send(&[bytes]).map_err(|e| e.to_string())?;
+        }
+        read_reply(&mut c)
+            .map(|(k, p)| (k, String::from_utf8_lossy(&p).into_owned()))
+            .map_err(|e| e.to_string())
+    }
+
+    /// A source's first records: header and Config.
+    fn header_and_config() -> Vec<u8> {
+        let mut c = Connection::memory();
+        let config = FakeVm::new(LAYOUT).config_blob().expect("config");
+        RecordWriter::start(&mut c)
+            .and_then(|mut w| w.write_record(RecordKind::Config, &[&config]))
+            .expect("write");
+        c.into_bytes()
+    }
+
+    #[test]
+    fn probes_garbage_and_idle_peers_are_refused_and_a_migration_still_comes_in() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ep, l) = listen(&dir);
+        // A long handshake deadline: the idle peer below would hold a serial acceptor that
+        // long.
+        let opts = ReceiveOptions {
+            handshake_timeout: Duration::from_secs(60),
+            io_timeout: Some(Duration::from_secs(60)),
+            ..options()
+        };
+        let acceptor = Acceptor::start(l, &opts).expect("start");
+        // A probe: connect, close.
+        drop(ep.connect(Duration::from_secs(5)).expect("connect"));
+        // Garbage: told why.
+        let (kind, text) = reply_to(&ep, b"GET / HTTP/1.1\r\n\r\n").expect("a reply");
+        assert_eq!(kind, RecordKind::Error);
+        assert!(text.contains("Bad magic"), "{text}");
+        // An idle peer, kept open: it holds nobody up.
+        let idle = ep.connect(Duration::from_secs(5)).expect("connect");
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        let src = std::thread::spawn({
+            let ep = ep.clone();
+            move || {
+                let mut vm = FakeVm::new(LAYOUT);
+                vm.writer().fill(0x2000, 100, 7);
+                let mut c = ep.connect(Duration::from_secs(5)).expect("connect");
+                send_migration(&mut vm, &mut c, SendOptions::default())
+            }
+        });
+        let offer = acceptor.next().expect("an offer");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the real source waited {:?} behind the idle peer",
+            started.elapsed()
+        );
+        let mut target = fake_target(LAYOUT);
+        let mut conn = offer.connection;
+        let opts = ReceiveOptions {
+            progress: offer.progress.clone(),
+            ..opts
+        };
+        receive_handshaken(&mut target, &mut conn, offer.handshake, &opts).expect("received");
+        src.join().expect("source thread").expect("sent");
+        assert!(target.running);
+        drop(acceptor);
+        drop(idle);
+    }
+
+    #[test]
+    fn a_second_source_is_told_the_destination_is_busy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ep, l) = listen(&dir);
+        let acceptor = Acceptor::start(l, &options()).expect("start");
+        let hello = header_and_config();
+        let first = std::thread::spawn({
+            let ep = ep.clone();
+            let hello = hello.clone();
+            move || {
+                let mut c = ep.connect(Duration::from_secs(5)).expect("connect");
+                c.send(&[&hello]).expect("send");
+                c
+            }
+        });
+        let offer = acceptor.next().expect("the first is offered");
+        let _first = first.join().expect("first");
+        let (kind, text) = reply_to(&ep, &hello).expect("a reply");
+        assert_eq!(kind, RecordKind::Error);
+        assert!(
+            text.starts_with("busy: receiving a migration from"),
+            "{text}"
+        );
+        assert!(text.contains("before its first pass"), "{text}");
+        // Not even a byte sent: told at once.
+        let (kind, _) = reply_to(&ep, &[]).expect("a reply");
+        assert_eq!(kind, RecordKind::Error);
+        // Done with the first: the next is handshaken again.
+        drop(offer);
+        acceptor.idle();
+        let next = std::thread::spawn({
+            let ep = ep.clone();
+            move || {
+                let mut c = ep.connect(Duration::from_secs(5)).expect("connect");
+                c.send(&[&hello]).expect("send");
+                c
+            }
+        });
+        let offer = acceptor.next().expect("offered again");
+        assert!(offer.peer.contains("local process"), "{}", offer.peer);
+        drop(next.join());
+        assert_eq!(state(&acceptor).helpers, 0);
+    }
+
+    #[test]
+    fn a_closed_listener_ends_next_and_drop_wakes_handshakes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ep, l) = listen(&dir);
+        let wake = l.wake_handle().expect("socket");
+        let opts = ReceiveOptions {
+            handshake_timeout: Duration::from_secs(60),
+            ..options()
+        };
+        let acceptor = Acceptor::start(l, &opts).expect("start");
+        let _idle = ep.connect(Duration::from_secs(5)).expect("connect");
+        let t = Instant::now();
+        while state(&acceptor).handshakes.is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the handshake started"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        shut_down(&wake);
+        assert!(matches!(acceptor.next(), Err(AcceptError::Closed(_))));
+        let shared = acceptor.shared.clone();
+        drop(acceptor);
+        let t = Instant::now();
+        while lock(&shared.state).helpers > 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the idle peer's handshake ended"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
