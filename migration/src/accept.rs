@@ -37,6 +37,8 @@ pub const MAX_HELPERS: usize = 8;
 const LINGER: Duration = Duration::from_secs(2);
 /// Pause after an accept that failed for lack of resources (file descriptors, memory).
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest a stopping acceptor waits for its helpers to deliver their last replies.
+const STOP_WAIT: Duration = Duration::from_secs(3);
 
 /// Why [`Acceptor::next`] has no connection to offer.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +91,9 @@ struct Shared {
 }
 
 /// Serves a listening socket on its own thread (see the module documentation). Dropping it
-/// stops the thread, closes the listener and wakes the handshakes in progress.
+/// stops the thread, closes the listener and wakes the handshakes in progress (their peers
+/// are told why: a given-up receive if `ReceiveOptions::give_up` is set), waiting a bounded
+/// time for the replies to go out.
 pub struct Acceptor {
     shared: Arc<Shared>,
     wake: Option<OwnedFd>,
@@ -157,7 +161,8 @@ impl Acceptor {
         }
     }
 
-    /// The receiver is done with the last offer: connections are handshaken again.
+    /// The receiver is done with the last offer: connections are handshaken again (already
+    /// once its receive failed, see `ReceiveProgress::failed`).
     pub fn idle(&self) {
         let mut s = lock(&self.shared.state);
         if matches!(s.receiver, Receiver::Busy { .. }) {
@@ -168,30 +173,46 @@ impl Acceptor {
 
 impl Drop for Acceptor {
     fn drop(&mut self) {
-        {
+        let offered = {
             let mut s = lock(&self.shared.state);
             s.stopped = true;
+            // Their reads end; their replies still go out.
             for fd in s.handshakes.values() {
-                shut_down(fd);
+                shut_down(fd, libc::SHUT_RD);
             }
-            if let Receiver::Offered(mut offer) =
-                std::mem::replace(&mut s.receiver, Receiver::Waiting)
-            {
-                reply_error(&mut offer.connection, "the destination stopped receiving");
-            }
+            std::mem::replace(&mut s.receiver, Receiver::Waiting)
+        };
+        if let Receiver::Offered(mut offer) = offered {
+            reply_error(&mut offer.connection, "the destination stopped receiving");
         }
         if let Some(fd) = &self.wake {
-            shut_down(fd);
+            shut_down(fd, libc::SHUT_RDWR);
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        let deadline = Instant::now() + STOP_WAIT;
+        let mut s = lock(&self.shared.state);
+        while s.helpers > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn!(
+                    "{} connections still being answered as the acceptor stops",
+                    s.helpers
+                );
+                break;
+            }
+            s = match self.shared.changed.wait_timeout(s, left) {
+                Ok((s, _)) => s,
+                Err(p) => p.into_inner().0,
+            };
+        }
     }
 }
 
-fn shut_down(fd: &OwnedFd) {
+fn shut_down(fd: &OwnedFd, how: libc::c_int) {
     // SAFETY: shutdown(2) on a socket this process owns; no memory is involved.
-    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+    unsafe { libc::shutdown(fd.as_raw_fd(), how) };
 }
 
 /// Whether a failed accept concerned one connection (or a passing shortage), so the listener
@@ -249,6 +270,8 @@ fn accept_loop(mut listener: Listener, shared: &Arc<Shared>) {
 fn busy_message(s: &State) -> Option<String> {
     match &s.receiver {
         Receiver::Waiting => None,
+        // Its peer is being told why; the receiver takes the next offer.
+        Receiver::Busy { progress, .. } if progress.failed() => None,
         Receiver::Offered(o) => Some(format!(
             "busy: a migration from {} is starting; try again when it is over",
             o.peer
@@ -300,22 +323,25 @@ fn dispatch(mut conn: Connection, shared: &Arc<Shared>) {
         move || {
             match busy {
                 Some(message) => {
-                    log::info!("Connection from {peer} refused: {message}");
+                    log::warn!("Connection from {peer} refused: {message}");
                     reply_error(&mut conn, &message);
                 }
                 None => handshake(conn, peer, &shared),
             }
-            let mut s = lock(&shared.state);
-            s.helpers -= 1;
-            s.handshakes.remove(&id);
+            helper_done(&shared, id);
         }
     });
     if let Err(e) = spawned {
         log::warn!("Connection from {peer} closed unanswered: no thread for it ({e})");
-        let mut s = lock(&shared.state);
-        s.helpers -= 1;
-        s.handshakes.remove(&id);
+        helper_done(shared, id);
     }
+}
+
+fn helper_done(shared: &Shared, id: u64) {
+    let mut s = lock(&shared.state);
+    s.helpers -= 1;
+    s.handshakes.remove(&id);
+    shared.changed.notify_all();
 }
 
 /// A helper thread's handshake: offered to the receiver if it completes while the receiver
@@ -324,7 +350,7 @@ fn handshake(mut conn: Connection, peer: String, shared: &Shared) {
     let handshake = match read_handshake(&mut conn, &shared.options) {
         Ok(h) => h,
         Err(e) if e.is_empty_stream() => {
-            log::info!("Connection from {peer} closed without sending anything (a probe?)");
+            log::warn!("Connection from {peer} closed without sending anything (a probe?)");
             return;
         }
         Err(e) => {
@@ -344,7 +370,7 @@ fn handshake(mut conn: Connection, peer: String, shared: &Shared) {
     }
     if let Some(message) = busy_message(&s) {
         drop(s);
-        log::info!("Connection from {peer} refused: {message}");
+        log::warn!("Connection from {peer} refused: {message}");
         reply_error(&mut conn, &message);
         return;
     }
@@ -531,6 +557,35 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_of_connections_is_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ep, l) = listen(&dir);
+        let opts = ReceiveOptions {
+            handshake_timeout: Duration::from_secs(60),
+            io_timeout: Some(Duration::from_secs(60)),
+            ..options()
+        };
+        let acceptor = Acceptor::start(l, &opts).expect("start");
+        let idle: Vec<Connection> = (0..MAX_HELPERS)
+            .map(|_| ep.connect(Duration::from_secs(5)).expect("connect"))
+            .collect();
+        let t = Instant::now();
+        while state(&acceptor).helpers < MAX_HELPERS {
+            assert!(t.elapsed() < Duration::from_secs(5), "all helpers busy");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // One more: closed at once, no thread for it.
+        let mut extra = ep.connect(Duration::from_secs(5)).expect("connect");
+        extra
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 16];
+        assert_eq!(extra.recv(&mut buf).expect("closed, not timed out"), 0);
+        assert_eq!(state(&acceptor).helpers, MAX_HELPERS);
+        drop(idle);
+    }
+
+    #[test]
     fn a_closed_listener_ends_next_and_drop_wakes_handshakes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (ep, l) = listen(&dir);
@@ -549,17 +604,15 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        shut_down(&wake);
+        shut_down(&wake, libc::SHUT_RDWR);
         assert!(matches!(acceptor.next(), Err(AcceptError::Closed(_))));
         let shared = acceptor.shared.clone();
-        drop(acceptor);
         let t = Instant::now();
-        while lock(&shared.state).helpers > 0 {
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "the idle peer's handshake ended"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        drop(acceptor);
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the idle peer's handshake was woken"
+        );
+        assert_eq!(lock(&shared.state).helpers, 0);
     }
 }

@@ -77,6 +77,8 @@ pub struct ReceiveProgress {
     decision: AtomicU8,
     /// The target accepted the stream's configuration.
     configured: AtomicBool,
+    /// The receive failed (set before the peer is told): the receiver is free again.
+    failed: AtomicBool,
 }
 
 const OPEN: u8 = 0;
@@ -110,6 +112,12 @@ impl ReceiveProgress {
     /// a migration attempt, whatever happens next (before it, the peer was refused).
     pub fn configured(&self) -> bool {
         self.configured.load(Ordering::Acquire)
+    }
+
+    /// Whether the receive failed: set before the peer is told, so that whoever serves the
+    /// listening socket takes the next connection as the receiver's, not as a busy one.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 
     /// Whether `Go` arrived.
@@ -316,6 +324,7 @@ pub fn receive_handshaken<T: MigrationTarget + ?Sized>(
     match result {
         Ok(stats) => Ok(stats),
         Err(e) => {
+            options.progress.failed.store(true, Ordering::Release);
             let e = refuse(reader.transport(), e, options);
             log::error!("Receiving the migration failed: {e}");
             Err(e)

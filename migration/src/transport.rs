@@ -349,6 +349,14 @@ fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
     Ok(stream)
 }
 
+/// A unix socket's peer for logs: the local process, with its pid when known.
+fn unix_peer(s: &UnixStream) -> String {
+    match peer_pid(s) {
+        Some(pid) => format!("a local process (pid {pid})"),
+        None => "a local process".into(),
+    }
+}
+
 /// The pid of the process at the other end of a unix socket, as it was when it connected.
 fn peer_pid(s: &UnixStream) -> Option<i32> {
     let mut cred = libc::ucred {
@@ -511,18 +519,25 @@ impl Listener {
             .local_endpoint()
             .unwrap_or(Endpoint::File(PathBuf::new()));
         match self {
-            Listener::Unix(l, _) => l
-                .accept()
-                .map(|(s, _)| Stream::Unix(s).into())
-                .map_err(|e| TransportError::Accept(ep, e)),
-            Listener::Tcp(l) => {
+            Listener::Unix(l, _) => {
                 let (s, _) = l.accept().map_err(|e| TransportError::Accept(ep, e))?;
+                let peer = Some(unix_peer(&s));
+                Ok(Connection {
+                    peer,
+                    ..Stream::Unix(s).into()
+                })
+            }
+            Listener::Tcp(l) => {
+                let (s, addr) = l.accept().map_err(|e| TransportError::Accept(ep, e))?;
                 // A peer that already reset the connection makes this fail: its reads will
                 // say so, it is no reason to stop listening.
                 if let Err(e) = s.set_nodelay(true) {
                     log::debug!("TCP_NODELAY on an accepted connection: {e}");
                 }
-                Ok(Stream::Tcp(s).into())
+                Ok(Connection {
+                    peer: Some(addr.to_string()),
+                    ..Stream::Tcp(s).into()
+                })
             }
             Listener::File(f, _) => f.take().map(|f| Stream::File(f).into()).ok_or_else(|| {
                 TransportError::Accept(ep, io::Error::other("snapshot already opened"))
@@ -552,6 +567,8 @@ pub struct MemoryStream {
 #[derive(Debug)]
 pub struct Connection {
     stream: Stream,
+    /// The peer as it was when accepted (a reset peer has no address afterwards).
+    peer: Option<String>,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
     deadline: Option<Deadline>,
@@ -574,6 +591,7 @@ impl From<Stream> for Connection {
     fn from(stream: Stream) -> Connection {
         Connection {
             stream,
+            peer: None,
             read_timeout: None,
             write_timeout: None,
             deadline: None,
@@ -627,11 +645,11 @@ impl Connection {
     /// The peer's address, for logs (`None` for files and memory): `IP:PORT`, or a local
     /// process with its pid (from `SO_PEERCRED`).
     pub fn peer(&self) -> Option<String> {
+        if let Some(p) = &self.peer {
+            return Some(p.clone());
+        }
         match &self.stream {
-            Stream::Unix(s) => Some(match peer_pid(s) {
-                Some(pid) => format!("a local process (pid {pid})"),
-                None => "a local process".into(),
-            }),
+            Stream::Unix(s) => Some(unix_peer(s)),
             Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.to_string()),
             Stream::Tls(t) => t.tcp.peer_addr().ok().map(|a| a.to_string()),
             _ => None,
@@ -690,12 +708,14 @@ impl Connection {
     fn into_tcp(self) -> Result<(TcpStream, Connection), TlsError> {
         let Connection {
             stream,
+            peer,
             read_timeout,
             write_timeout,
             deadline,
         } = self;
         let bounds = Connection {
             stream: Stream::Memory(MemoryStream::default()),
+            peer,
             read_timeout,
             write_timeout,
             deadline,
