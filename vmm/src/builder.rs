@@ -1,17 +1,18 @@
 //! Building a VM in named steps, each taking the configuration:
 //!
 //! `open_kvm` → `create_vm` → `create_memory` → `load_kernel` → `setup_devices` →
-//! `create_vcpus` → `configure_boot_vcpu`, then `Vmm::start` spawns the vCPU threads.
+//! `guest_cpuid` → `create_vcpus` → `settle_msrs` → `configure_boot_vcpu`, then `Vmm::start`
+//! spawns the vCPU threads.
 //!
 //! A restore path (migration target) runs the same steps except `load_kernel` and
 //! `configure_boot_vcpu`: same layout, pristine memory, vCPU state set from a snapshot.
 
 use std::sync::Arc;
 
-use kvm_bindings::{CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
 
-use crate::arch::x86_64::cpuid::vcpu_cpuid;
+use crate::arch::x86_64::cpuid::{self, vcpu_cpuid};
 use crate::arch::x86_64::layout::guest_phys_end;
 use crate::arch::x86_64::msr::boot_msr_entries;
 use crate::arch::x86_64::regs::{
@@ -25,6 +26,7 @@ use crate::exit::ExitSignal;
 use crate::kvm::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
 use crate::kvm::vcpu::{Vcpu, VcpuError};
 use crate::kvm::vm::{Vm, VmError};
+use crate::persist::restorable_msrs;
 
 /// Leaf of the physical address width.
 const LEAF_ADDRESS_SIZES: u32 = 0x8000_0008;
@@ -139,19 +141,64 @@ pub fn setup_devices(
     Devices::new(vm, exit, out).map_err(BuildError::Devices)
 }
 
-/// Create every vCPU with its CPUID, boot MSRs, FPU and LAPIC LINT set-up. Application
-/// processors stay in wait-for-SIPI (the in-kernel LAPIC's reset state).
-pub fn create_vcpus(
+/// The CPUID a guest of this host sees (vCPU 0's): KVM's supported set, nested
+/// virtualisation hidden, topology for `config.cpus` (`arch::x86_64::cpuid`).
+pub fn guest_cpuid(kvm: &Kvm, config: &VmConfig) -> Result<Vec<kvm_cpuid_entry2>, BuildError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::SupportedCpuid)?;
+    Ok(cpuid::guest_cpuid(supported.as_slice(), config.cpus))
+}
+
+/// Gives every vCPU its CPUID: `guest` (vCPU 0's table) patched with its APIC id.
+pub fn set_vcpu_cpuid(vcpus: &[Vcpu], guest: &[kvm_cpuid_entry2]) -> Result<(), BuildError> {
+    let count = u8::try_from(vcpus.len()).unwrap_or(u8::MAX);
+    for v in vcpus {
+        let cpuid = CpuId::from_entries(&vcpu_cpuid(guest, v.id(), count))
+            .map_err(|_| BuildError::CpuidTooLarge(v.id()))?;
+        v.fd()
+            .set_cpuid2(&cpuid)
+            .map_err(|e| BuildError::SetCpuid(v.id(), e))?;
+    }
+    Ok(())
+}
+
+/// The MSRs the VM's vCPU states hold: those of KVM's list that vCPU 0 (with its CPUID, not
+/// run yet) reads and takes back (`persist::restorable_msrs`), so that whatever a migration
+/// saves it restores.
+pub fn vm_msrs(kvm: &Kvm, vcpus: &[Vcpu]) -> Result<Vec<u32>, BuildError> {
+    let Some(first) = vcpus.first() else {
+        return Ok(Vec::new());
+    };
+    Ok(restorable_msrs(first.fd(), &msr_index_list(kvm)?))
+}
+
+/// [`vm_msrs`] for a VM built here: a feature whose MSR is not restorable is hidden from the
+/// guest's CPUID (`cpuid::hide_unrestorable`: IA32_ARCH_CAPABILITIES, which KVM refuses to
+/// set while the CPUID lacks its bit, and a host may not emulate), so that the guest never
+/// reads a value a migration would not carry.
+pub fn settle_msrs(
     kvm: &Kvm,
+    vcpus: &[Vcpu],
+    guest: &mut [kvm_cpuid_entry2],
+) -> Result<Vec<u32>, BuildError> {
+    let msrs = vm_msrs(kvm, vcpus)?;
+    if cpuid::hide_unrestorable(guest, &msrs) {
+        set_vcpu_cpuid(vcpus, guest)?;
+    }
+    Ok(msrs)
+}
+
+/// Create every vCPU with its CPUID (`guest`, vCPU 0's table), boot MSRs, FPU and LAPIC LINT
+/// set-up. Application processors stay in wait-for-SIPI (the in-kernel LAPIC's reset state).
+pub fn create_vcpus(
     vm: &Vm,
     config: &VmConfig,
+    guest: &[kvm_cpuid_entry2],
     devices: &Devices,
     exit: &Arc<ExitSignal>,
     mem: &GuestMemoryMmap,
 ) -> Result<Vec<Vcpu>, BuildError> {
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(BuildError::SupportedCpuid)?;
     let msrs = Msrs::from_entries(&boot_msr_entries()).map_err(|_| BuildError::MsrList)?;
     (0..config.cpus)
         .map(|id| {
@@ -159,7 +206,7 @@ pub fn create_vcpus(
                 .fd()
                 .create_vcpu(u64::from(id))
                 .map_err(|e| BuildError::Vcpu(VcpuError::Create(id, e)))?;
-            let cpuid = CpuId::from_entries(&vcpu_cpuid(supported.as_slice(), id, config.cpus))
+            let cpuid = CpuId::from_entries(&vcpu_cpuid(guest, id, config.cpus))
                 .map_err(|_| BuildError::CpuidTooLarge(id))?;
             fd.set_cpuid2(&cpuid)
                 .map_err(|e| BuildError::SetCpuid(id, e))?;

@@ -117,12 +117,19 @@ pub struct ReceiveArgs {
     /// Guest memory of the VM to expect (as for `run`): with --cpus, the VM is built before
     /// the source connects, as QEMU's destination is from its -m and -smp, instead of after
     /// the stream announced its shape (takes the KVM set-up off the migration's clock). A
-    /// stream with another shape gets a VM built to its shape.
+    /// stream with another shape is refused.
     #[arg(long, value_name = "SIZE", requires = "cpus")]
     pub mem: Option<String>,
     /// vCPUs of the VM to expect (with --mem).
     #[arg(long, value_name = "N", requires = "mem")]
     pub cpus: Option<u32>,
+    /// Most guest memory a stream may ask for (default: this host's memory). A larger one is
+    /// refused before anything is allocated.
+    #[arg(long, value_name = "SIZE")]
+    pub max_mem: Option<String>,
+    /// Most vCPUs a stream may ask for (default: this host's online CPUs, at most 254).
+    #[arg(long, value_name = "N")]
+    pub max_cpus: Option<u32>,
     /// Longest wait for any one read or write on a connection (default 30000).
     #[arg(long, value_name = "MS")]
     pub io_timeout_ms: Option<u64>,
@@ -157,6 +164,8 @@ impl From<ReceiveArgs> for RawReceiveConfig {
             attempts: a.attempts,
             mem: a.mem,
             cpus: a.cpus,
+            max_mem: a.max_mem,
+            max_cpus: a.max_cpus,
             io_timeout_ms: a.io_timeout_ms,
             handshake_timeout_ms: a.handshake_timeout_ms,
             commit_timeout_ms: a.commit_timeout_ms,

@@ -22,27 +22,34 @@ pub const DEFAULT_TEST_GUEST_CMDLINE: &str = "touch=64M rate=1000";
 /// Longest command line accepted (Linux's x86 COMMAND_LINE_SIZE).
 pub const MAX_CMDLINE_LEN: usize = 2048;
 
-/// Errors in the command-line values of `minivmm run`.
+/// Errors in the values of a VM's shape, from the command line (`--mem`) or from a migration
+/// stream (`mem_bytes`): `field` names the value, and the same limits apply to both.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("invalid memory size {0:?}: expected a number with an optional K, M, G or T suffix")]
     MemSyntax(String),
-    #[error("--mem must be greater than zero")]
-    MemZero,
-    #[error("--mem {0} is below the minimum of 16M")]
-    MemTooSmall(String),
-    #[error("--mem {0} is above the maximum of 4T")]
-    MemTooLarge(String),
-    #[error("--mem {0} is not a multiple of 4K")]
-    MemUnaligned(String),
-    #[error("--cpus must be at least 1")]
-    CpusZero,
-    #[error("--cpus {0} is above the maximum of {MAX_CPUS}")]
-    CpusTooMany(u32),
-    #[error("--cmdline is {0} bytes long, the maximum is {MAX_CMDLINE_LEN}")]
-    CmdlineTooLong(usize),
-    #[error("--cmdline contains a NUL byte")]
-    CmdlineNul,
+    #[error("{field} must be greater than zero")]
+    MemZero { field: &'static str },
+    #[error("{field} {value} is below the minimum of 16M")]
+    MemTooSmall { field: &'static str, value: String },
+    #[error("{field} {value} is above the maximum of 4T")]
+    MemTooLarge { field: &'static str, value: String },
+    #[error("{field} {value} is not a multiple of 4K")]
+    MemUnaligned { field: &'static str, value: String },
+    #[error("{field} must be at least 1")]
+    CpusZero { field: &'static str },
+    #[error("{field} {value} is above the maximum of {MAX_CPUS}")]
+    CpusTooMany { field: &'static str, value: u64 },
+    #[error("{field} is {len} bytes long, the maximum is {MAX_CMDLINE_LEN}")]
+    CmdlineTooLong { field: &'static str, len: usize },
+    #[error("{field} contains a NUL byte")]
+    CmdlineNul { field: &'static str },
+    #[error("--mem {mem} is above --max-mem {max}")]
+    ShapeAboveMaxMem { mem: String, max: String },
+    #[error("--cpus {cpus} is above --max-cpus {max}")]
+    ShapeAboveMaxCpus { cpus: u8, max: u8 },
+    #[error("cannot read this host's memory size from /proc/meminfo: give --max-mem")]
+    HostMemory,
     #[error("{0}")]
     Endpoint(#[from] migration::EndpointError),
     #[error("--from takes file:PATH (use --listen for sockets)")]
@@ -65,6 +72,83 @@ pub enum ConfigError {
 
 /// Most incoming attempts a `receive` accepts.
 pub const MAX_ATTEMPTS: u32 = 100;
+
+/// How the command line names the shape's values in errors.
+pub const CLI_FIELDS: ShapeFields = ShapeFields {
+    mem: "--mem",
+    cpus: "--cpus",
+    cmdline: "--cmdline",
+};
+
+/// The names of a VM's shape values in errors: command-line flags, or the fields of a
+/// migration stream's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShapeFields {
+    pub mem: &'static str,
+    pub cpus: &'static str,
+    pub cmdline: &'static str,
+}
+
+/// Guest memory within [MIN_MEM_BYTES, MAX_MEM_BYTES] and page-aligned; `shown` is the
+/// value as the user wrote it (or the byte count).
+pub fn check_mem(field: &'static str, bytes: u64, shown: &str) -> Result<u64, ConfigError> {
+    let value = || shown.to_string();
+    if bytes == 0 {
+        return Err(ConfigError::MemZero { field });
+    }
+    if bytes < MIN_MEM_BYTES {
+        return Err(ConfigError::MemTooSmall {
+            field,
+            value: value(),
+        });
+    }
+    if bytes > MAX_MEM_BYTES {
+        return Err(ConfigError::MemTooLarge {
+            field,
+            value: value(),
+        });
+    }
+    if !bytes.is_multiple_of(4096) {
+        return Err(ConfigError::MemUnaligned {
+            field,
+            value: value(),
+        });
+    }
+    Ok(bytes)
+}
+
+/// vCPUs within 1..=[`MAX_CPUS`] (APIC id 0xff is the broadcast id).
+pub fn check_cpus(field: &'static str, n: u64) -> Result<u8, ConfigError> {
+    match u8::try_from(n) {
+        _ if n == 0 => Err(ConfigError::CpusZero { field }),
+        Ok(n) if n <= MAX_CPUS => Ok(n),
+        _ => Err(ConfigError::CpusTooMany { field, value: n }),
+    }
+}
+
+/// A command line shorter than [`MAX_CMDLINE_LEN`] (room for its NUL) without NUL bytes.
+pub fn check_cmdline(field: &'static str, cmdline: &str) -> Result<(), ConfigError> {
+    if cmdline.len() >= MAX_CMDLINE_LEN {
+        return Err(ConfigError::CmdlineTooLong {
+            field,
+            len: cmdline.len(),
+        });
+    }
+    if cmdline.contains('\0') {
+        return Err(ConfigError::CmdlineNul { field });
+    }
+    Ok(())
+}
+
+/// A size in the units `--mem` takes, as short as exact (`24G`, `1536M`, `4097K`... bytes).
+pub fn format_size(bytes: u64) -> String {
+    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
 
 /// Where the guest kernel comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,13 +197,11 @@ impl VmConfig {
     pub fn new(raw: RawConfig) -> Result<VmConfig, ConfigError> {
         let mem_bytes = match raw.mem.as_deref() {
             None => DEFAULT_MEM_BYTES,
-            Some(s) => validate_mem(s)?,
+            Some(s) => validate_mem(CLI_FIELDS.mem, s)?,
         };
         let cpus = match raw.cpus {
             None => 1,
-            Some(0) => return Err(ConfigError::CpusZero),
-            Some(n) if n > u32::from(MAX_CPUS) => return Err(ConfigError::CpusTooMany(n)),
-            Some(n) => n as u8,
+            Some(n) => check_cpus(CLI_FIELDS.cpus, u64::from(n))?,
         };
         let kernel = raw
             .kernel
@@ -129,12 +211,7 @@ impl VmConfig {
             (None, KernelSource::BuiltinTestGuest) => DEFAULT_TEST_GUEST_CMDLINE.to_string(),
             (None, KernelSource::File(_)) => String::new(),
         };
-        if cmdline.len() >= MAX_CMDLINE_LEN {
-            return Err(ConfigError::CmdlineTooLong(cmdline.len()));
-        }
-        if cmdline.contains('\0') {
-            return Err(ConfigError::CmdlineNul);
-        }
+        check_cmdline(CLI_FIELDS.cmdline, &cmdline)?;
         Ok(VmConfig {
             mem_bytes,
             cpus,
@@ -154,8 +231,9 @@ pub struct ReceiveConfig {
     pub api_socket: PathBuf,
     /// Incoming attempts to accept (1..=[`MAX_ATTEMPTS`]).
     pub attempts: u32,
-    /// Memory bytes and vCPUs of a VM to build before the source connects.
-    pub shape: Option<(u64, u8)>,
+    /// What a stream's guest may be: at most `--max-mem` and `--max-cpus`, or exactly
+    /// `--mem` and `--cpus` (the VM built before the source connects).
+    pub limits: GuestLimits,
     /// Longest wait for any one read or write on a connection.
     pub io_timeout: Duration,
     /// Longest from a connection to the `Ready` reply.
@@ -186,6 +264,8 @@ pub struct RawReceiveConfig {
     pub attempts: u32,
     pub mem: Option<String>,
     pub cpus: Option<u32>,
+    pub max_mem: Option<String>,
+    pub max_cpus: Option<u32>,
     pub io_timeout_ms: Option<u64>,
     pub handshake_timeout_ms: Option<u64>,
     pub commit_timeout_ms: Option<u64>,
@@ -222,13 +302,38 @@ impl ReceiveConfig {
         if on_network && tls.is_none() && !raw.insecure_plaintext {
             return Err(ConfigError::PlaintextOnNetwork(source.to_string()));
         }
+        let max_mem_bytes = match raw.max_mem.as_deref() {
+            Some(s) => validate_mem("--max-mem", s)?,
+            None => {
+                host_mem_bytes()
+                    .ok_or(ConfigError::HostMemory)?
+                    .clamp(MIN_MEM_BYTES, MAX_MEM_BYTES)
+                    & !4095
+            }
+        };
+        let max_cpus = match raw.max_cpus {
+            Some(n) => check_cpus("--max-cpus", u64::from(n))?,
+            None => host_cpus(),
+        };
         let shape = match (raw.mem, raw.cpus) {
             (Some(mem), Some(cpus)) => {
                 let c = VmConfig::new(RawConfig {
-                    mem: Some(mem),
+                    mem: Some(mem.clone()),
                     cpus: Some(cpus),
                     ..Default::default()
                 })?;
+                if c.mem_bytes > max_mem_bytes {
+                    return Err(ConfigError::ShapeAboveMaxMem {
+                        mem,
+                        max: format_size(max_mem_bytes),
+                    });
+                }
+                if c.cpus > max_cpus {
+                    return Err(ConfigError::ShapeAboveMaxCpus {
+                        cpus: c.cpus,
+                        max: max_cpus,
+                    });
+                }
                 Some((c.mem_bytes, c.cpus))
             }
             _ => None,
@@ -238,7 +343,11 @@ impl ReceiveConfig {
             source,
             api_socket: raw.api_socket.unwrap_or_else(default_api_socket),
             attempts: raw.attempts,
-            shape,
+            limits: GuestLimits {
+                max_mem_bytes,
+                max_cpus,
+                shape,
+            },
             io_timeout: ms(raw.io_timeout_ms, receive::DEFAULT_IO_TIMEOUT),
             handshake_timeout: ms(raw.handshake_timeout_ms, receive::DEFAULT_HANDSHAKE_TIMEOUT),
             commit_timeout: ms(raw.commit_timeout_ms, receive::DEFAULT_GO_TIMEOUT),
@@ -257,21 +366,32 @@ pub fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn validate_mem(s: &str) -> Result<u64, ConfigError> {
-    let bytes = parse_size(s)?;
-    if bytes == 0 {
-        return Err(ConfigError::MemZero);
-    }
-    if bytes < MIN_MEM_BYTES {
-        return Err(ConfigError::MemTooSmall(s.to_string()));
-    }
-    if bytes > MAX_MEM_BYTES {
-        return Err(ConfigError::MemTooLarge(s.to_string()));
-    }
-    if bytes % 4096 != 0 {
-        return Err(ConfigError::MemUnaligned(s.to_string()));
-    }
-    Ok(bytes)
+/// What a destination takes from a stream, checked before it allocates or maps anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestLimits {
+    /// `--max-mem` (default: this host's memory).
+    pub max_mem_bytes: u64,
+    /// `--max-cpus` (default: this host's online CPUs).
+    pub max_cpus: u8,
+    /// `--mem` and `--cpus`: memory bytes and vCPUs of the VM built before the source
+    /// connects; a stream of another shape is refused.
+    pub shape: Option<(u64, u8)>,
+}
+
+/// This host's memory (`MemTotal`).
+fn host_mem_bytes() -> Option<u64> {
+    crate::procfs::mem_total_bytes(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+/// This host's online CPUs, at most [`MAX_CPUS`].
+fn host_cpus() -> u8 {
+    // SAFETY: sysconf(3) with a constant name; no memory is involved.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u8::try_from(n.clamp(1, i64::from(MAX_CPUS))).unwrap_or(1)
+}
+
+fn validate_mem(field: &'static str, s: &str) -> Result<u64, ConfigError> {
+    check_mem(field, parse_size(s)?, s)
 }
 
 /// Parse a size such as `512M`, `1G`, `16G`, `4096K`, `1T` or a plain byte count.
@@ -359,20 +479,22 @@ mod tests {
     fn mem_bounds_are_checked() {
         assert_eq!(
             VmConfig::new(raw(Some("0"), None)),
-            Err(ConfigError::MemZero)
+            Err(ConfigError::MemZero { field: "--mem" })
         );
         assert!(matches!(
             VmConfig::new(raw(Some("1M"), None)),
-            Err(ConfigError::MemTooSmall(_))
+            Err(ConfigError::MemTooSmall { .. })
         ));
         assert!(matches!(
             VmConfig::new(raw(Some("1024T"), None)),
-            Err(ConfigError::MemTooLarge(_))
+            Err(ConfigError::MemTooLarge { .. })
         ));
-        assert!(matches!(
-            VmConfig::new(raw(Some("16777217"), None)),
-            Err(ConfigError::MemUnaligned(_))
-        ));
+        assert_eq!(
+            VmConfig::new(raw(Some("16777217"), None))
+                .unwrap_err()
+                .to_string(),
+            "--mem 16777217 is not a multiple of 4K"
+        );
         let c = VmConfig::new(raw(Some("16G"), None)).expect("16G is valid");
         assert_eq!(c.mem_bytes, 16 << 30);
     }
@@ -381,14 +503,22 @@ mod tests {
     fn cpus_bounds_are_checked() {
         assert_eq!(
             VmConfig::new(raw(None, Some(0))),
-            Err(ConfigError::CpusZero)
+            Err(ConfigError::CpusZero { field: "--cpus" })
         );
         assert_eq!(
             VmConfig::new(raw(None, Some(100_000))),
-            Err(ConfigError::CpusTooMany(100_000))
+            Err(ConfigError::CpusTooMany {
+                field: "--cpus",
+                value: 100_000
+            })
+        );
+        // 255 would be the broadcast APIC id.
+        assert_eq!(
+            check_cpus("cpus", 255).unwrap_err().to_string(),
+            "cpus 255 is above the maximum of 254"
         );
         assert_eq!(VmConfig::new(raw(None, Some(8))).map(|c| c.cpus), Ok(8));
-        assert!(ConfigError::CpusZero.to_string().contains("cpus"));
+        assert_eq!(check_cpus("cpus", 254), Ok(254));
     }
 
     #[test]
@@ -466,10 +596,72 @@ mod tests {
         r.cmdline = Some("x".repeat(MAX_CMDLINE_LEN));
         assert!(matches!(
             VmConfig::new(r),
-            Err(ConfigError::CmdlineTooLong(_))
+            Err(ConfigError::CmdlineTooLong { .. })
         ));
         let mut r = raw(None, None);
         r.cmdline = Some("a\0b".into());
-        assert_eq!(VmConfig::new(r), Err(ConfigError::CmdlineNul));
+        assert_eq!(
+            VmConfig::new(r),
+            Err(ConfigError::CmdlineNul { field: "--cmdline" })
+        );
+    }
+
+    fn receive_raw(
+        extra: impl FnOnce(&mut RawReceiveConfig),
+    ) -> Result<ReceiveConfig, ConfigError> {
+        let mut r = RawReceiveConfig {
+            listen: Some("unix:/tmp/x.mig".into()),
+            attempts: 1,
+            ..Default::default()
+        };
+        extra(&mut r);
+        ReceiveConfig::new(r)
+    }
+
+    #[test]
+    fn receive_limits_default_to_the_host_and_bound_the_shape() {
+        let c = receive_raw(|_| {}).expect("defaults");
+        let host = host_mem_bytes().expect("meminfo");
+        assert!(c.limits.max_mem_bytes <= host && c.limits.max_mem_bytes > host - 4096);
+        assert_eq!(c.limits.max_cpus, host_cpus());
+        assert_eq!(c.limits.shape, None);
+        let c = receive_raw(|r| {
+            r.max_mem = Some("2G".into());
+            r.max_cpus = Some(4);
+            r.mem = Some("1G".into());
+            r.cpus = Some(2);
+        })
+        .expect("a shape within the limits");
+        assert_eq!(
+            c.limits,
+            GuestLimits {
+                max_mem_bytes: 2 << 30,
+                max_cpus: 4,
+                shape: Some((1 << 30, 2))
+            }
+        );
+        let err = receive_raw(|r| {
+            r.max_mem = Some("1G".into());
+            r.mem = Some("2G".into());
+            r.cpus = Some(1);
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "--mem 2G is above --max-mem 1G");
+        let err = receive_raw(|r| r.max_cpus = Some(255)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--max-cpus 255 is above the maximum of 254"
+        );
+        let err = receive_raw(|r| r.max_mem = Some("1M".into())).unwrap_err();
+        assert_eq!(err.to_string(), "--max-mem 1M is below the minimum of 16M");
+    }
+
+    #[test]
+    fn sizes_format_as_short_as_exact() {
+        assert_eq!(format_size(24 << 30), "24G");
+        assert_eq!(format_size(1536 << 20), "1536M");
+        assert_eq!(format_size(4 << 40), "4T");
+        assert_eq!(format_size(4097 << 10), "4097K");
+        assert_eq!(format_size(1000), "1000");
     }
 }

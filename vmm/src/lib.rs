@@ -5,7 +5,8 @@
 //! ```text
 //! VmConfig ─▶ BootSources::open (files checked) ─▶ control::bind (socket)
 //!          ─▶ Vmm::new: open_kvm → create_vm → create_memory → load_kernel
-//!                       → setup_devices → create_vcpus → configure_boot_vcpu
+//!                       → setup_devices → guest_cpuid → create_vcpus → settle_msrs
+//!                       → configure_boot_vcpu
 //!          ─▶ event loop (event-manager): exit eventfd, signalfd, control socket, stdin
 //!          ─▶ Vmm::start (one thread per vCPU) … until an exit reason is recorded
 //!          ─▶ vCPUs finished, terminal restored, socket removed → VmExit
@@ -43,6 +44,7 @@ pub mod tls_init;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvm_bindings::kvm_cpuid_entry2;
 use kvm_ioctls::Kvm;
 use log::{info, warn};
 use migration::dirty::DirtyError;
@@ -98,6 +100,8 @@ pub enum VmmError {
     VcpuCount { found: usize, expected: usize },
     #[error("cannot restore the serial port")]
     RestoreSerial(#[source] crate::devices::serial::SerialError),
+    #[error("cannot give the vCPUs the guest's CPUID")]
+    GuestCpuid(#[source] BuildError),
 }
 
 /// Whether the vCPUs run (`status` spells it in lowercase).
@@ -137,8 +141,10 @@ pub struct Vmm {
     config: VmConfig,
     state: RunState,
     started_at: Instant,
-    /// The MSRs a vCPU's saved state holds (`KVM_GET_MSR_INDEX_LIST`).
-    msr_index_list: Arc<Vec<u32>>,
+    /// The CPUID the guest sees (vCPU 0's table; each vCPU has its own APIC id in it).
+    cpuid: Vec<kvm_cpuid_entry2>,
+    /// The MSRs a vCPU's saved state holds (`builder::settle_msrs`).
+    msrs: Arc<Vec<u32>>,
     /// KVM's dirty bitmap per slot, reused: faulted in at the first fetch, not in the downtime.
     dirty_scratch: Vec<Vec<u64>>,
     /// How long a pause, resume or state save waits for the vCPUs.
@@ -189,11 +195,12 @@ impl Vmm {
                 None => None,
             };
             let devices = builder::setup_devices(&vm, &exit, out)?;
-            let vcpus = builder::create_vcpus(&kvm, &vm, &config, &devices, &exit, &memory)?;
+            let mut cpuid = builder::guest_cpuid(&kvm, &config)?;
+            let vcpus = builder::create_vcpus(&vm, &config, &cpuid, &devices, &exit, &memory)?;
+            let msrs = Arc::new(builder::settle_msrs(&kvm, &vcpus, &mut cpuid)?);
             if let (Some(bsp), Some(entry)) = (vcpus.first(), entry) {
                 builder::configure_boot_vcpu(bsp, &entry)?;
             }
-            let msr_index_list = Arc::new(builder::msr_index_list(&kvm)?);
             let dirty_scratch = vec![Vec::new(); vm.slots().len()];
             Ok(Vmm {
                 handles: Vec::new(),
@@ -206,7 +213,8 @@ impl Vmm {
                 config: config.clone(),
                 state: RunState::Created,
                 started_at: Instant::now(),
-                msr_index_list,
+                cpuid,
+                msrs,
                 dirty_scratch,
                 response_timeout: RESPONSE_TIMEOUT,
                 fail_start_at: None,
@@ -369,6 +377,30 @@ impl Vmm {
         self.config.cmdline = cmdline;
     }
 
+    /// The CPUID the guest sees (vCPU 0's table).
+    pub fn guest_cpuid(&self) -> &[kvm_cpuid_entry2] {
+        &self.cpuid
+    }
+
+    /// The MSRs each vCPU's saved state holds.
+    pub fn saved_msrs(&self) -> &[u32] {
+        &self.msrs
+    }
+
+    /// Before the first start: every vCPU takes `cpuid` (vCPU 0's table of a guest received
+    /// here, checked against this host beforehand; it is not changed), and the MSRs to save
+    /// are those the vCPUs take back under it.
+    pub fn set_guest_cpuid(&mut self, cpuid: Vec<kvm_cpuid_entry2>) -> Result<(), VmmError> {
+        if self.state != RunState::Created {
+            return Err(VmmError::WrongState(self.state, "change its CPUID"));
+        }
+        builder::set_vcpu_cpuid(&self.vcpus, &cpuid).map_err(VmmError::GuestCpuid)?;
+        let msrs = builder::vm_msrs(&self.kvm, &self.vcpus).map_err(VmmError::GuestCpuid)?;
+        self.cpuid = cpuid;
+        self.msrs = Arc::new(msrs);
+        Ok(())
+    }
+
     /// Guest memory; its bitmaps record the VMM's own writes.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
@@ -467,7 +499,7 @@ impl Vmm {
         let vm = VmState::save(self.vm.fd()).map_err(VmmError::SaveVm)?;
         let mut vcpus = Vec::with_capacity(self.handles.len());
         for h in &self.handles {
-            h.send_event(VcpuEvent::SaveState(self.msr_index_list.clone()))
+            h.send_event(VcpuEvent::SaveState(self.msrs.clone()))
                 .map_err(VmmError::SaveVcpu)?;
             let state = match h
                 .response(Instant::now() + self.response_timeout)

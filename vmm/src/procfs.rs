@@ -1,5 +1,6 @@
 //! Small readers of `/proc`: the resident set size, from `/proc/<pid>/statm` (a few counters,
-//! cheaper to produce than `status`: the destination reports its RSS inside the downtime).
+//! cheaper to produce than `status`: the destination reports its RSS inside the downtime),
+//! and the host's memory, from `/proc/meminfo`.
 
 /// Resident size in KiB from a `/proc/<pid>/statm` text (second field, in pages); `None`
 /// when it is missing or unparsable.
@@ -20,9 +21,25 @@ pub fn rss_kib(pid: Option<u32>) -> u64 {
     rss_kib_of_statm(&std::fs::read_to_string(path).unwrap_or_default()).unwrap_or(0)
 }
 
+/// `MemTotal` in bytes from a `/proc/meminfo` text.
+pub fn mem_total_bytes(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut words = line.split_whitespace().skip(1);
+    let kib: u64 = words.next()?.parse().ok()?;
+    (words.next()? == "kB").then_some(kib)?.checked_mul(1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_mem_total() {
+        let text = "MemTotal:       24594184 kB\nMemFree:          512 kB\n";
+        assert_eq!(mem_total_bytes(text), Some(24594184 * 1024));
+        assert_eq!(mem_total_bytes("MemFree: 5 kB\n"), None);
+        assert_eq!(mem_total_bytes("MemTotal: 5 MB\n"), None);
+    }
 
     #[test]
     fn parses_resident_pages() {

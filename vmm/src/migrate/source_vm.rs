@@ -34,11 +34,7 @@ impl SourceVm {
             if regions.len() != v.memory_slots().len() {
                 return Err("guest memory regions and KVM slots differ".into());
             }
-            let supported = v
-                .kvm()
-                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-                .map_err(VmOpError::new)?;
-            let config = MigrationConfig::new(v.config(), supported.as_slice());
+            let config = MigrationConfig::new(v.config(), v.guest_cpuid(), v.saved_msrs());
             (regions, config)
         };
         Ok(SourceVm {

@@ -1,6 +1,9 @@
-//! The destination VM as a [`MigrationTarget`]: a thin adapter that builds the VM from the
-//! incoming configuration with pristine memory (no kernel loaded, nothing written), restores
-//! its state only once the whole stream arrived, then starts it.
+//! The destination VM as a [`MigrationTarget`]: a thin adapter that checks the incoming
+//! configuration (the command line's limits, this destination's `--max-mem`/`--max-cpus` or
+//! its prepared shape, the guest's CPUID against this host) before it allocates, maps or
+//! registers any guest memory, then builds the VM with pristine memory (no kernel loaded,
+//! nothing written) and the guest's CPUID, checks that its vCPUs take back every MSR the
+//! source saves, restores the state only once the whole stream arrived, then starts it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,8 +15,9 @@ use migration::{
     VmOpError,
 };
 
+use crate::arch::x86_64::cpuid::guest_cpuid;
 use crate::builder;
-use crate::config::{KernelSource, VmConfig};
+use crate::config::{GuestLimits, KernelSource, VmConfig};
 use crate::control::protocol::DestinationReport;
 use crate::devices::serial::{SerialOut, StdoutOut};
 use crate::persist::{memory_hash, MemoryHash, MigrationConfig, VmSnapshot};
@@ -26,6 +30,8 @@ pub struct TargetVm {
     kvm: Arc<Kvm>,
     /// What this host's KVM supports, for the configuration check.
     supported_cpuid: Vec<kvm_cpuid_entry2>,
+    /// What a stream's guest may be.
+    limits: GuestLimits,
     incoming: Option<MigrationConfig>,
     vmm: Option<Vmm>,
     regions: Vec<RamRegion>,
@@ -39,7 +45,7 @@ pub struct TargetVm {
 }
 
 impl TargetVm {
-    pub fn new(api_socket: PathBuf) -> Result<TargetVm, VmOpError> {
+    pub fn new(api_socket: PathBuf, limits: GuestLimits) -> Result<TargetVm, VmOpError> {
         let kvm = builder::open_kvm().map_err(VmOpError::new)?;
         let supported_cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -50,6 +56,7 @@ impl TargetVm {
             api_socket,
             kvm: Arc::new(kvm),
             supported_cpuid,
+            limits,
             incoming: None,
             vmm: None,
             regions: Vec::new(),
@@ -62,7 +69,7 @@ impl TargetVm {
 
     /// Builds the VM before the stream arrives (`receive --mem --cpus`): its memory is
     /// mapped and never written, so the stream finds it pristine. A stream of another shape
-    /// replaces it.
+    /// is refused (`GuestLimits::shape`).
     pub fn prepare(&mut self, mem_bytes: u64, cpus: u8) -> Result<(), VmOpError> {
         self.build(mem_bytes, cpus, String::new())
     }
@@ -114,10 +121,12 @@ impl GuestRam for TargetVm {
 
 impl MigrationTarget for TargetVm {
     fn validate_config(&mut self, blob: &[u8]) -> Result<(), VmOpError> {
-        let cfg: MigrationConfig = serde_json::from_slice(blob)
-            .map_err(|e| format!("configuration is not valid JSON: {e}"))?;
-        cfg.check_values().map_err(VmOpError::new)?;
-        cfg.check_cpu(&self.supported_cpuid)
+        let cfg: MigrationConfig =
+            serde_json::from_slice(blob).map_err(|e| format!("configuration is not valid: {e}"))?;
+        // Nothing is allocated, mapped or registered before these pass.
+        let (mem_bytes, cpus) = cfg.check_values().map_err(VmOpError::new)?;
+        cfg.check_limits(&self.limits).map_err(VmOpError::new)?;
+        cfg.check_cpu(&guest_cpuid(&self.supported_cpuid, cpus))
             .map_err(VmOpError::new)?;
         // A prepared VM, or a retry, with the same shape keeps the VM: the migration crate
         // proves its memory zero or resets it before accepting elided pages.
@@ -126,32 +135,40 @@ impl MigrationTarget for TargetVm {
             .as_ref()
             .map(|v| (v.config().mem_bytes, v.config().cpus));
         match self.vmm.as_mut() {
-            Some(vmm) if built == Some((cfg.mem_bytes, cfg.cpus)) => {
-                vmm.set_cmdline(cfg.cmdline.clone())
-            }
-            _ => {
-                if let Some((mem, cpus)) = built {
-                    log::warn!(
-                        "Prepared for {mem} bytes and {cpus} vCPUs, the stream has {} and {}: \
-                         rebuilding the VM",
-                        cfg.mem_bytes,
-                        cfg.cpus
-                    );
-                }
-                self.build(cfg.mem_bytes, cfg.cpus, cfg.cmdline.clone())?;
-            }
+            Some(vmm) if built == Some((mem_bytes, cpus)) => vmm.set_cmdline(cfg.cmdline.clone()),
+            _ => self.build(mem_bytes, cpus, cfg.cmdline.clone())?,
         }
+        let vmm = self.vmm()?;
+        vmm.set_guest_cpuid(cfg.guest_cpuid())
+            .map_err(VmOpError::new)?;
+        cfg.check_msrs(vmm.saved_msrs()).map_err(VmOpError::new)?;
         self.incoming = Some(cfg);
         Ok(())
     }
 
     fn accepts_state(&self, id: &str) -> bool {
-        VmSnapshot::is_known_id(id, self.incoming.as_ref().map_or(0, |c| c.cpus))
+        let cpus = self.incoming.as_ref().map_or(0, |c| c.cpus);
+        VmSnapshot::is_known_id(id, u8::try_from(cpus).unwrap_or(0))
     }
 
     fn restore_state(&mut self, states: Vec<StateBlob>) -> Result<(), VmOpError> {
-        let cpus = self.incoming.as_ref().map_or(0, |c| c.cpus);
-        let snapshot = VmSnapshot::from_blobs(&states, cpus).map_err(VmOpError::new)?;
+        let (cpus, msrs) = self
+            .incoming
+            .as_ref()
+            .map_or((0, Vec::new()), |c| (c.cpus, c.msrs.clone()));
+        let snapshot = VmSnapshot::from_blobs(&states, u8::try_from(cpus).unwrap_or(0))
+            .map_err(VmOpError::new)?;
+        // Exactly the MSRs the configuration announced (and this host's vCPUs take back).
+        for v in &snapshot.vcpus {
+            let saved: Vec<u32> = v.msrs.iter().map(|&(i, _)| i).collect();
+            if saved != msrs {
+                return Err(format!(
+                    "vCPU {} state holds MSRs {saved:x?}, the configuration announced {msrs:x?}",
+                    v.id
+                )
+                .into());
+            }
+        }
         // Guest memory first: refuse to go on if it is not what the source had.
         if let Some(there) = snapshot.memory_hash {
             let here = memory_hash(&self.regions);

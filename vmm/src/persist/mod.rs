@@ -14,10 +14,10 @@ pub mod vm;
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::SerialState;
 
-pub use config::{CompatError, MigrationConfig};
+pub use config::{CompatError, CpuidEntry, MigrationConfig};
 pub use hash::{memory_hash, MemoryHash};
 pub use snapshot::VmSnapshot;
-pub use vcpu::{VcpuState, VcpuStateError};
+pub use vcpu::{restorable_msrs, VcpuState, VcpuStateError};
 pub use vm::{VmState, VmStateError};
 
 /// Blob ids and the version of their layout.
@@ -25,7 +25,8 @@ pub const VM_STATE_ID: &str = "vm";
 pub const SERIAL_ID: &str = "serial";
 pub const MEMORY_HASH_ID: &str = "memhash";
 pub const VCPU_ID_PREFIX: &str = "vcpu";
-pub const STATE_VERSION: u32 = 1;
+/// Version 2: the CPUID left the vCPU state for the configuration.
+pub const STATE_VERSION: u32 = 2;
 
 /// Errors encoding or decoding state blobs.
 #[derive(Debug, thiserror::Error)]
@@ -133,10 +134,13 @@ mod tests {
     #[test]
     fn wrong_version_and_garbage_are_refused() {
         let bytes = encode(SERIAL_ID, &SerialSnapshot::default()).unwrap();
-        assert!(matches!(
-            decode::<SerialSnapshot>(SERIAL_ID, 2, &bytes),
-            Err(BlobError::Version { found: 2, .. })
-        ));
+        // Version 1 (the CPUID inside the vCPU state) and a future one.
+        for v in [1, 3] {
+            assert!(matches!(
+                decode::<SerialSnapshot>(SERIAL_ID, v, &bytes),
+                Err(BlobError::Version { found, .. }) if found == v
+            ));
+        }
         assert!(decode::<VmState>(VM_STATE_ID, STATE_VERSION, &[1, 2, 3]).is_err());
     }
 }

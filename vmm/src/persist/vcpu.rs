@@ -4,16 +4,23 @@
 //! Ordering follows Firecracker's `arch/x86_64/vcpu.rs`, with its reasons:
 //! - save: MP_STATE first, because `KVM_GET_MP_STATE` runs `kvm_apic_accept_events()`, which may
 //!   change vCPU and LAPIC state that is saved afterwards;
-//! - restore: CPUID, MP_STATE, REGS, SREGS (APIC base), XSAVE, XCRS, DEBUGREGS, then LAPIC
+//! - restore: TSC rate, MP_STATE, REGS, SREGS (APIC base), XSAVE, XCRS, DEBUGREGS, then LAPIC
 //!   (needs the APIC base from SREGS), then MSRs (the TSC-deadline MSR needs the LAPIC in
 //!   TSC-deadline mode), and VCPU_EVENTS last (the setters above may clear pending events).
+//!
+//! The CPUID is not part of the state: it travels in the migration's configuration, where the
+//! destination checks it before it accepts the stream, and is set when the vCPUs are made.
+//! Everything saved is restored or the restore fails (the source then keeps its guest): the
+//! TSC rate and every MSR. The source saves only the MSRs its vCPUs take back
+//! ([`restorable_msrs`]), and the destination checks before `Ready` that its own take every
+//! one the source announced.
 
 use kvm_bindings::{
     kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::VcpuFd;
-use log::{debug, warn};
+use log::debug;
 use serde::{Deserialize, Serialize};
 
 /// Errors while saving or restoring one vCPU.
@@ -25,26 +32,18 @@ pub enum VcpuStateError {
     Set(&'static str, #[source] kvm_ioctls::Error),
     #[error("MSR list of {0} entries cannot be built")]
     Msrs(usize),
-    #[error("essential MSR {0:#x} could not be restored")]
-    EssentialMsr(u32),
+    #[error("MSR {0:#x} could not be read")]
+    MsrUnreadable(u32),
+    #[error("MSR {index:#x} (value {value:#x}) was refused by this host's KVM")]
+    MsrRefused { index: u32, value: u64 },
+    #[error("the TSC rate of {0} kHz cannot be set on this host")]
+    TscKhz(u32, #[source] kvm_ioctls::Error),
 }
-
-/// MSRs the guest cannot run correctly without: their loss is an error, not a warning.
-const ESSENTIAL_MSRS: &[u32] = &[
-    0x10,        // IA32_TSC
-    0xc000_0080, // EFER
-    0x1b,        // IA32_APIC_BASE
-];
-
-/// MSRs KVM may list but refuse to set: IA32_ARCH_CAPABILITIES, which a nested KVM without
-/// the feature reports and rejects (QEMU needs `-cpu host,-arch-capabilities` there).
-const UNSETTABLE_MSRS: &[u32] = &[0x10a];
 
 /// Everything KVM keeps for one vCPU.
 #[derive(Default, Serialize, Deserialize)]
 pub struct VcpuState {
     pub id: u32,
-    pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     pub mp_state: kvm_mp_state,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
@@ -67,16 +66,10 @@ impl std::fmt::Debug for VcpuState {
 }
 
 impl VcpuState {
-    /// Save the state of a paused vCPU. `msr_index_list` is `KVM_GET_MSR_INDEX_LIST`.
-    pub fn save(
-        id: u32,
-        vcpu: &VcpuFd,
-        msr_index_list: &[u32],
-    ) -> Result<VcpuState, VcpuStateError> {
+    /// Save the state of a paused vCPU, with every MSR of `msrs` (the VM's
+    /// [`restorable_msrs`]: one that cannot be read fails the save).
+    pub fn save(id: u32, vcpu: &VcpuFd, msrs: &[u32]) -> Result<VcpuState, VcpuStateError> {
         use VcpuStateError::Get;
-        let cpuid = vcpu
-            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| Get("CPUID2", e))?;
         // MP_STATE first: see the module comment.
         let mp_state = vcpu.get_mp_state().map_err(|e| Get("MP_STATE", e))?;
         let regs = vcpu.get_regs().map_err(|e| Get("REGS", e))?;
@@ -85,12 +78,11 @@ impl VcpuState {
         let xcrs = vcpu.get_xcrs().map_err(|e| Get("XCRS", e))?;
         let debugregs = vcpu.get_debug_regs().map_err(|e| Get("DEBUGREGS", e))?;
         let lapic = vcpu.get_lapic().map_err(|e| Get("LAPIC", e))?;
-        let msrs = save_msrs(vcpu, msr_index_list)?;
+        let msrs = save_msrs(vcpu, msrs)?;
         let events = vcpu.get_vcpu_events().map_err(|e| Get("VCPU_EVENTS", e))?;
         let tsc_khz = vcpu.get_tsc_khz().ok();
         Ok(VcpuState {
             id,
-            cpuid: cpuid.as_slice().to_vec(),
             mp_state,
             regs,
             sregs,
@@ -104,20 +96,14 @@ impl VcpuState {
         })
     }
 
-    /// Restore into a freshly created vCPU that has not run yet.
+    /// Restore into a freshly created vCPU that has not run yet (its CPUID set from the
+    /// migration's configuration). Every part is restored or this fails.
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), VcpuStateError> {
         use VcpuStateError::Set;
-        let cpuid =
-            CpuId::from_entries(&self.cpuid).map_err(|_| VcpuStateError::Msrs(self.cpuid.len()))?;
-        vcpu.set_cpuid2(&cpuid).map_err(|e| Set("CPUID2", e))?;
         if let Some(khz) = self.tsc_khz {
             if vcpu.get_tsc_khz().ok() != Some(khz) {
-                if let Err(e) = vcpu.set_tsc_khz(khz) {
-                    warn!(
-                        "vCPU {}: TSC frequency {khz} kHz not settable: {e}",
-                        self.id
-                    );
-                }
+                vcpu.set_tsc_khz(khz)
+                    .map_err(|e| VcpuStateError::TscKhz(khz, e))?;
             }
         }
         vcpu.set_mp_state(self.mp_state)
@@ -131,76 +117,81 @@ impl VcpuState {
         vcpu.set_debug_regs(&self.debugregs)
             .map_err(|e| Set("DEBUGREGS", e))?;
         vcpu.set_lapic(&self.lapic).map_err(|e| Set("LAPIC", e))?;
-        restore_msrs(vcpu, self.id, &self.msrs)?;
+        restore_msrs(vcpu, &self.msrs)?;
         vcpu.set_vcpu_events(&self.events)
             .map_err(|e| Set("VCPU_EVENTS", e))?;
         Ok(())
     }
 }
 
-/// Read every MSR of the list that KVM can read; an MSR that KVM refuses is left out.
+fn msr_entries(pairs: impl Iterator<Item = (u32, u64)>) -> Vec<kvm_msr_entry> {
+    pairs
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Reads every MSR of `list` (in chunks of KVM's limit); one that KVM does not read is an
+/// error: the configuration announced it.
 fn save_msrs(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>, VcpuStateError> {
     let mut out = Vec::with_capacity(list.len());
-    let mut rest: Vec<u32> = list.to_vec();
-    while !rest.is_empty() {
-        let chunk: Vec<u32> = rest
-            .iter()
-            .copied()
-            .take(kvm_bindings::KVM_MAX_MSR_ENTRIES)
-            .collect();
-        let entries: Vec<kvm_msr_entry> = chunk
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
+    for chunk in list.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+        let entries = msr_entries(chunk.iter().map(|&i| (i, 0)));
         let mut msrs =
             Msrs::from_entries(&entries).map_err(|_| VcpuStateError::Msrs(chunk.len()))?;
         let n = vcpu
             .get_msrs(&mut msrs)
             .map_err(|e| VcpuStateError::Get("MSRS", e))?;
-        out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
-        // KVM stops at the first MSR it cannot read: skip that one and go on.
-        let consumed = if n < chunk.len() {
-            debug!("MSR {:#x} not readable; left out of the state", chunk[n]);
-            n + 1
-        } else {
-            n
-        };
-        rest.drain(..consumed);
+        if let Some(&bad) = chunk.get(n) {
+            return Err(VcpuStateError::MsrUnreadable(bad));
+        }
+        out.extend(msrs.as_slice().iter().map(|e| (e.index, e.data)));
     }
     Ok(out)
 }
 
-/// Write the saved MSRs; one that this KVM refuses is skipped with a warning unless essential.
-fn restore_msrs(vcpu: &VcpuFd, id: u32, saved: &[(u32, u64)]) -> Result<(), VcpuStateError> {
-    let mut rest: Vec<kvm_msr_entry> = saved
-        .iter()
-        .filter(|(i, _)| !UNSETTABLE_MSRS.contains(i))
-        .map(|&(index, data)| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        })
-        .collect();
-    while !rest.is_empty() {
-        let take = rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES);
-        let msrs = Msrs::from_entries(&rest[..take]).map_err(|_| VcpuStateError::Msrs(take))?;
+/// Writes every saved MSR; one that this KVM refuses is an error.
+fn restore_msrs(vcpu: &VcpuFd, saved: &[(u32, u64)]) -> Result<(), VcpuStateError> {
+    for chunk in saved.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+        let entries = msr_entries(chunk.iter().copied());
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::Msrs(chunk.len()))?;
         let n = vcpu
             .set_msrs(&msrs)
             .map_err(|e| VcpuStateError::Set("MSRS", e))?;
-        let consumed = if n < take {
-            let bad = rest[n].index;
-            if ESSENTIAL_MSRS.contains(&bad) {
-                return Err(VcpuStateError::EssentialMsr(bad));
-            }
-            warn!("vCPU {id}: MSR {bad:#x} refused by this KVM; skipped");
-            n + 1
-        } else {
-            n
-        };
-        rest.drain(..consumed);
+        if let Some(&(index, value)) = chunk.get(n) {
+            return Err(VcpuStateError::MsrRefused { index, value });
+        }
     }
     Ok(())
+}
+
+/// The MSRs of `candidates` (`KVM_GET_MSR_INDEX_LIST`) that this vCPU reads and takes back:
+/// each is read and written again with the value read. KVM lists MSRs it refuses to set in
+/// some configurations (IA32_ARCH_CAPABILITIES while the vCPU's CPUID lacks its bit); a VM
+/// saves only the ones it can restore, so that a migration restores all it saved. Call it
+/// on a vCPU that has its CPUID and has not run.
+pub fn restorable_msrs(vcpu: &VcpuFd, candidates: &[u32]) -> Vec<u32> {
+    let one = |index, data| Msrs::from_entries(&msr_entries(std::iter::once((index, data))));
+    candidates
+        .iter()
+        .copied()
+        .filter(|&index| {
+            let Ok(mut m) = one(index, 0) else {
+                return false;
+            };
+            let read = vcpu.get_msrs(&mut m).ok() == Some(1);
+            let Some(value) = m.as_slice().first().map(|e| e.data).filter(|_| read) else {
+                debug!("MSR {index:#x} not readable: not saved");
+                return false;
+            };
+            let taken = one(index, value).is_ok_and(|m| vcpu.set_msrs(&m).ok() == Some(1));
+            if !taken {
+                debug!("MSR {index:#x} = {value:#x} not settable: not saved");
+            }
+            taken
+        })
+        .collect()
 }

@@ -1,20 +1,37 @@
-//! CPUID for each vCPU: KVM's supported set, with the per-vCPU APIC id and topology patched in.
+//! CPUID for each vCPU. [`guest_cpuid`] makes the table a guest of this host sees (KVM's
+//! supported set with the topology subleaves added and nested virtualisation hidden: its
+//! state is not migrated); [`vcpu_cpuid`] patches a table for one vCPU (APIC id, topology).
+//! The table of vCPU 0 travels in a migration's configuration and the destination patches it
+//! for each of its vCPUs (patching is idempotent), after `cpuid_compat` checked that this host
+//! offers all of it.
 
 use kvm_bindings::{kvm_cpuid_entry2, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
-const LEAF_FEATURES: u32 = 0x1;
+pub const LEAF_FEATURES: u32 = 0x1;
+pub const LEAF_EXT_FEATURES: u32 = 0x7;
 const LEAF_CACHE: u32 = 0x4;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
-const LEAF_AMD_EXT_FEATURES: u32 = 0x8000_0001;
+pub const LEAF_AMD_EXT_FEATURES: u32 = 0x8000_0001;
 const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+/// AMD's SVM features (nested virtualisation).
+const LEAF_SVM: u32 = 0x8000_000a;
 const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
 
 /// 0x8000_0001 ECX: legacy multi-core (CmpLegacy).
-const ECX_CMP_LEGACY: u32 = 1 << 1;
-
-const ECX_HYPERVISOR: u32 = 1 << 31;
-const EDX_HTT: u32 = 1 << 28;
+pub const ECX_CMP_LEGACY: u32 = 1 << 1;
+/// 0x8000_0001 ECX: SVM (AMD nested virtualisation).
+pub const ECX_SVM: u32 = 1 << 2;
+/// Leaf 1 ECX: VMX (Intel nested virtualisation).
+pub const ECX_VMX: u32 = 1 << 5;
+/// Leaf 1 ECX: the guest enabled XSAVE (CR4.OSXSAVE), kept by KVM at run time.
+pub const ECX_OSXSAVE: u32 = 1 << 27;
+pub const ECX_HYPERVISOR: u32 = 1 << 31;
+pub const EDX_HTT: u32 = 1 << 28;
+/// Leaf 7.0 ECX: the guest enabled protection keys (CR4.PKE), kept by KVM at run time.
+pub const ECX_OSPKE: u32 = 1 << 4;
+/// Leaf 7.0 EDX: IA32_ARCH_CAPABILITIES (MSR 0x10a) exists.
+pub const EDX_ARCH_CAPABILITIES: u32 = 1 << 29;
 
 /// Topology level types of leaves 0xB/0x1F.
 const LEVEL_SMT: u32 = 1;
@@ -49,15 +66,82 @@ fn add_topology_subleaves(entries: &mut Vec<kvm_cpuid_entry2>) {
     }
 }
 
-/// The CPUID of vCPU `cpu_id` of `cpu_count`, from KVM_GET_SUPPORTED_CPUID's `supported`:
-/// one package of `cpu_count` single-thread cores, APIC id = `cpu_id`, hypervisor bit set.
-pub fn vcpu_cpuid(
-    supported: &[kvm_cpuid_entry2],
-    cpu_id: u8,
-    cpu_count: u8,
-) -> Vec<kvm_cpuid_entry2> {
-    let mut entries = supported.to_vec();
+/// The CPUID a guest of `cpu_count` vCPUs sees on this host (vCPU 0's), from
+/// KVM_GET_SUPPORTED_CPUID's `supported`: topology subleaves added, VMX, SVM and the SVM
+/// leaf hidden (nested state is not migrated, so a guest must not start nested guests).
+pub fn guest_cpuid(supported: &[kvm_cpuid_entry2], cpu_count: u8) -> Vec<kvm_cpuid_entry2> {
+    let mut entries: Vec<kvm_cpuid_entry2> = supported
+        .iter()
+        .filter(|e| e.function != LEAF_SVM)
+        .map(|e| kvm_cpuid_entry2 {
+            padding: [0; 3],
+            ..*e
+        })
+        .collect();
     add_topology_subleaves(&mut entries);
+    for e in &mut entries {
+        match (e.function, e.index) {
+            (LEAF_FEATURES, 0) => e.ecx &= !ECX_VMX,
+            (LEAF_AMD_EXT_FEATURES, 0) => e.ecx &= !ECX_SVM,
+            _ => {}
+        }
+    }
+    patch_cpuid(&mut entries, 0, cpu_count);
+    entries
+}
+
+/// MSRs whose existence a CPUID bit announces: (MSR, leaf, subleaf, register, bit).
+const MSR_FEATURES: &[(u32, u32, u32, usize, u32)] = &[(
+    super::msr::MSR_IA32_ARCH_CAPABILITIES,
+    LEAF_EXT_FEATURES,
+    0,
+    3,
+    EDX_ARCH_CAPABILITIES,
+)];
+
+/// Hides from `entries` every feature whose MSR is not in `restorable` (the MSRs a VM saves):
+/// a guest must not read a value that a migration would not carry. Returns whether it hid
+/// any.
+pub fn hide_unrestorable(entries: &mut [kvm_cpuid_entry2], restorable: &[u32]) -> bool {
+    let mut hid = false;
+    for &(msr, leaf, subleaf, reg, bit) in MSR_FEATURES {
+        if !restorable.contains(&msr) && has(entries, leaf, subleaf, reg, bit) {
+            log::info!("MSR {msr:#x} cannot be restored here: its CPUID bit is hidden");
+            hide(entries, leaf, subleaf, reg, bit);
+            hid = true;
+        }
+    }
+    hid
+}
+
+/// Clears a feature bit in `entries` (leaf, subleaf, register index eax=0 .. edx=3).
+pub fn hide(entries: &mut [kvm_cpuid_entry2], leaf: u32, subleaf: u32, reg: usize, bit: u32) {
+    for e in entries
+        .iter_mut()
+        .filter(|e| e.function == leaf && e.index == subleaf)
+    {
+        match reg {
+            0 => e.eax &= !bit,
+            1 => e.ebx &= !bit,
+            2 => e.ecx &= !bit,
+            _ => e.edx &= !bit,
+        }
+    }
+}
+
+/// Whether `entries` has a feature bit (as [`hide`] names it).
+pub fn has(entries: &[kvm_cpuid_entry2], leaf: u32, subleaf: u32, reg: usize, bit: u32) -> bool {
+    entries
+        .iter()
+        .filter(|e| e.function == leaf && e.index == subleaf)
+        .any(|e| [e.eax, e.ebx, e.ecx, e.edx][reg.min(3)] & bit != 0)
+}
+
+/// The CPUID of vCPU `cpu_id` of `cpu_count` from the guest's table (a [`guest_cpuid`], or
+/// one that came with a migration): one package of `cpu_count` single-thread cores, APIC id
+/// = `cpu_id`, hypervisor bit set.
+pub fn vcpu_cpuid(guest: &[kvm_cpuid_entry2], cpu_id: u8, cpu_count: u8) -> Vec<kvm_cpuid_entry2> {
+    let mut entries = guest.to_vec();
     patch_cpuid(&mut entries, cpu_id, cpu_count);
     entries
 }
@@ -170,9 +254,45 @@ mod tests {
     }
 
     #[test]
+    fn nested_virtualisation_is_hidden() {
+        let mut supported = vec![leaf(1, 0), leaf(0x8000_0001, 0), leaf(LEAF_SVM, 0)];
+        supported[0].ecx = ECX_VMX | 1;
+        supported[1].ecx = ECX_SVM | 1;
+        supported[2].eax = 1;
+        let g = guest_cpuid(&supported, 1);
+        assert_eq!(g.len(), 2, "the SVM leaf is gone");
+        assert_eq!(g[0].ecx & (ECX_VMX | 1), 1, "VMX hidden, the rest kept");
+        assert_eq!(g[1].ecx & (ECX_SVM | 1), 1, "SVM hidden, the rest kept");
+        assert!(!has(&g, 1, 0, 2, ECX_VMX) && has(&g, 1, 0, 2, ECX_HYPERVISOR));
+    }
+
+    #[test]
+    fn a_feature_whose_msr_is_not_restorable_is_hidden() {
+        let mut e = vec![leaf(7, 0)];
+        e[0].edx = EDX_ARCH_CAPABILITIES | 1;
+        assert!(!hide_unrestorable(&mut e, &[0x10, 0x10a]));
+        assert_eq!(e[0].edx, EDX_ARCH_CAPABILITIES | 1);
+        assert!(hide_unrestorable(&mut e, &[0x10]));
+        assert_eq!(e[0].edx, 1, "only its bit");
+        assert!(!hide_unrestorable(&mut e, &[0x10]), "nothing left to hide");
+    }
+
+    #[test]
+    fn patching_a_patched_table_is_patching_the_original() {
+        let supported = vec![leaf(1, 0), leaf(4, 0), leaf(0xb, 0), leaf(0x8000_0008, 0)];
+        let g = guest_cpuid(&supported, 4);
+        let again = vcpu_cpuid(&g, 0, 4);
+        assert_eq!(again, g);
+        let mut direct = supported.clone();
+        add_topology_subleaves(&mut direct);
+        patch_cpuid(&mut direct, 3, 4);
+        assert_eq!(vcpu_cpuid(&g, 3, 4), direct);
+    }
+
+    #[test]
     fn topology_subleaves_are_added_to_kvms_zeroed_leaf() {
         let supported = vec![leaf(1, 0), leaf(0xb, 0), leaf(0xd, 0)];
-        let e = vcpu_cpuid(&supported, 1, 2);
+        let e = vcpu_cpuid(&guest_cpuid(&supported, 2), 1, 2);
         let topo: Vec<&kvm_cpuid_entry2> = e.iter().filter(|x| x.function == 0xb).collect();
         assert_eq!(topo.len(), 3);
         assert!(topo

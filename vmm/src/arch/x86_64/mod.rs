@@ -7,6 +7,7 @@
 pub mod acpi;
 pub mod bootparams;
 pub mod cpuid;
+pub mod cpuid_compat;
 pub mod e820;
 pub mod gdt;
 pub mod layout;

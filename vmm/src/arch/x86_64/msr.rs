@@ -13,7 +13,9 @@ pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 pub const MSR_IA32_TSC: u32 = 0x10;
 pub const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 pub const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
-/// IA32_ARCH_CAPABILITIES: KVM on our hosts refuses to set it, so it is never in the list.
+/// IA32_ARCH_CAPABILITIES: not a boot MSR (KVM's value stands), and KVM refuses to set it
+/// while the vCPU's CPUID lacks its bit; `cpuid::hide_unrestorable` hides the bit where it
+/// cannot be restored.
 pub const MSR_IA32_ARCH_CAPABILITIES: u32 = 0x10a;
 
 const MISC_ENABLE_FAST_STRING: u64 = 1;
