@@ -12,6 +12,7 @@
 pub mod guest;
 pub mod linux;
 pub mod migrate;
+pub mod peer;
 pub mod qemu;
 
 pub use vmm::require_kvm;

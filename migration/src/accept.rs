@@ -2,13 +2,16 @@
 //! [`Acceptor`]. No peer can end the destination or hold it:
 //!
 //! ```text
-//! accept ─┬─ receiver waiting ─▶ handshake thread: stream header + Config within the
-//!         │                       handshake deadline
-//!         │                         ├─ done first ─▶ offered: Acceptor::next returns it
-//!         │                         └─ probe, reset, garbage, idle: logged with the peer's
-//!         │                            address, told why (if it sent anything), closed
-//!         └─ receiver busy ──────▶ Error "busy: ..." record, closed
+//! accept ─▶ helper thread: [TLS handshake, if the endpoint has TLS] ─┬─ receiver busy:
+//!            Error "busy: ..." record, closed                            │
+//!          ┌─────────────────────────────────────────────────────────────┘ receiver waiting
+//!          └▶ stream header + Config within the handshake deadline
+//!               ├─ done first ─▶ offered: Acceptor::next returns it
+//!               └─ probe, reset, garbage, idle, refused certificate: logged with the peer's
+//!                  address, told why (if it sent anything), closed
 //! ```
+//!
+//! With TLS only an authenticated peer learns that the destination is busy, and with whom.
 //!
 //! Until a connection sent a valid stream header and `Config` it is not a migration attempt:
 //! several handshakes run at once (at most [`MAX_HELPERS`] threads, busy replies included;
@@ -24,11 +27,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::fault::{FaultSpecError, Faults};
 use crate::receive::{read_handshake, Handshake, ReceiveOptions, ReceiveProgress};
 use crate::records::encode_message;
 use crate::stream::send_reply;
 use crate::sync::lock;
-use crate::transport::{Connection, Listener, Transport, TransportError};
+use crate::tls::TlsServer;
+use crate::transport::{Connection, Deadline, Listener, Transport, TransportError};
 use crate::wire::RecordKind;
 
 /// Most helper threads at once: handshakes in progress plus busy replies being delivered.
@@ -39,6 +44,33 @@ const LINGER: Duration = Duration::from_secs(2);
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest a stopping acceptor waits for its helpers to deliver their last replies.
 const STOP_WAIT: Duration = Duration::from_secs(3);
+
+/// Gives each connection the faults it runs with (tests, `fault.rs`), called as it is
+/// accepted: the handshake and the rest of that connection's receive share them.
+pub type FaultSupplier = Arc<dyn Fn() -> Result<Faults, FaultSpecError> + Send + Sync>;
+
+/// What each connection gets before its stream begins.
+#[derive(Clone)]
+pub struct AcceptOptions {
+    /// Its faults (tests).
+    pub faults: FaultSupplier,
+    /// Mutual TLS: the handshake comes first, within the handshake timeout; a peer it
+    /// refuses is logged and closed like any other refusal.
+    pub tls: Option<Arc<TlsServer>>,
+    /// Without TLS: log a warning, with the peer's address, for every connection (a
+    /// plaintext endpoint reachable from the network, `receive --insecure-plaintext`).
+    pub warn_plaintext: bool,
+}
+
+impl Default for AcceptOptions {
+    fn default() -> Self {
+        AcceptOptions {
+            faults: no_faults(),
+            tls: None,
+            warn_plaintext: false,
+        }
+    }
+}
 
 /// Why [`Acceptor::next`] has no connection to offer.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +91,8 @@ pub struct Offer {
     pub peer: String,
     /// The progress to pass in `ReceiveOptions::progress`: busy replies quote it.
     pub progress: Arc<ReceiveProgress>,
+    /// The faults of this connection, to pass in `ReceiveOptions::faults`.
+    pub faults: Faults,
 }
 
 /// What the receiver is doing, as the busy replies describe it.
@@ -88,6 +122,7 @@ struct Shared {
     state: Mutex<State>,
     changed: Condvar,
     options: ReceiveOptions,
+    accept: AcceptOptions,
 }
 
 /// Serves a listening socket on its own thread (see the module documentation). Dropping it
@@ -102,8 +137,12 @@ pub struct Acceptor {
 
 impl Acceptor {
     /// Starts serving `listener` (a socket; a `file:` snapshot has nothing to serve). The
-    /// handshakes use `options`' timeouts and faults.
-    pub fn start(listener: Listener, options: &ReceiveOptions) -> io::Result<Acceptor> {
+    /// handshakes use `options`' timeouts and give-up flag, and `accept`'s faults and TLS.
+    pub fn start(
+        listener: Listener,
+        options: &ReceiveOptions,
+        accept: AcceptOptions,
+    ) -> io::Result<Acceptor> {
         let wake = listener.wake_handle();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -119,6 +158,7 @@ impl Acceptor {
                 progress: Arc::default(),
                 ..options.clone()
             },
+            accept,
         });
         let thread = std::thread::Builder::new().name("acceptor".into()).spawn({
             let shared = shared.clone();
@@ -294,8 +334,7 @@ fn busy_message(s: &State) -> Option<String> {
     }
 }
 
-/// Starts a helper thread for a new connection, if there is room: a handshake while the
-/// receiver waits, a busy reply otherwise.
+/// Starts a helper thread for a new connection, if there is room.
 fn dispatch(mut conn: Connection, shared: &Arc<Shared>) {
     let peer = conn.peer().unwrap_or_else(|| "an unknown peer".into());
     let mut s = lock(&shared.state);
@@ -307,13 +346,10 @@ fn dispatch(mut conn: Connection, shared: &Arc<Shared>) {
         conn.shutdown();
         return;
     }
-    let busy = busy_message(&s);
     let id = s.next_id;
     s.next_id += 1;
-    if busy.is_none() {
-        if let Some(fd) = conn.wake_handle() {
-            s.handshakes.insert(id, fd);
-        }
+    if let Some(fd) = conn.wake_handle() {
+        s.handshakes.insert(id, fd);
     }
     s.helpers += 1;
     drop(s);
@@ -321,19 +357,74 @@ fn dispatch(mut conn: Connection, shared: &Arc<Shared>) {
         let shared = shared.clone();
         let peer = peer.clone();
         move || {
-            match busy {
-                Some(message) => {
-                    log::warn!("Connection from {peer} refused: {message}");
-                    reply_error(&mut conn, &message);
-                }
-                None => handshake(conn, peer, &shared),
-            }
+            serve(conn, peer, &shared);
             helper_done(&shared, id);
         }
     });
     if let Err(e) = spawned {
         log::warn!("Connection from {peer} closed unanswered: no thread for it ({e})");
         helper_done(shared, id);
+    }
+}
+
+/// A helper thread: TLS first (if any), then a busy reply or the stream's handshake.
+fn serve(conn: Connection, peer: String, shared: &Shared) {
+    let Some(mut conn) = secure(conn, &peer, shared) else {
+        return;
+    };
+    let busy = busy_message(&lock(&shared.state));
+    match busy {
+        Some(message) => {
+            log::warn!("Connection from {peer} refused: {message}");
+            reply_error(&mut conn, &message);
+        }
+        None => handshake(conn, peer, shared),
+    }
+}
+
+/// The TLS handshake, on an endpoint with TLS (bounded by the I/O and handshake timeouts);
+/// `None` if it failed (logged: the peer was told, if it spoke at all).
+fn secure(mut conn: Connection, peer: &str, shared: &Shared) -> Option<Connection> {
+    let Some(tls) = &shared.accept.tls else {
+        if shared.accept.warn_plaintext {
+            log::warn!(
+                "plaintext migration connection from {peer}: not authenticated, not encrypted \
+                 (--insecure-plaintext)"
+            );
+        }
+        return Some(conn);
+    };
+    let o = &shared.options;
+    if let Err(e) = conn
+        .set_read_timeout(o.io_timeout)
+        .and_then(|()| conn.set_write_timeout(o.io_timeout))
+    {
+        log::warn!("Connection from {peer} closed: {e}");
+        return None;
+    }
+    let deadline = Deadline::after(o.handshake_timeout, "TLS handshake");
+    match conn.tls_server(tls, deadline) {
+        Ok(c) => {
+            let who = c
+                .tls_peer()
+                .map_or_else(|| "no readable subject".into(), ToString::to_string);
+            match c.tls_allowed_by() {
+                Some(by) => log::info!("TLS source {peer}: {who}, allowed by {by}"),
+                None => log::info!("TLS source {peer}: {who}, signed by the CA"),
+            }
+            Some(c)
+        }
+        Err(e) if e.is_empty_connection() => {
+            log::warn!("Connection from {peer} closed without sending anything (a probe?)");
+            None
+        }
+        Err(e) => {
+            log::warn!(
+                "Connection from {peer} refused before a migration began: {}",
+                crate::error_chain(&e)
+            );
+            None
+        }
     }
 }
 
@@ -347,7 +438,19 @@ fn helper_done(shared: &Shared, id: u64) {
 /// A helper thread's handshake: offered to the receiver if it completes while the receiver
 /// waits; refused (and logged with the peer's address) otherwise.
 fn handshake(mut conn: Connection, peer: String, shared: &Shared) {
-    let handshake = match read_handshake(&mut conn, &shared.options) {
+    let faults = match (shared.accept.faults)() {
+        Ok(f) => f,
+        Err(e) => {
+            log::warn!("Connection from {peer} refused: bad fault injection setting: {e}");
+            reply_error(&mut conn, &format!("bad fault injection setting: {e}"));
+            return;
+        }
+    };
+    let options = ReceiveOptions {
+        faults: faults.clone(),
+        ..shared.options.clone()
+    };
+    let handshake = match read_handshake(&mut conn, &options) {
         Ok(h) => h,
         Err(e) if e.is_empty_stream() => {
             log::warn!("Connection from {peer} closed without sending anything (a probe?)");
@@ -380,6 +483,7 @@ fn handshake(mut conn: Connection, peer: String, shared: &Shared) {
         handshake,
         peer,
         progress: Arc::default(),
+        faults,
     }));
     shared.changed.notify_all();
 }
@@ -390,6 +494,11 @@ fn reply_error(conn: &mut Connection, message: &str) {
     if send_reply(conn, RecordKind::Error, &encode_message(message)).is_ok() {
         linger(conn);
     }
+}
+
+/// A [`FaultSupplier`] that arms nothing.
+pub fn no_faults() -> FaultSupplier {
+    Arc::new(|| Ok(Faults::none()))
 }
 
 /// Closes our side for writing, then reads (and drops) what the peer still sends until it
@@ -473,7 +582,7 @@ mod tests {
             io_timeout: Some(Duration::from_secs(60)),
             ..options()
         };
-        let acceptor = Acceptor::start(l, &opts).expect("start");
+        let acceptor = Acceptor::start(l, &opts, AcceptOptions::default()).expect("start");
         // A probe: connect, close.
         drop(ep.connect(Duration::from_secs(5)).expect("connect"));
         // Garbage: told why.
@@ -516,7 +625,7 @@ mod tests {
     fn a_second_source_is_told_the_destination_is_busy() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (ep, l) = listen(&dir);
-        let acceptor = Acceptor::start(l, &options()).expect("start");
+        let acceptor = Acceptor::start(l, &options(), AcceptOptions::default()).expect("start");
         let hello = header_and_config();
         let first = std::thread::spawn({
             let ep = ep.clone();
@@ -565,7 +674,7 @@ mod tests {
             io_timeout: Some(Duration::from_secs(60)),
             ..options()
         };
-        let acceptor = Acceptor::start(l, &opts).expect("start");
+        let acceptor = Acceptor::start(l, &opts, AcceptOptions::default()).expect("start");
         let idle: Vec<Connection> = (0..MAX_HELPERS)
             .map(|_| ep.connect(Duration::from_secs(5)).expect("connect"))
             .collect();
@@ -594,7 +703,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(60),
             ..options()
         };
-        let acceptor = Acceptor::start(l, &opts).expect("start");
+        let acceptor = Acceptor::start(l, &opts, AcceptOptions::default()).expect("start");
         let _idle = ep.connect(Duration::from_secs(5)).expect("connect");
         let t = Instant::now();
         while state(&acceptor).handshakes.is_empty() {

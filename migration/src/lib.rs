@@ -90,7 +90,7 @@ pub mod zero;
 #[cfg(test)]
 mod roundtrip_tests;
 
-pub use accept::{AcceptError, Acceptor, Offer};
+pub use accept::{no_faults, AcceptError, AcceptOptions, Acceptor, FaultSupplier, Offer};
 pub use cancel::Cancel;
 pub use dirty::DirtyBitmap;
 pub use memory::{

@@ -110,8 +110,10 @@ pub struct ReceiveArgs {
     /// Control socket of the restored VM (default as for `run`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
-    /// Incoming attempts to accept: after a failed one the destination makes its memory
-    /// pristine again and waits for the next (default 1: a failure ends minivmm).
+    /// Incoming migrations to try: after a failed one the destination makes its memory
+    /// pristine again and waits for the next (default 1: a failure ends minivmm). Only a
+    /// connection whose stream header and configuration were accepted counts; probes,
+    /// garbage, idle peers and refused configurations are logged and do not.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=MAX_ATTEMPTS as i64))]
     pub attempts: u32,
     /// Guest memory of the VM to expect (as for `run`): with --cpus, the VM is built before

@@ -328,24 +328,28 @@ fn spawn_receiver(listen: &Path, api: &Path) -> Vm {
 
 /// `minivmm receive` has no event loop until a guest arrives. Meanwhile its control socket
 /// answers (status says what it does, requests needing a VM are refused, shutdown gives up),
-/// and a signal or a shutdown, while it waits or while a stream is half received, ends it
-/// cleanly without starting a guest.
+/// and a signal or a shutdown, while it waits, while a peer is half way through its stream
+/// header (still waiting: no stream began) or while a stream is half received, ends it
+/// cleanly without starting a guest, and the peer is told why.
 #[test]
 fn receive_answers_and_ends_cleanly_before_a_guest_arrives() {
+    require_kvm!();
+    let config = vmm::test_utils::host_migration_config(64 << 20, 1).expect("host config");
+    let start = vmm::test_utils::stream_start(&serde_json::to_vec(&config).expect("json"));
     // (how it is ended, bytes of a stream a source sends first, the state status reports)
     for (end, tag, feed, state) in [
         (Some(libc::SIGTERM), "rx-wait", None, IncomingState::Waiting),
         (
             Some(libc::SIGINT),
             "rx-part",
-            Some(&b"MINIVMM"[..]),
+            Some(&start[..]),
             IncomingState::Receiving,
         ),
         (
             None,
             "rx-shut",
             Some(&b"MINIVMM"[..]),
-            IncomingState::Receiving,
+            IncomingState::Waiting,
         ),
     ] {
         let api = sock(&format!("{tag}-api"));

@@ -192,7 +192,7 @@ mod tests {
             wire(control.handle(Request::Status, &conn)),
             json!({"ok": true, "state": "waiting", "listen": "unix:/tmp/m.sock"})
         );
-        let _progress = incoming.receiving(None);
+        incoming.receiving(None, std::sync::Arc::default());
         assert_eq!(
             wire(control.handle(Request::Status, &conn)),
             json!({"ok": true, "state": "receiving", "listen": "unix:/tmp/m.sock",

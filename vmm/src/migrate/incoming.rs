@@ -98,19 +98,17 @@ impl Incoming {
         s.shut_down_if_ended();
     }
 
-    /// A source connected: `connection` (from `Connection::wake_handle`) is shut down by
-    /// [`end`](Incoming::end). Returns the progress for the receiver to update.
-    pub fn receiving(&self, connection: Option<OwnedFd>) -> Arc<ReceiveProgress> {
+    /// A source's stream began: `connection` (from `Connection::wake_handle`) is shut down by
+    /// [`end`](Incoming::end), and `progress` is the receive's, which `end` gives up.
+    pub fn receiving(&self, connection: Option<OwnedFd>, progress: Arc<ReceiveProgress>) {
         let mut s = self.lock();
         s.phase = IncomingState::Receiving;
         s.connection = connection;
-        let progress = Arc::new(ReceiveProgress::default());
         if s.ended.is_some() {
             progress.give_up();
         }
-        s.progress = Some(progress.clone());
+        s.progress = Some(progress);
         s.shut_down_if_ended();
-        progress
     }
 
     /// The attempt failed; back to waiting for the next source.
@@ -310,7 +308,7 @@ mod tests {
         let mut buf = [0u8; 1];
         assert_eq!(listener.read(&mut buf).expect("read"), 0, "shut down");
         let (mut conn, _peer2, handle) = guarded_pair();
-        incoming.receiving(handle);
+        incoming.receiving(handle, Arc::default());
         assert_eq!(conn.read(&mut buf).expect("read"), 0, "shut down at once");
     }
 }

@@ -3,17 +3,26 @@
 //!
 //! ```text
 //! listen ─▶ control socket ─▶ InterimLoop (status, shutdown, signals)
-//!   ─▶ accept ─▶ receive_migration ─▶ guest runs ─▶ control socket back to the VM's loop
-//!        ▲          │ failed, attempts left: back to waiting
+//!   ─▶ Acceptor (its own thread: handshakes, "busy" replies)
+//!   ─▶ offer ─▶ receive_handshaken ─▶ guest runs ─▶ control socket back to the VM's loop
+//!        ▲          │ refused configuration: back to waiting, no attempt spent
+//!        │          │ failed, attempts left: back to waiting
 //!        └──────────┘
 //! ```
+//!
+//! A bad peer can neither end the destination nor hold it: probes, resets, garbage, idle
+//! peers and (with `--tls-dir`) peers whose certificate is refused never get past the
+//! acceptor's handshakes (logged with their address), a second source gets a "busy" reply,
+//! and only a stream whose configuration this destination accepted counts as an attempt.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use log::{error, info, warn};
+use log::{info, warn};
 use migration::tls::{AllowList, TlsError, TlsServer};
 use migration::{
-    receive_migration, Connection, Deadline, DestinationError, Listener, ReceiveOptions, Transport,
+    receive_handshaken, receive_migration, AcceptError, AcceptOptions, Acceptor, DestinationError,
+    FaultSupplier, Listener, Offer, ReceiveOptions,
 };
 
 use super::incoming::{Incoming, IncomingError, InterimLoop};
@@ -36,6 +45,10 @@ pub enum ReceiveError {
     Control(#[source] ControlError),
     #[error("migration transport failed")]
     Transport(#[source] migration::TransportError),
+    #[error("cannot serve the migration socket")]
+    Acceptor(#[source] std::io::Error),
+    #[error("waiting for a migration failed")]
+    Accept(#[source] AcceptError),
     #[error("incoming migration failed")]
     Receive(#[source] DestinationError),
     #[error("the incoming migration left no VM")]
@@ -50,8 +63,6 @@ pub enum ReceiveError {
     Fault(#[source] migration::fault::FaultSpecError),
     #[error("cannot use the TLS directory")]
     TlsSetup(#[source] TlsError),
-    #[error("connection refused")]
-    Refused(#[source] TlsError),
     #[error(transparent)]
     Run(RunError),
 }
@@ -66,15 +77,15 @@ pub fn receive(
 ) -> Result<VmExit, ReceiveError> {
     block_exit_signals().map_err(ReceiveError::Signals)?;
     let tls = match &config.tls {
-        Some(t) => Some(
+        Some(t) => Some(Arc::new(
             TlsServer::load(&t.dir, AllowList::new(t.allow.clone()))
                 .map_err(ReceiveError::TlsSetup)?,
-        ),
+        )),
         None => None,
     };
     // Listening before the control socket appears: whoever waits for that socket may start
     // the migration at once.
-    let mut listener = config.source.listen().map_err(ReceiveError::Transport)?;
+    let listener = config.source.listen().map_err(ReceiveError::Transport)?;
     let socket = control::bind(&config.api_socket).map_err(ReceiveError::Control)?;
     on_socket(socket.path());
     let incoming = Incoming::new(config.source.to_string());
@@ -96,18 +107,13 @@ pub fn receive(
         give_up: incoming.give_up_flag(),
         ..ReceiveOptions::default()
     };
-    let given_up = accept_migration(
-        &mut listener,
-        tls.as_ref(),
-        &mut target,
-        &incoming,
-        &config,
-        options,
-    )?;
+    let given_up = match listener {
+        Listener::File(..) => load_snapshot(listener, &mut target, &incoming, options)?,
+        _ => accept_migration(listener, tls, &mut target, &incoming, &config, options)?,
+    };
     if let Some(why) = given_up {
         return Ok(why);
     }
-    drop(listener);
     let socket = match interim.stop() {
         Some(s) => s,
         None => control::bind(&config.api_socket).map_err(ReceiveError::Control)?,
@@ -122,43 +128,111 @@ pub fn receive(
     serve(vmm, socket).map_err(ReceiveError::Run)
 }
 
-/// Accept sources until one migration is received and its guest runs (`None`), or the
-/// receive is given up before that (`Some(why)`: a signal, a shutdown request). A connection
-/// that sends nothing is a probe; one refused by TLS (no certificate signed by the CA, a
-/// subject not allowed, plaintext) is no attempt; a failed attempt is retried while
-/// `attempts` allow.
+/// What a `receive` given up before its guest ran says about it (and returns).
+fn given_up(why: VmExit, e: Option<&ReceiveError>) -> Option<VmExit> {
+    let what = match why {
+        VmExit::Signal(sig) => format!("signal {sig}"),
+        _ => "shutdown request".to_string(),
+    };
+    match e {
+        None | Some(ReceiveError::Accept(_) | ReceiveError::Transport(_)) => {
+            warn!("{what} while waiting for a migration")
+        }
+        Some(ReceiveError::Receive(DestinationError::GivenUp)) => {
+            warn!("{what}: incoming migration given up, guest not started")
+        }
+        Some(e) => warn!("{what}: incoming migration failed ({})", error_chain(e)),
+    }
+    Some(why)
+}
+
+/// Loads a snapshot (one attempt): `None` once its guest runs, `Some(why)` if the receive was
+/// given up before.
+fn load_snapshot(
+    mut listener: Listener,
+    target: &mut TargetVm,
+    incoming: &Incoming,
+    options: ReceiveOptions,
+) -> Result<Option<VmExit>, ReceiveError> {
+    let result = listener
+        .accept()
+        .map_err(ReceiveError::Transport)
+        .and_then(|mut conn| {
+            incoming.receiving(None, options.progress.clone());
+            let options = ReceiveOptions {
+                faults: armed_faults().map_err(ReceiveError::Fault)?,
+                ..options
+            };
+            receive_migration(target, &mut conn, &options).map_err(ReceiveError::Receive)
+        });
+    match result {
+        Ok(stats) => {
+            info!("snapshot restored: {stats}");
+            Ok(None)
+        }
+        Err(e) if target.started() || target.unusable() => Err(e),
+        Err(e) => match incoming.ended() {
+            Some(why) => Ok(given_up(why, Some(&e))),
+            None => Err(e),
+        },
+    }
+}
+
+/// Serves the listening socket (an [`Acceptor`], with `tls` if given) until one migration is
+/// received and its guest runs (`None`), or the receive is given up before that
+/// (`Some(why)`: a signal, a shutdown request). A connection refused before its stream
+/// began (by TLS too), or a stream whose configuration is refused, costs no attempt; a
+/// failed attempt is retried while `attempts` allow.
 fn accept_migration(
-    listener: &mut Listener,
-    tls: Option<&TlsServer>,
+    listener: Listener,
+    tls: Option<Arc<TlsServer>>,
     target: &mut TargetVm,
     incoming: &Incoming,
     config: &ReceiveConfig,
     options: ReceiveOptions,
 ) -> Result<Option<VmExit>, ReceiveError> {
-    let is_file = matches!(listener, Listener::File(..));
+    // Each connection reads the armed fault as it is accepted (tests; `fault.rs`).
+    let faults: FaultSupplier = Arc::new(armed_faults);
+    let accept = AcceptOptions {
+        faults,
+        tls,
+        warn_plaintext: config.insecure_plaintext,
+    };
+    let acceptor = Acceptor::start(listener, &options, accept).map_err(ReceiveError::Acceptor)?;
     let attempts = config.attempts;
-    let mut attempt = 1;
+    let mut attempt = 0;
     loop {
-        let result = listener
-            .accept()
-            .map_err(ReceiveError::Transport)
-            .and_then(|conn| {
-                let progress = incoming.receiving(conn.wake_handle());
-                let mut conn = secure(conn, tls, config)?;
-                target.tls_peer = conn.tls_peer().map(ToString::to_string);
-                let options = ReceiveOptions {
-                    progress,
-                    faults: armed_faults().map_err(ReceiveError::Fault)?,
-                    ..options.clone()
+        let Offer {
+            mut connection,
+            handshake,
+            peer,
+            progress,
+            faults,
+        } = match acceptor.next() {
+            Ok(offer) => offer,
+            Err(e) => {
+                let e = ReceiveError::Accept(e);
+                return match incoming.ended() {
+                    Some(why) => Ok(given_up(why, Some(&e))),
+                    None => Err(e),
                 };
-                receive_migration(target, &mut conn, &options).map_err(ReceiveError::Receive)
-            });
+            }
+        };
+        incoming.receiving(connection.wake_handle(), progress.clone());
+        target.tls_peer = connection.tls_peer().map(ToString::to_string);
+        let options = ReceiveOptions {
+            progress: progress.clone(),
+            faults,
+            ..options.clone()
+        };
+        let result = receive_handshaken(target, &mut connection, handshake, &options);
+        drop(connection);
         let e = match result {
             Ok(stats) => {
-                info!("incoming migration complete: {stats}");
+                info!("incoming migration from {peer} complete: {stats}");
                 return Ok(None);
             }
-            Err(e) => e,
+            Err(e) => ReceiveError::Receive(e),
         };
         // A guest that started here, or a VM whose start failed half-way (its vCPUs ran on
         // its memory), cannot be received into again.
@@ -167,74 +241,25 @@ fn accept_migration(
         }
         // Nothing is lost: the source has no acknowledgement and keeps running.
         if let Some(why) = incoming.ended() {
-            let what = match why {
-                VmExit::Signal(sig) => format!("signal {sig}"),
-                _ => "shutdown request".to_string(),
-            };
-            match e {
-                ReceiveError::Transport(_) => warn!("{what} while waiting for a migration"),
-                ReceiveError::Receive(DestinationError::GivenUp) => {
-                    warn!("{what}: incoming migration given up, guest not started")
-                }
-                e => warn!("{what}: incoming migration failed ({})", error_chain(&e)),
-            }
-            return Ok(Some(why));
-        }
-        match e {
-            ReceiveError::Receive(e) if e.is_empty_stream() && !is_file => {}
-            ReceiveError::Refused(e) if e.is_empty_connection() => info!("{e}"),
-            ReceiveError::Refused(e) => {
-                error!("{}; waiting for the next connection", error_chain(&e))
-            }
-            e if attempt >= attempts => return Err(e),
-            e => {
-                warn!(
-                    "incoming migration attempt {attempt} of {attempts} failed: {}; waiting for the next",
-                    error_chain(&e)
-                );
-                attempt += 1;
-            }
+            return Ok(given_up(why, Some(&e)));
         }
         incoming.waiting();
-    }
-}
-
-/// The TLS handshake with a source (bounded by the handshake timeout; the destination's
-/// logs name the certificate it accepted), or, on a plaintext endpoint reachable from the
-/// network, a warning.
-fn secure(
-    mut conn: Connection,
-    tls: Option<&TlsServer>,
-    config: &ReceiveConfig,
-) -> Result<Connection, ReceiveError> {
-    let peer = conn.peer().unwrap_or_else(|| "a source".into());
-    let Some(tls) = tls else {
-        if config.insecure_plaintext {
+        acceptor.idle();
+        if !progress.configured() {
             warn!(
-                "plaintext migration connection from {peer}: not authenticated, not encrypted \
-                 (--insecure-plaintext)"
+                "refused the stream from {peer} ({}); waiting for the next",
+                error_chain(&e)
             );
+            continue;
         }
-        return Ok(conn);
-    };
-    conn.set_read_timeout(Some(config.io_timeout))
-        .and_then(|()| conn.set_write_timeout(Some(config.io_timeout)))
-        .map_err(|e| {
-            ReceiveError::Refused(TlsError::Io {
-                peer: peer.clone(),
-                source: e,
-            })
-        })?;
-    let deadline = Deadline::after(config.handshake_timeout, "TLS handshake");
-    let conn = conn
-        .tls_server(tls, deadline)
-        .map_err(ReceiveError::Refused)?;
-    let who = conn
-        .tls_peer()
-        .map_or_else(|| "no readable subject".into(), ToString::to_string);
-    match conn.tls_allowed_by() {
-        Some(by) => info!("TLS source {peer}: {who}, allowed by {by}"),
-        None => info!("TLS source {peer}: {who}, signed by the CA"),
+        attempt += 1;
+        if attempt >= attempts {
+            return Err(e);
+        }
+        warn!(
+            "incoming migration attempt {attempt} of {attempts} (from {peer}) failed: {}; \
+             waiting for the next",
+            error_chain(&e)
+        );
     }
-    Ok(conn)
 }
