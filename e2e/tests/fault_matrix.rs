@@ -24,8 +24,9 @@ use e2e::{free_tcp_port, require_kvm, TempDir};
 use migration::fault::{FaultAction, FaultPoint};
 use vmm::control::protocol::{Done, Reply, Request, ResumeRequest};
 
-/// How long a `stall` sleeps: past every deadline below.
-const STALL_MS: u64 = 2000;
+/// How long a `stall` sleeps: well past every deadline below (a loaded machine stretches
+/// everything else).
+const STALL_MS: u64 = 3000;
 /// The source's bounds (`migrate` flags), and a policy that always runs two dirty passes
 /// (no downtime fits 0 ms while pages are dirty; the third pass is the last live one), so
 /// that every cell reaches the `mid-dirty` point.
@@ -54,8 +55,10 @@ const DEST_FLAGS: &[&str] = &[
 ];
 /// The guest: 2 vCPUs writing and verifying every 100 ms.
 const GUEST: &str = "touch=16M rate=2000 verify_ms=100";
-/// How long the observer watches each process for new `VERIFY-OK` lines.
+/// How long the observer watches each process for new `VERIFY-OK` lines at least, and at
+/// most while neither shows any (a loaded machine may starve a running guest for a while).
 const WATCH: Duration = Duration::from_millis(700);
+const WATCH_MAX: Duration = Duration::from_secs(8);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Side {
@@ -187,6 +190,8 @@ impl Node {
 struct Chain {
     dir: TempDir,
     transport: Transport,
+    /// `s` or `d`: the side this chain faults.
+    side_tag: &'static str,
     n: usize,
 }
 
@@ -198,9 +203,18 @@ impl Chain {
         (path, spec)
     }
 
+    /// A name unique over all chains, for the logs.
+    fn name(&self, what: &str) -> String {
+        let t = match self.transport {
+            Transport::Unix => "u",
+            Transport::Tcp => "t",
+        };
+        format!("{t}{}-{what}{}", self.side_tag, self.n)
+    }
+
     fn boot(&mut self) -> Node {
         self.n += 1;
-        let name = format!("src{}", self.n);
+        let name = self.name("src");
         let (fault, env) = self.fault_env(&name);
         let cmdline = format!("{GUEST} seed={}", self.n);
         let mut vm = Vm::run_env(
@@ -229,7 +243,7 @@ impl Chain {
 
     fn receive(&mut self, uri: &str) -> Node {
         self.n += 1;
-        let name = format!("dst{}", self.n);
+        let name = self.name("dst");
         let (fault, env) = self.fault_env(&name);
         let vm = Vm::receive_env(
             &self.dir,
@@ -251,13 +265,21 @@ fn advanced(vm: &mut Vm, from: usize) -> bool {
         .any(|l| VerifyOk::parse(l).is_some())
 }
 
-/// Watches both processes for [`WATCH`]: which ones' guests advance.
+/// Watches both processes: which ones' guests advance. At least [`WATCH`], and until one of
+/// them shows progress (at most [`WATCH_MAX`]): the other one's silence is judged over the
+/// same window, however long the running one took to show itself.
 fn watch(a: &mut Vm, b: &mut Vm) -> (bool, bool) {
     let (fa, fb) = (a.proc.line_count(), b.proc.line_count());
-    thread::sleep(WATCH);
-    let ra = a.proc.alive() && advanced(a, fa);
-    let rb = b.proc.alive() && advanced(b, fb);
-    (ra, rb)
+    let started = Instant::now();
+    loop {
+        thread::sleep(Duration::from_millis(100));
+        let ra = a.proc.alive() && advanced(a, fa);
+        let rb = b.proc.alive() && advanced(b, fb);
+        let waited = started.elapsed();
+        if (waited >= WATCH && (ra || rb)) || waited >= WATCH_MAX {
+            return (ra, rb);
+        }
+    }
 }
 
 /// Whether the process died of SIGKILL (a `kill` fault).
@@ -391,6 +413,10 @@ fn run_chain(transport: Transport, side: Side) -> Vec<(Cell, Outcome)> {
     let mut chain = Chain {
         dir: TempDir::new(&format!("matrix-{transport:?}-{side:?}").to_lowercase()),
         transport,
+        side_tag: match side {
+            Side::Source => "s",
+            Side::Destination => "d",
+        },
         n: 0,
     };
     let mut src = Some(chain.boot());
@@ -499,6 +525,13 @@ fn a_vcpu_stuck_on_its_console_fails_the_pause_and_the_guest_runs_on() {
     let dir = TempDir::new("stuck-console");
     let api = dir.join("src.api");
     // verify_ms=1: thousands of lines a second fill the pipe at once.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut child = Command::new(e2e::minivmm_bin())
         .args([
             "run",
@@ -518,6 +551,18 @@ fn a_vcpu_stuck_on_its_console_fails_the_pause_and_the_guest_runs_on() {
         .expect("spawn minivmm");
     let mut console = child.stdout.take().expect("stdout");
     let stderr = child.stderr.take().expect("stderr");
+    let mut child = KillOnDrop(child);
+    // A one-page pipe, set before the guest prints much: it fills at once.
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_SETPIPE_SZ on our end of the child's stdout pipe; no memory is involved.
+        let rc = unsafe { libc::fcntl(console.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+        assert!(
+            rc >= 4096,
+            "F_SETPIPE_SZ: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     let errors = thread::spawn(move || {
         let mut s = String::new();
         let _ = std::io::BufReader::new(stderr).read_to_string(&mut s);
@@ -528,7 +573,7 @@ fn a_vcpu_stuck_on_its_console_fails_the_pause_and_the_guest_runs_on() {
         assert!(Instant::now() < deadline, "control socket never appeared");
         thread::sleep(Duration::from_millis(20));
     }
-    // Wait until the pipe is full (64 KiB unread) and stays so: the vCPUs are stuck.
+    // Wait until the pipe is full and stays so: the vCPUs are stuck writing to it.
     let unread = |fd: &std::process::ChildStdout| -> i32 {
         use std::os::fd::AsRawFd;
         let mut n: libc::c_int = 0;
@@ -537,10 +582,11 @@ fn a_vcpu_stuck_on_its_console_fails_the_pause_and_the_guest_runs_on() {
         n
     };
     let deadline = Instant::now() + T;
-    let mut last = -1;
+    let (mut last, mut still) = (-1, 0);
     loop {
         let n = unread(&console);
-        if n >= 60 * 1024 && n == last {
+        still = if n == last { still + 1 } else { 0 };
+        if n >= 3 * 1024 && still >= 3 {
             break;
         }
         assert!(
@@ -611,7 +657,7 @@ fn a_vcpu_stuck_on_its_console_fails_the_pause_and_the_guest_runs_on() {
     assert_hashes_match(&summary);
     let from = dst.proc.line_count();
     e2e::guest::wait_verify(&mut dst.proc, from, 0, T);
-    let _ = child.wait();
+    let _ = child.0.wait();
     drain.join().expect("drain");
     let _ = errors.join();
 }
