@@ -1,9 +1,13 @@
 //! `make bench`: every scenario migrated by minivmm and by QEMU on the same test guest image and
 //! command line, side by side, plus microbenchmarks of the pieces that bound migration speed.
 //!
-//! Usage: `bench [--reps N] [--only NAME[,NAME]] [--downtime-ms N] [--json] [--no-qemu] [--no-micro]`
+//! Usage: `bench [--reps N] [--only NAME[,NAME]] [--downtime-ms N] [--json] [--no-qemu]
+//! [--no-micro] [--report PATH]`
 //! or `bench --tls [--reps N] [--only NAME[,NAME]]`: plaintext TCP vs mutual TLS (default
 //! scenario `idle-4G`), and raw TLS throughput (see `tls.rs`).
+//!
+//! Besides the tables it writes `bench/report.html` (or `--report PATH`): the same figures as
+//! charts, and each scenario's median minivmm migration as a timeline (`report.rs`).
 //!
 //! The `minivmm` measured is `$MINIVMM_BIN` (`make bench` sets it), else the one beside this
 //! executable (`target/release/minivmm` for `cargo run --release -p bench`, which does not
@@ -11,6 +15,7 @@
 
 mod micro;
 mod qmp;
+mod report;
 mod scenario;
 mod tls;
 
@@ -28,6 +33,7 @@ struct Args {
     qemu: bool,
     micro: bool,
     tls: bool,
+    report: PathBuf,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -39,6 +45,7 @@ fn parse_args() -> Result<Args, String> {
         qemu: true,
         micro: true,
         tls: false,
+        report: Path::new(env!("CARGO_MANIFEST_DIR")).join("report.html"),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -55,6 +62,7 @@ fn parse_args() -> Result<Args, String> {
             "--no-qemu" => a.qemu = false,
             "--no-micro" => a.micro = false,
             "--tls" => a.tls = true,
+            "--report" => a.report = PathBuf::from(val("--report")?),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -208,6 +216,7 @@ fn main() {
         .collect();
 
     let mut report = Vec::new();
+    let mut measured = Vec::new();
     let mut any_failed = false;
     for s in &scenarios {
         eprintln!("bench: {} (mem {}, cmdline {:?})", s.name, s.mem, s.cmdline);
@@ -215,10 +224,10 @@ fn main() {
             scenario::run_minivmm(s, &bin, args.downtime_ms)
         });
         let (theirs, theirs_failed) = match &qemu {
-            Some(q) => run_reps(s.name, args.reps, || {
+            Some(q) if !s.local => run_reps(s.name, args.reps, || {
                 scenario::run_qemu(s, q, &image, args.downtime_ms)
             }),
-            None => (Vec::new(), Vec::new()),
+            _ => (Vec::new(), Vec::new()),
         };
         any_failed |= !ours_failed.is_empty();
         let mut rows = Vec::new();
@@ -256,6 +265,32 @@ fn main() {
             "minivmm": ours, "minivmm_failures": ours_failed,
             "qemu": theirs, "qemu_failures": theirs_failed,
         }));
+        measured.push((s, ours, theirs));
+    }
+    let runs: Vec<report::Runs<'_>> = measured
+        .iter()
+        .map(|(s, ours, theirs)| report::Runs {
+            scenario: s,
+            ours,
+            theirs,
+        })
+        .collect();
+    let header = format!(
+        "`make bench` ({}), {} reps, downtime limit {} ms, on {} ({} CPUs), unix-time {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+        args.reps,
+        args.downtime_ms,
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| format!("Linux {}", s.trim()))
+            .unwrap_or_default(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    );
+    match report::write(&args.report, &header, &runs) {
+        Ok(()) => eprintln!("bench: report written to {}", args.report.display()),
+        Err(e) => eprintln!("bench: writing {}: {e}", args.report.display()),
     }
     let micro = if args.micro {
         micro::run(!args.json)

@@ -20,6 +20,9 @@ pub struct Scenario {
     pub cmdline: &'static str,
     /// Extra time the workload runs after its first VERIFY-OK before the migration starts.
     pub settle: Duration,
+    /// Local migration: guest RAM in memfds (`run --mem-shared`) handed over by descriptor
+    /// (`migrate --local`). QEMU 7.2 has no counterpart here (`cpr-transfer` is 9.2's).
+    pub local: bool,
 }
 
 pub fn all() -> Vec<Scenario> {
@@ -29,6 +32,11 @@ pub fn all() -> Vec<Scenario> {
         cpus: 1,
         cmdline,
         settle: Duration::from_millis(settle_ms),
+        local: false,
+    };
+    let local = |name, mem| Scenario {
+        local: true,
+        ..s(name, mem, "touch=64M rate=0 seed=1", 0)
     };
     vec![
         s("idle-1G", "1G", "touch=64M rate=0 seed=1", 0),
@@ -37,6 +45,13 @@ pub fn all() -> Vec<Scenario> {
         s("scrub-1G", "2G", "touch=1G scrub=1G rate=0 seed=2", 0),
         s("writer-20k", "1G", "touch=256M rate=20000 seed=3", 1000),
         s("writer-max", "1G", "touch=256M rate=max seed=4", 1000),
+        local("local-1G", "1G"),
+        local("local-4G", "4G"),
+        local("local-16G", "16G"),
+        Scenario {
+            local: true,
+            ..s("local-writer-max", "1G", "touch=256M rate=max seed=4", 1000)
+        },
     ]
 }
 
@@ -54,6 +69,9 @@ pub struct Measure {
     pub src_rss_mib: f64,
     pub dst_rss_mib: f64,
     pub src_cpu_ms: f64,
+    /// minivmm: the `stats` of `migrate --json` (passes, phases), for the report's timeline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<serde_json::Value>,
 }
 
 const T: Duration = Duration::from_secs(120);
@@ -148,21 +166,21 @@ pub fn run_minivmm_over(
     };
     let started = Instant::now();
     let cpus = s.cpus.to_string();
-    let mut src = Proc::spawn(
-        "minivmm-src",
-        bin,
-        &strings(&[
-            "run",
-            "--mem",
-            s.mem,
-            "--cpus",
-            &cpus,
-            "--cmdline",
-            s.cmdline,
-            "--api-socket",
-            p(&src_api),
-        ]),
-    );
+    let mut run = strings(&[
+        "run",
+        "--mem",
+        s.mem,
+        "--cpus",
+        &cpus,
+        "--cmdline",
+        s.cmdline,
+        "--api-socket",
+        p(&src_api),
+    ]);
+    if s.local {
+        run.push("--mem-shared".into());
+    }
+    let mut src = Proc::spawn("minivmm-src", bin, &run);
     let boot = first_verify(&mut src, started)?;
     settle(&mut src, s)?;
     let mut dst = Proc::spawn(
@@ -187,24 +205,24 @@ pub fn run_minivmm_over(
     );
     e2e::wait_for_socket(&mut dst, &dst_api, T);
     let cpu0 = cpu_ms(src.pid());
-    let mut m = Proc::spawn(
-        "minivmm-migrate",
-        bin,
-        &[
-            strings(&[
-                "migrate",
-                "--to",
-                &uri,
-                "--api-socket",
-                p(&src_api),
-                "--downtime-ms",
-                &downtime_ms.to_string(),
-                "--json",
-            ]),
-            migrate_tls,
-        ]
-        .concat(),
-    );
+    let mut args = [
+        strings(&[
+            "migrate",
+            "--to",
+            &uri,
+            "--api-socket",
+            p(&src_api),
+            "--downtime-ms",
+            &downtime_ms.to_string(),
+            "--json",
+        ]),
+        migrate_tls,
+    ]
+    .concat();
+    if s.local {
+        args.push("--local".into());
+    }
+    let mut m = Proc::spawn("minivmm-migrate", bin, &args);
     let st = m.wait_exit(T).ok_or("migrate did not finish")?;
     let src_cpu = cpu_ms(src.pid()) - cpu0;
     let out = m.lines().join("\n");
@@ -228,6 +246,7 @@ pub fn run_minivmm_over(
         src_rss_mib: summary.source_rss_kib as f64 / 1024.0,
         dst_rss_mib: dst.rss_kib() as f64 / 1024.0,
         src_cpu_ms: src_cpu,
+        stats: Some(summary.stats),
     })
 }
 
@@ -289,6 +308,7 @@ pub fn run_qemu(
         src_rss_mib: src.rss_kib() as f64 / 1024.0,
         dst_rss_mib: dst.rss_kib() as f64 / 1024.0,
         src_cpu_ms: src_cpu,
+        stats: None,
     })
 }
 

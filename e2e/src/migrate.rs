@@ -32,23 +32,34 @@ impl Vm {
         cmdline: &str,
         env: &[(&str, &str)],
     ) -> Vm {
+        Vm::run_with(dir, name, mem, cpus, cmdline, &[], env)
+    }
+
+    /// [`Vm::run`] with extra flags (`--mem-shared`) and environment variables.
+    pub fn run_with(
+        dir: &TempDir,
+        name: &str,
+        mem: &str,
+        cpus: u32,
+        cmdline: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Vm {
         let api = dir.join(&format!("{name}.api"));
         let cpus = cpus.to_string();
-        let mut proc = Proc::minivmm_env(
-            name,
-            &[
-                "run",
-                "--mem",
-                mem,
-                "--cpus",
-                &cpus,
-                "--cmdline",
-                cmdline,
-                "--api-socket",
-                api.to_str().unwrap(),
-            ],
-            env,
-        );
+        let mut args = vec![
+            "run",
+            "--mem",
+            mem,
+            "--cpus",
+            &cpus,
+            "--cmdline",
+            cmdline,
+            "--api-socket",
+            api.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::minivmm_env(name, &args, env);
         wait_for_socket(&mut proc, &api, T);
         Vm { proc, api }
     }

@@ -27,6 +27,7 @@ pub enum FailAt {
     ValidateConfig,
     Restore,
     Resume,
+    AdoptMemory,
 }
 
 struct Shared {
@@ -113,10 +114,21 @@ pub struct FakeVm {
 impl FakeVm {
     /// A VM with RAM regions `(guest_addr, bytes)`, all fresh (untouched) memory.
     pub fn new(layout: &[(u64, usize)]) -> FakeVm {
-        let maps = layout
-            .iter()
-            .map(|&(_, len)| Arc::new(AnonMapping::new_guarded(len).expect("mmap for fake VM")))
-            .collect();
+        Self::with_maps(layout, |len| {
+            AnonMapping::new_guarded(len).expect("mmap for fake VM")
+        })
+    }
+
+    /// Like [`new`](Self::new), with guest RAM in sealed memfds mapped shared (what a local
+    /// migration hands over).
+    pub fn new_shared(layout: &[(u64, usize)]) -> FakeVm {
+        Self::with_maps(layout, |len| {
+            AnonMapping::new_shared(len).expect("memfd for fake VM")
+        })
+    }
+
+    fn with_maps(layout: &[(u64, usize)], map: impl Fn(usize) -> AnonMapping) -> FakeVm {
+        let maps = layout.iter().map(|&(_, len)| Arc::new(map(len))).collect();
         let log = layout
             .iter()
             .map(|&(_, len)| {
@@ -324,7 +336,52 @@ impl MigrationSource for FakeVm {
     }
 }
 
+impl FakeVm {
+    /// Guest memory replaced by `maps` (same layout); no guest thread may run.
+    fn replace_maps(&mut self, maps: Vec<Arc<AnonMapping>>) -> Result<(), VmOpError> {
+        let shared = Arc::get_mut(&mut self.shared).ok_or("the guest is running")?;
+        shared.maps = maps;
+        Ok(())
+    }
+
+    /// Whether guest memory is shared memory (a local migration's, or `new_shared`).
+    pub fn memory_is_shared(&self) -> bool {
+        self.ram_regions().iter().all(|r| r.file().is_some())
+    }
+}
+
 impl MigrationTarget for FakeVm {
+    fn adopt_memory(&mut self, regions: Vec<crate::SharedRegion>) -> Result<(), VmOpError> {
+        self.step("adopt_memory", FailAt::AdoptMemory)?;
+        let layout: Vec<(u64, usize)> = regions
+            .iter()
+            .map(|r| (r.guest_addr, r.size as usize))
+            .collect();
+        if layout != self.shared.layout {
+            return Err(format!("layout {layout:x?} is not this VM's").into());
+        }
+        let maps = regions
+            .into_iter()
+            .map(|r| {
+                AnonMapping::map_file(Arc::new(r.file), r.file_offset, r.size as usize)
+                    .map(Arc::new)
+                    .map_err(VmOpError::new)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.replace_maps(maps)
+    }
+
+    fn release_memory(&mut self) {
+        self.calls.push("release_memory");
+        let maps = self
+            .shared
+            .layout
+            .iter()
+            .map(|&(_, len)| Arc::new(AnonMapping::new_guarded(len).expect("mmap for fake VM")))
+            .collect();
+        let _ = self.replace_maps(maps);
+    }
+
     fn validate_config(&mut self, config: &[u8]) -> Result<(), VmOpError> {
         self.step("validate_config", FailAt::ValidateConfig)?;
         if config != self.config().as_bytes() {

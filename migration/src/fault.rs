@@ -359,6 +359,25 @@ impl Transport for FaultyTransport<'_> {
         self.inner.commit()
     }
 
+    fn send_with_fds(
+        &mut self,
+        parts: &[&[u8]],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> io::Result<()> {
+        if self.faults.silenced() {
+            return Ok(());
+        }
+        self.inner.send_with_fds(parts, fds)
+    }
+
+    fn passes_fds(&self) -> bool {
+        self.inner.passes_fds()
+    }
+
+    fn take_fds(&mut self) -> Vec<std::os::fd::OwnedFd> {
+        self.inner.take_fds()
+    }
+
     fn shutdown(&mut self) {
         self.inner.shutdown()
     }

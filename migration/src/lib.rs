@@ -69,6 +69,9 @@ pub mod deadline;
 pub mod dirty;
 pub mod fake;
 pub mod fault;
+pub mod fd_passing;
+pub mod holes;
+pub mod local;
 pub mod memory;
 pub mod pagemap;
 mod populator;
@@ -93,6 +96,7 @@ mod roundtrip_tests;
 pub use accept::{no_faults, AcceptError, AcceptOptions, Acceptor, FaultSupplier, Offer};
 pub use cancel::Cancel;
 pub use dirty::DirtyBitmap;
+pub use local::{LocalError, SharedRegion};
 pub use memory::{
     advise_huge_pages, regions_from_guest_memory, AnonMapping, Backing, MemoryError, RamRegion,
 };

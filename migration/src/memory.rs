@@ -7,7 +7,9 @@
 //! log (switched on before the first read) makes the page go out again in a later pass.
 
 use std::any::Any;
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -52,6 +54,9 @@ pub struct RamRegion {
     host: NonNull<u8>,
     len: usize,
     backing: Backing,
+    /// The file holding the memory and the region's offset in it (shared memory: memfd,
+    /// hugetlbfs), for local migration and for finding holes.
+    file: Option<(Arc<File>, u64)>,
     _keep_alive: Option<Arc<dyn Any + Send + Sync>>,
 }
 
@@ -68,6 +73,7 @@ impl std::fmt::Debug for RamRegion {
             .field("len", &format_args!("{:#x}", self.len))
             .field("host", &self.host)
             .field("backing", &self.backing)
+            .field("file", &self.file.as_ref().map(|(f, o)| (f.as_raw_fd(), o)))
             .finish()
     }
 }
@@ -116,6 +122,7 @@ impl RamRegion {
             host,
             len,
             backing,
+            file: None,
             _keep_alive: keep,
         })
     }
@@ -137,13 +144,34 @@ impl RamRegion {
             Backing::Other
         };
         let (host, len) = (mmap.as_ptr(), mmap.size());
-        Self::checked(guest_addr, host, len, backing, Some(mmap))
+        let shared = flags & libc::MAP_SHARED != 0;
+        let file = mmap
+            .file_offset()
+            .filter(|_| shared)
+            .map(|fo| (fo.arc().clone(), fo.start()));
+        let mut region = Self::checked(guest_addr, host, len, backing, Some(mmap))?;
+        region.file = file;
+        Ok(region)
     }
 
     /// A region over an [`AnonMapping`]; the region keeps the mapping alive.
     pub fn from_anon(guest_addr: u64, map: Arc<AnonMapping>) -> Result<Self, MemoryError> {
         let (host, len) = (map.ptr.as_ptr(), map.len);
-        Self::checked(guest_addr, host, len, Backing::PrivateAnonymous, Some(map))
+        let file = map.file.clone();
+        let backing = if file.is_some() {
+            Backing::Other
+        } else {
+            Backing::PrivateAnonymous
+        };
+        let mut region = Self::checked(guest_addr, host, len, backing, Some(map))?;
+        region.file = file;
+        Ok(region)
+    }
+
+    /// The shared file holding this region's memory and the region's offset in it, if the
+    /// memory is a shared mapping of a file (memfd, hugetlbfs).
+    pub fn file(&self) -> Option<(&File, u64)> {
+        self.file.as_ref().map(|(f, o)| (&**f, *o))
     }
 
     pub fn guest_addr(&self) -> u64 {
@@ -232,6 +260,31 @@ impl RamRegion {
     }
 }
 
+/// A new memfd of `len` bytes for guest memory, on huge pages if `hugetlb` (which needs huge
+/// pages reserved: `/proc/sys/vm/nr_hugepages`). It is sealed against shrinking and growing, so
+/// no process it is shared with can cut it short under another's mapping (a `SIGBUS`).
+pub fn create_memfd(name: &str, len: u64, hugetlb: bool) -> io::Result<File> {
+    let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    if hugetlb {
+        flags |= libc::MFD_HUGETLB;
+    }
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked and owned.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is the new descriptor, ours alone.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(len)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on our own descriptor with an integer argument.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
 /// `madvise` advice (Linux 5.14) to fault pages in for writing, without writing them.
 const MADV_POPULATE_WRITE: libc::c_int = 23;
 
@@ -276,6 +329,8 @@ pub struct AnonMapping {
     len: usize,
     /// Inaccessible pages on each side (tests: a stray access faults).
     guard: usize,
+    /// A shared mapping of this file at this offset (else private anonymous memory).
+    file: Option<(Arc<File>, u64)>,
 }
 
 // SAFETY: the mapping is plain process memory; accesses go through raw pointers.
@@ -293,6 +348,42 @@ impl AnonMapping {
     /// usable range, so any access outside it faults.
     pub fn new_guarded(len: usize) -> Result<Self, MemoryError> {
         Self::map(len, PAGE_SIZE)
+    }
+
+    /// Shared memory: a new sealed memfd of `len` bytes (rounded up to a page), mapped
+    /// shared, as `run --mem-shared` backs guest RAM.
+    pub fn new_shared(len: usize) -> Result<Self, MemoryError> {
+        let len = len.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
+        let file =
+            create_memfd("minivmm-test-ram", len as u64, false).map_err(MemoryError::Mmap)?;
+        Self::map_file(Arc::new(file), 0, len)
+    }
+
+    /// A shared mapping of `len` bytes of `file` at `offset` (the caller checked that the
+    /// file is that long and cannot shrink).
+    pub fn map_file(file: Arc<File>, offset: u64, len: usize) -> Result<Self, MemoryError> {
+        // SAFETY: a new shared mapping at an address of the kernel's choosing; the result is
+        // checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MemoryError::Mmap(io::Error::last_os_error()));
+        }
+        let ptr = NonNull::new(ptr.cast()).ok_or(MemoryError::Mmap(io::Error::other("null")))?;
+        Ok(AnonMapping {
+            ptr,
+            len,
+            guard: 0,
+            file: Some((file, offset)),
+        })
     }
 
     fn map(len: usize, guard: usize) -> Result<Self, MemoryError> {
@@ -331,7 +422,12 @@ impl AnonMapping {
         // SAFETY: `guard` bytes into a mapping of `len + 2 * guard` bytes.
         let usable = unsafe { base.add(guard) };
         let ptr = NonNull::new(usable).ok_or(MemoryError::Mmap(io::Error::other("null")))?;
-        Ok(AnonMapping { ptr, len, guard })
+        Ok(AnonMapping {
+            ptr,
+            len,
+            guard,
+            file: None,
+        })
     }
 
     pub fn len(&self) -> usize {

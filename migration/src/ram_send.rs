@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crate::cancel::{Cancel, DeadlineReached};
 use crate::dirty::DirtyBitmap;
 use crate::fault::{FaultPoint, Faults};
+use crate::holes;
 use crate::memory::{Backing, RamRegion};
 use crate::pagemap::{PageState, Pagemap, BATCH_PAGES};
 use crate::records::{encode_batch_prefix, PassBegin, RunDesc};
@@ -277,17 +278,14 @@ impl RamSender {
     /// Fills `self.states` for pages `start..start + n` of region `r`.
     fn classify(&mut self, r: usize, start: usize, n: usize) {
         let region = &self.regions[r];
-        if region.backing() == Backing::PrivateAnonymous {
-            if let Some(pm) = self.pagemap.as_mut() {
-                let addr = region.host_addr() + start * PAGE_SIZE;
-                match pm.classify(addr, n, &mut self.states) {
-                    Ok(()) => return,
-                    Err(e) => {
-                        log::warn!("Reading pagemap failed, reading pages instead: {e}");
-                        self.pagemap = None;
-                    }
-                }
+        match holes::classify(self.pagemap.as_mut(), region, start, n, &mut self.states) {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) if region.backing() == Backing::PrivateAnonymous => {
+                log::warn!("Reading pagemap failed, reading pages instead: {e}");
+                self.pagemap = None;
             }
+            Err(e) => log::warn!("Finding the holes of shared memory failed, reading it: {e}"),
         }
         self.states.clear();
         self.states.resize(n, PageState::Resident);

@@ -32,7 +32,8 @@ use crate::fault::{FaultPoint, Faults, FaultyTransport};
 use crate::memory::layout_of;
 use crate::ram_recv::{RamLoadError, RamReceiver};
 use crate::records::{
-    decode_layout, encode_message, EndRecord, PassBegin, PassMark, Ready, Restored, StateBlob,
+    decode_layout, decode_local_memory, encode_message, EndRecord, PassBegin, PassMark, Ready,
+    Restored, StateBlob,
 };
 use crate::stats::ReceiveStats;
 use crate::stream::{send_reply, ReaderState, RecordReader};
@@ -199,6 +200,10 @@ pub enum DestinationError {
     PassNumbers { offset: u64, pass: u32 },
     #[error("Configuration rejected")]
     Config(#[source] VmOpError),
+    #[error("Local migration refused")]
+    Local(#[from] crate::local::LocalError),
+    #[error("Taking over the source's guest memory failed")]
+    Adopt(#[source] VmOpError),
     #[error("Memory layout differs: {0}")]
     Layout(String),
     #[error("Resetting guest memory failed")]
@@ -314,16 +319,25 @@ pub fn receive_handshaken<T: MigrationTarget + ?Sized>(
 ) -> Result<ReceiveStats, DestinationError> {
     let mut transport = FaultyTransport::new(transport, options.faults.clone());
     let mut reader = RecordReader::resume(&mut transport, handshake.reader);
+    let mut adopted = false;
     let result = receive(
         target,
         &mut reader,
         handshake.config,
         handshake.started,
         options,
+        &mut adopted,
     );
+    // Descriptors nobody took (a stream that did not expect them) are closed here.
+    drop(reader.transport().take_fds());
     match result {
         Ok(stats) => Ok(stats),
         Err(e) => {
+            // A local migration that failed before the commit: the memory is the source's
+            // alone again.
+            if adopted && !options.progress.committed() {
+                target.release_memory();
+            }
             options.progress.failed.store(true, Ordering::Release);
             let e = refuse(reader.transport(), e, options);
             log::error!("Receiving the migration failed: {e}");
@@ -362,6 +376,7 @@ fn receive<T: MigrationTarget + ?Sized>(
     config: Vec<u8>,
     started: Instant,
     options: &ReceiveOptions,
+    adopted: &mut bool,
 ) -> Result<ReceiveStats, DestinationError> {
     let faults = &options.faults;
     let peer = reader.transport().has_peer();
@@ -375,8 +390,35 @@ fn receive<T: MigrationTarget + ?Sized>(
         .validate_config(&config)
         .map_err(DestinationError::Config)?;
     options.progress.configured.store(true, Ordering::Release);
-    let (layout, offset) = expect_at(reader, RecordKind::MemoryLayout, "MemoryLayout")?;
-    let layout = decode_layout(&layout, offset)?;
+    let (h, offset) = reader.next_header()?;
+    let local = match h.kind {
+        RecordKind::MemoryLayout => false,
+        RecordKind::LocalMemory => true,
+        RecordKind::Abort => return Err(aborted(reader, &h, offset)),
+        kind => {
+            return Err(DestinationError::Unexpected {
+                offset,
+                kind,
+                expected: "MemoryLayout or LocalMemory",
+            })
+        }
+    };
+    let payload = reader.read_payload(&h, offset)?;
+    let adopt_started = Instant::now();
+    let layout = if local {
+        let entries = decode_local_memory(&payload, offset)?;
+        if !reader.transport().passes_fds() {
+            return Err(crate::local::LocalError::NoFdPassing.into());
+        }
+        let shared = crate::local::adopt(&entries, reader.transport().take_fds())?;
+        *adopted = true;
+        target
+            .adopt_memory(shared)
+            .map_err(DestinationError::Adopt)?;
+        entries.iter().map(|e| e.layout()).collect()
+    } else {
+        decode_layout(&payload, offset)?
+    };
     let regions = target.ram_regions();
     let ours = layout_of(&regions);
     if ours != layout {
@@ -385,12 +427,25 @@ fn receive<T: MigrationTarget + ?Sized>(
         )));
     }
 
-    let mut rx = RamReceiver::new(regions);
-    if !rx.is_pristine() && options.reset_if_not_pristine {
-        log::info!("Guest memory is not pristine: resetting it before loading");
-        rx.reset().map_err(DestinationError::Reset)?;
+    // Local: the memory is the source's running guest's; nothing here reads or writes it
+    // (no pristine proof, no reset, no RAM pass).
+    let adopt_us = if local {
+        adopt_started.elapsed().as_micros() as u64
+    } else {
+        0
+    };
+    let mut rx = if local {
+        None
+    } else {
+        Some(RamReceiver::new(regions))
+    };
+    if let Some(rx) = rx.as_mut() {
+        if !rx.is_pristine() && options.reset_if_not_pristine {
+            log::info!("Guest memory is not pristine: resetting it before loading");
+            rx.reset().map_err(DestinationError::Reset)?;
+        }
     }
-    let pristine = rx.is_pristine();
+    let pristine = rx.as_ref().is_some_and(RamReceiver::is_pristine);
     faults
         .hit(FaultPoint::BeforeReady)
         .map_err(DestinationError::Fault)?;
@@ -398,14 +453,17 @@ fn receive<T: MigrationTarget + ?Sized>(
         let ready = Ready {
             version: FORMAT_VERSION,
             pristine,
+            local,
         };
         send_reply(reader.transport(), RecordKind::Ready, &ready.encode())
             .map_err(DestinationError::Reply)?;
         reader.transport().set_deadline(None);
     }
 
-    let states = load_body(target, reader, &mut rx, options)?;
-    let mut stats = rx.stats().clone();
+    let states = load_body(target, reader, rx.as_mut(), options)?;
+    let mut stats = rx.as_ref().map(|rx| rx.stats().clone()).unwrap_or_default();
+    stats.local = local;
+    stats.adopt_us = adopt_us;
     stats.pristine = pristine;
     stats.device_states = states.len() as u32;
     stats.bytes = reader.offset();
@@ -502,20 +560,22 @@ fn commit(reader: &mut RecordReader<'_>, options: &ReceiveOptions) -> Result<(),
 
 /// RAM passes, device states and `End`; returns the states once `End` checked out. A state
 /// the target does not restore, one too many, or one past the byte limit is refused as it
-/// arrives.
+/// arrives. Without a RAM receiver (a local migration) no pass may come: device state and
+/// `End` only.
 fn load_body<T: MigrationTarget + ?Sized>(
     target: &T,
     reader: &mut RecordReader<'_>,
-    rx: &mut RamReceiver,
+    mut rx: Option<&mut RamReceiver>,
     options: &ReceiveOptions,
 ) -> Result<Vec<StateBlob>, DestinationError> {
+    let local = rx.is_none();
     let progress = &options.progress;
     let hit = |point| options.faults.hit(point).map_err(DestinationError::Fault);
     // The fault point of the pass in progress, hit at its first page record.
     let mut pass_point = None;
     let mut next_pass = 0u32;
     let mut in_pass = false;
-    let mut final_seen = false;
+    let mut final_seen = local;
     let mut states: Vec<StateBlob> = Vec::new();
     let mut state_bytes = 0usize;
     let mut ids = HashSet::new();
@@ -529,9 +589,13 @@ fn load_body<T: MigrationTarget + ?Sized>(
         };
         match h.kind {
             RecordKind::PassBegin => {
-                if final_seen {
-                    return Err(unexpected("device state or End after the final pass"));
-                }
+                let Some(rx) = rx.as_deref_mut().filter(|_| !final_seen) else {
+                    return Err(unexpected(if local {
+                        "device state or End: a local migration has no RAM pass"
+                    } else {
+                        "device state or End after the final pass"
+                    }));
+                };
                 let p = PassBegin::decode(&reader.read_payload(&h, offset)?, offset)?;
                 if p.pass != next_pass {
                     return Err(DestinationError::PassOrder {
@@ -578,6 +642,9 @@ fn load_body<T: MigrationTarget + ?Sized>(
                     });
                 }
                 // Everything read is in guest memory once the allocating thread is idle.
+                let Some(rx) = rx.as_deref_mut() else {
+                    return Err(unexpected("device state or End"));
+                };
                 rx.finish();
                 if reader.transport().has_peer() {
                     send_reply(reader.transport(), RecordKind::PassDone, &m.encode())
@@ -590,6 +657,9 @@ fn load_body<T: MigrationTarget + ?Sized>(
                 if let Some(point) = pass_point.take() {
                     hit(point)?;
                 }
+                let Some(rx) = rx.as_deref_mut() else {
+                    return Err(unexpected("device state or End"));
+                };
                 rx.load_batch(reader, &h, offset)?;
             }
             RecordKind::RamPages => return Err(unexpected("PassBegin before RAM pages")),
@@ -620,7 +690,9 @@ fn load_body<T: MigrationTarget + ?Sized>(
             RecordKind::End if final_seen => {
                 let end = EndRecord::decode(&reader.read_payload(&h, offset)?, offset)?;
                 reader.check_end(&end, offset)?;
-                rx.finish();
+                if let Some(rx) = rx.as_deref_mut() {
+                    rx.finish();
+                }
                 log::debug!("End at offset {offset} after {} records", reader.records());
                 return Ok(states);
             }

@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use crate::wire::{
-    PayloadReader, RecordKind, WireError, BATCH_PREFIX_LEN, FORMAT_VERSION, MAX_BATCH_DATA_PAGES,
-    MAX_BATCH_RUNS, MAX_MESSAGE_LEN, MAX_REGIONS, MAX_STATE_ID_LEN, MAX_STATE_LEN, PAGE_SIZE,
-    PAGE_SIZE_U64, PASS_FINAL, PASS_ZERO_ELIDED, READY_PRISTINE, RUN_DESC_LEN, RUN_ZERO,
+    PayloadReader, RecordKind, WireError, BATCH_PREFIX_LEN, FORMAT_VERSION, LOCAL_REGION_LEN,
+    LOCAL_SHARED, MAX_BATCH_DATA_PAGES, MAX_BATCH_RUNS, MAX_MESSAGE_LEN, MAX_REGIONS,
+    MAX_STATE_ID_LEN, MAX_STATE_LEN, PAGE_SIZE, PAGE_SIZE_U64, PASS_FINAL, PASS_ZERO_ELIDED,
+    READY_LOCAL, READY_PRISTINE, RUN_DESC_LEN, RUN_ZERO,
 };
 
 /// One guest-physical RAM region as declared in the stream.
@@ -63,6 +64,96 @@ pub fn decode_layout(payload: &[u8], offset: u64) -> Result<Vec<LayoutRegion>, W
         regions.push(LayoutRegion { guest_addr, size });
     }
     r.finish()?;
+    Ok(regions)
+}
+
+/// One region of a `LocalMemory` record: where it is in the guest, and where in its file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalRegion {
+    pub guest_addr: u64,
+    pub size: u64,
+    /// Byte offset of the region in its file.
+    pub file_offset: u64,
+    /// The region is a file whose descriptor rides on the record; else it is memory of the
+    /// source process alone (private anonymous) and nothing is attached for it.
+    pub shared: bool,
+}
+
+impl LocalRegion {
+    pub fn layout(&self) -> LayoutRegion {
+        LayoutRegion {
+            guest_addr: self.guest_addr,
+            size: self.size,
+        }
+    }
+}
+
+/// Encodes a `LocalMemory` payload.
+pub fn encode_local_memory(regions: &[LocalRegion]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + regions.len() * LOCAL_REGION_LEN);
+    out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+    out.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+    for r in regions {
+        out.extend_from_slice(&r.guest_addr.to_le_bytes());
+        out.extend_from_slice(&r.size.to_le_bytes());
+        out.extend_from_slice(&r.file_offset.to_le_bytes());
+        let flags = if r.shared { LOCAL_SHARED } else { 0 };
+        out.extend_from_slice(&flags.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a `LocalMemory` payload: the layout rules of `MemoryLayout`, plus page-aligned
+/// file offsets and no unknown flags.
+pub fn decode_local_memory(payload: &[u8], offset: u64) -> Result<Vec<LocalRegion>, WireError> {
+    let mut r = PayloadReader::new(payload, offset, RecordKind::LocalMemory);
+    let page_size = r.u32("page size")?;
+    if page_size as usize != PAGE_SIZE {
+        return Err(r.error(format!("page size {page_size}, expected {PAGE_SIZE}")));
+    }
+    let count = r.u32("region count")? as usize;
+    if count == 0 || count > MAX_REGIONS {
+        return Err(r.error(format!("{count} regions, expected 1..={MAX_REGIONS}")));
+    }
+    let mut layout = Vec::with_capacity(8 + count * 16);
+    layout.extend_from_slice(&payload[..8]);
+    let mut regions = Vec::with_capacity(count);
+    for i in 0..count {
+        let guest_addr = r.u64("region address")?;
+        let size = r.u64("region size")?;
+        let file_offset = r.u64("file offset")?;
+        let flags = r.u32("region flags")?;
+        let reserved = r.u32("reserved")?;
+        if flags & !LOCAL_SHARED != 0 || reserved != 0 {
+            return Err(r.error(format!(
+                "region {i} has unknown flags {flags:#x}/{reserved:#x}"
+            )));
+        }
+        if !file_offset.is_multiple_of(PAGE_SIZE_U64) || file_offset.checked_add(size).is_none() {
+            return Err(r.error(format!(
+                "region {i}: file offset {file_offset:#x} is not page-aligned or wraps"
+            )));
+        }
+        layout.extend_from_slice(&guest_addr.to_le_bytes());
+        layout.extend_from_slice(&size.to_le_bytes());
+        regions.push(LocalRegion {
+            guest_addr,
+            size,
+            file_offset,
+            shared: flags & LOCAL_SHARED != 0,
+        });
+    }
+    r.finish()?;
+    // The same address rules as a MemoryLayout.
+    decode_layout(&layout, offset).map_err(|e| match e {
+        WireError::Malformed { offset, reason, .. } => WireError::Malformed {
+            offset,
+            kind: RecordKind::LocalMemory,
+            reason,
+        },
+        other => other,
+    })?;
     Ok(regions)
 }
 
@@ -273,13 +364,16 @@ impl EndRecord {
 pub struct Ready {
     pub version: u32,
     pub pristine: bool,
+    /// Local migration: the destination mapped the memory of `LocalMemory`.
+    pub local: bool,
 }
 
 impl Ready {
     pub fn encode(&self) -> [u8; 8] {
         let mut out = [0u8; 8];
         out[..4].copy_from_slice(&self.version.to_le_bytes());
-        let flags = if self.pristine { READY_PRISTINE } else { 0 };
+        let flags = if self.pristine { READY_PRISTINE } else { 0 }
+            | if self.local { READY_LOCAL } else { 0 };
         out[4..].copy_from_slice(&flags.to_le_bytes());
         out
     }
@@ -292,12 +386,13 @@ impl Ready {
         if version != FORMAT_VERSION {
             return Err(WireError::UnsupportedVersion { offset, version });
         }
-        if flags & !READY_PRISTINE != 0 {
+        if flags & !(READY_PRISTINE | READY_LOCAL) != 0 {
             return Err(r.error(format!("unknown ready flags {flags:#x}")));
         }
         Ok(Ready {
             version,
             pristine: flags & READY_PRISTINE != 0,
+            local: flags & READY_LOCAL != 0,
         })
     }
 }
@@ -429,8 +524,49 @@ mod tests {
         let ready = Ready {
             version: FORMAT_VERSION,
             pristine: true,
+            local: false,
         };
         assert_eq!(Ready::decode(&ready.encode(), 0).unwrap(), ready);
+        let local = Ready {
+            pristine: false,
+            local: true,
+            ..ready
+        };
+        assert_eq!(Ready::decode(&local.encode(), 0).unwrap(), local);
+    }
+
+    #[test]
+    fn local_memory_round_trips_and_keeps_the_layout_rules() {
+        let regions = [
+            LocalRegion {
+                guest_addr: 0,
+                size: 3 << 30,
+                file_offset: 0,
+                shared: true,
+            },
+            LocalRegion {
+                guest_addr: 4 << 30,
+                size: 1 << 30,
+                file_offset: 1 << 21,
+                shared: false,
+            },
+        ];
+        let bytes = encode_local_memory(&regions);
+        assert_eq!(bytes.len(), 8 + 2 * LOCAL_REGION_LEN);
+        assert_eq!(decode_local_memory(&bytes, 0).unwrap(), regions);
+        let bad = |f: &dyn Fn(&mut Vec<u8>), what: &str| {
+            let mut b = bytes.clone();
+            f(&mut b);
+            let e = decode_local_memory(&b, 7).unwrap_err().to_string();
+            assert!(e.contains(what) && e.contains("LocalMemory"), "{what}: {e}");
+        };
+        bad(&|b| b[8 + 24] = 0x4, "unknown flags");
+        bad(&|b| b[8 + 28] = 0x1, "unknown flags");
+        bad(&|b| b[8 + 16] = 0x1, "not page-aligned");
+        // The second region moved below the first: overlap.
+        bad(&|b| b[8 + 32 + 4] = 0, "overlaps");
+        bad(&|b| b.truncate(20), "LocalMemory");
+        bad(&|b| b[4] = 0, "0 regions");
     }
 
     #[test]

@@ -25,7 +25,9 @@ use crate::fault::{FaultPoint, Faults, FaultyTransport, InjectedFault};
 use crate::memory::{layout_of, RamRegion};
 use crate::precopy::{self, Decision, Limits};
 use crate::ram_send::{RamSendConfig, RamSender};
-use crate::records::{encode_layout, encode_message, PassMark, Ready, Restored, StateBlob};
+use crate::records::{
+    encode_layout, encode_local_memory, encode_message, PassMark, Ready, Restored, StateBlob,
+};
 use crate::stats::{MigrationStats, PassStats, StopReason};
 use crate::stream::{read_reply, RecordWriter};
 use crate::transport::{Deadline, Transport};
@@ -99,6 +101,9 @@ pub struct SendOptions {
     pub cancel: Cancel,
     /// The fault to inject, if any (tests; see `fault.rs`).
     pub faults: Faults,
+    /// Local migration (unix sockets): guest memory goes across by descriptor, no RAM pass
+    /// (`local.rs`).
+    pub local: bool,
     /// Test hook run after each page's zero check, before the page is queued.
     #[cfg(test)]
     pub(crate) scan_hook: Option<Box<dyn FnMut(usize, usize) + Send>>,
@@ -126,6 +131,7 @@ impl Default for SendOptions {
             batch_pages: wire::MAX_BATCH_DATA_PAGES,
             cancel: Cancel::default(),
             faults: Faults::none(),
+            local: false,
             #[cfg(test)]
             scan_hook: None,
         }
@@ -181,6 +187,10 @@ pub enum SourceError {
     CommitWindow { window: Duration },
     #[error("Injected fault")]
     Fault(#[source] io::Error),
+    #[error("Local migration needs a unix socket (descriptors pass only there), not {0}")]
+    LocalNeedsUnix(&'static str),
+    #[error("The destination answered Ready {0} local mode")]
+    LocalMismatch(&'static str),
     #[error(
         "The destination failed to start the guest after the commit (it is not running there): {0}"
     )]
@@ -282,6 +292,14 @@ fn run<S: MigrationSource + ?Sized>(
     let regions = source.ram_regions();
     check_layout(&regions)?;
     let peer = transport.has_peer();
+    if options.local && !transport.passes_fds() {
+        let what = if peer {
+            "this connection"
+        } else {
+            "a snapshot file"
+        };
+        return Err(SourceError::LocalNeedsUnix(what));
+    }
     if peer {
         transport
             .set_read_timeout(Some(options.io_timeout))
@@ -322,10 +340,14 @@ fn run<S: MigrationSource + ?Sized>(
     {
         ram.scan_hook = m.options.scan_hook.take();
     }
-    precopy(&mut m, &mut ram, elide)?;
+    if !m.options.local {
+        precopy(&mut m, &mut ram, elide)?;
+    }
     let paused_at = stop_and_copy(&mut m, &mut ram)?;
     complete(&mut m, paused_at)?;
     m.stats.total_duration_us = started.elapsed().as_micros() as u64;
+    m.stats.stream_bytes = m.w.bytes();
+    m.stats.local = m.options.local;
     log::info!("Migration complete: {}", m.stats);
     Ok(m.stats)
 }
@@ -345,23 +367,35 @@ fn handshake<S: MigrationSource + ?Sized>(
             config.len()
         )));
     }
-    let layout = encode_layout(&layout_of(regions));
     let sent =
         m.w.write_record(RecordKind::Config, &[&config])
-            .and_then(|_| m.w.write_record(RecordKind::MemoryLayout, &[&layout]));
+            .and_then(|_| {
+                if m.options.local {
+                    // The memory itself goes across: the files, with one record describing them.
+                    let (entries, fds) = crate::local::describe(regions);
+                    let payload = encode_local_memory(&entries);
+                    m.w.write_record_with_fds(RecordKind::LocalMemory, &[&payload], &fds)
+                } else {
+                    let layout = encode_layout(&layout_of(regions));
+                    m.w.write_record(RecordKind::MemoryLayout, &[&layout])
+                }
+            });
     if let Err(e) = sent {
         // A destination that refuses at once (a TLS endpoint, say) may have said why.
         return Err(send_error(&mut m.w, e));
     }
-    setup.end("send configuration");
-
-    // Dirty logging goes on before the first byte of guest memory is read; here, while the
-    // destination builds its VM and proves its memory zero, rather than after.
-    m.source
-        .start_dirty_log()
-        .map_err(SourceError::StartDirtyLog)?;
-    m.undo.logging = true;
-    setup.end("start dirty log");
+    if m.options.local {
+        setup.end("send configuration and memory");
+    } else {
+        setup.end("send configuration");
+        // Dirty logging goes on before the first byte of guest memory is read; here, while
+        // the destination builds its VM and proves its memory zero, rather than after.
+        m.source
+            .start_dirty_log()
+            .map_err(SourceError::StartDirtyLog)?;
+        m.undo.logging = true;
+        setup.end("start dirty log");
+    }
 
     m.options
         .faults
@@ -376,9 +410,13 @@ fn handshake<S: MigrationSource + ?Sized>(
         }));
         let ready = expect_reply(t, RecordKind::Ready);
         t.set_deadline(None);
-        Ready::decode(&ready?, 0)
-            .map_err(SourceError::Reply)?
-            .pristine
+        let ready = Ready::decode(&ready?, 0).map_err(SourceError::Reply)?;
+        match (ready.local, m.options.local) {
+            (false, true) => return Err(SourceError::LocalMismatch("without")),
+            (true, false) => return Err(SourceError::LocalMismatch("in")),
+            _ => {}
+        }
+        ready.pristine
     } else {
         true
     };
@@ -491,15 +529,18 @@ fn stop_and_copy<S: MigrationSource + ?Sized>(
     m.undo.paused = true;
     m.source.pause().map_err(SourceError::Pause)?;
     phase.end("pause");
-    collect_dirty(m.source, ram)?;
-    phase.end("dirty log");
-    ram.set_paused(true);
-    let mut last = ram
-        .dirty_pass(&mut m.w, m.stats.passes.len() as u32, true)
-        .map_err(|e| send_error(&mut m.w, e))?;
-    last.close(ram.pass_elapsed(), 0);
-    m.stats.push(last);
-    phase.end("final pass");
+    // A local migration has no RAM to send: the destination maps the same memory.
+    if !m.options.local {
+        collect_dirty(m.source, ram)?;
+        phase.end("dirty log");
+        ram.set_paused(true);
+        let mut last = ram
+            .dirty_pass(&mut m.w, m.stats.passes.len() as u32, true)
+            .map_err(|e| send_error(&mut m.w, e))?;
+        last.close(ram.pass_elapsed(), 0);
+        m.stats.push(last);
+        phase.end("final pass");
+    }
 
     let states = m.source.save_state().map_err(SourceError::SaveState)?;
     check_states(&states)?;

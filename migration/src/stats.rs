@@ -134,6 +134,10 @@ pub struct MigrationStats {
     pub state_bytes: u64,
     /// What the destination reported with its `Running` acknowledgement.
     pub destination_report: Option<String>,
+    /// A local migration: memory went across by descriptor, no RAM pass.
+    pub local: bool,
+    /// Every byte of the stream, `End` included.
+    pub stream_bytes: u64,
 }
 
 impl MigrationStats {
@@ -206,6 +210,10 @@ pub struct ReceiveStats {
     pub restore_us: u64,
     pub resume_us: u64,
     pub report_us: u64,
+    /// A local migration: guest memory was adopted by descriptor, nothing was copied.
+    pub local: bool,
+    /// Local: checking the descriptors and mapping the memory (µs).
+    pub adopt_us: u64,
 }
 
 impl ReceiveStats {
@@ -219,8 +227,8 @@ impl fmt::Display for ReceiveStats {
         write!(
             f,
             "received {} in {} records over {} passes: {} pages written, {} zero pages \
-             ({} freed), {} device states; pristine {}, reset {}; {:.1} ms (restore {} us, \
-             resume {} us, report {} us)",
+             ({} freed), {} device states; pristine {}, reset {}; {:.1} ms (adopt {} us, \
+             restore {} us, resume {} us, report {} us)",
             Bytes(self.bytes),
             self.records,
             self.passes,
@@ -231,6 +239,7 @@ impl fmt::Display for ReceiveStats {
             self.pristine,
             self.reset,
             self.duration_us as f64 / 1000.0,
+            self.adopt_us,
             self.restore_us,
             self.resume_us,
             self.report_us

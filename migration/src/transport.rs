@@ -15,7 +15,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use crate::deadline::Bound;
 pub use crate::deadline::Deadline;
+use crate::fd_passing;
 use crate::tls::{AllowMatch, PeerIdentity, TlsClient, TlsError, TlsServer, TlsStream};
 
 /// Most parts per `writev`/`sendmsg` (Linux `IOV_MAX`).
@@ -56,6 +57,25 @@ pub trait Transport {
     }
     /// Closes both directions at once (sockets), so the peer sees the end now.
     fn shutdown(&mut self) {}
+    /// Sends `parts` like [`send`](Self::send), with `fds` attached to their first byte
+    /// (`SCM_RIGHTS`, local migration). Only unix sockets can; other transports refuse.
+    fn send_with_fds(&mut self, parts: &[&[u8]], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let _ = (parts, fds);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "only a unix socket can pass file descriptors",
+        ))
+    }
+    /// Whether [`send_with_fds`](Self::send_with_fds) and [`take_fds`](Self::take_fds) work
+    /// (unix sockets).
+    fn passes_fds(&self) -> bool {
+        false
+    }
+    /// The descriptors that arrived with the bytes received so far, oldest first (at most
+    /// [`MAX_PASSED_FDS`](fd_passing::MAX_PASSED_FDS) are kept), emptying the queue.
+    fn take_fds(&mut self) -> Vec<OwnedFd> {
+        Vec::new()
+    }
 }
 
 /// Errors parsing an endpoint URI.
@@ -572,6 +592,8 @@ pub struct Connection {
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
     deadline: Option<Deadline>,
+    /// Descriptors received on a unix socket, not taken yet.
+    fds: Vec<OwnedFd>,
 }
 
 #[derive(Debug)]
@@ -595,6 +617,7 @@ impl From<Stream> for Connection {
             read_timeout: None,
             write_timeout: None,
             deadline: None,
+            fds: Vec::new(),
         }
     }
 }
@@ -712,6 +735,7 @@ impl Connection {
             read_timeout,
             write_timeout,
             deadline,
+            fds,
         } = self;
         let bounds = Connection {
             stream: Stream::Memory(MemoryStream::default()),
@@ -719,6 +743,7 @@ impl Connection {
             read_timeout,
             write_timeout,
             deadline,
+            fds,
         };
         match stream {
             Stream::Tcp(tcp) => Ok((tcp, bounds)),
@@ -843,7 +868,7 @@ impl Transport for Connection {
         }
         loop {
             let r = match &mut self.stream {
-                Stream::Unix(s) => s.read(buf),
+                Stream::Unix(s) => fd_passing::recv_with_fds(s.as_raw_fd(), buf, &mut self.fds),
                 Stream::Tcp(s) => s.read(buf),
                 // Arms its bounds before each read of the socket.
                 Stream::Tls(t) => t.recv(buf, read, write),
@@ -895,6 +920,37 @@ impl Transport for Connection {
             Stream::Snapshot(w) => w.commit(),
             _ => Ok(()),
         }
+    }
+
+    fn send_with_fds(&mut self, parts: &[&[u8]], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let Stream::Unix(s) = &self.stream else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "only a unix socket can pass file descriptors",
+            ));
+        };
+        // One small record: the descriptors ride on its first byte, the rest (if the kernel
+        // took less) follows like any send.
+        let data = parts.concat();
+        let bound = self.bound(false);
+        bound.arm(|t| s.set_write_timeout(t))?;
+        let sent = fd_passing::send_with_fds(s.as_raw_fd(), &data, fds);
+        if bound.deadline.is_some() {
+            let _ = s.set_write_timeout(self.write_timeout);
+        }
+        let sent = sent.map_err(|e| bound.timed_out(e))?;
+        match &data[sent..] {
+            [] => Ok(()),
+            rest => self.send(&[rest]),
+        }
+    }
+
+    fn passes_fds(&self) -> bool {
+        matches!(self.stream, Stream::Unix(_))
+    }
+
+    fn take_fds(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.fds)
     }
 
     fn shutdown(&mut self) {

@@ -11,6 +11,7 @@
 //! kept with its chain of sources so that the messages reach the operator whole.
 
 use crate::dirty::DirtyBitmap;
+use crate::local::SharedRegion;
 use crate::memory::RamRegion;
 use crate::records::StateBlob;
 use crate::stats::{PassStats, ReceiveStats};
@@ -95,6 +96,18 @@ pub trait MigrationTarget: GuestRam {
     /// asks as each state arrives and refuses the stream at the first unknown one, so it never
     /// keeps states it would throw away.
     fn accepts_state(&self, id: &str) -> bool;
+    /// Local migration: `regions`, the source's guest memory handed over by descriptor,
+    /// become this VM's guest memory in place of its own (same layout). Called after
+    /// [`validate_config`](Self::validate_config), before [`GuestRam::ram_regions`]. Until
+    /// `resume` the source's guest runs on this memory: map it, never write it. The default
+    /// refuses.
+    fn adopt_memory(&mut self, regions: Vec<SharedRegion>) -> Result<(), VmOpError> {
+        let _ = regions;
+        Err("this VM cannot take guest memory by descriptor".into())
+    }
+    /// A receive that adopted memory failed before the commit: the memory is the source's
+    /// again. Unmap it, so nothing here (a later attempt, a stray write) can touch it.
+    fn release_memory(&mut self) {}
     /// Restores every device and vCPU state (in stream order). Called only after the whole
     /// stream arrived and its end checksum matched.
     fn restore_state(&mut self, states: Vec<StateBlob>) -> Result<(), VmOpError>;

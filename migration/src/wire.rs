@@ -52,6 +52,12 @@ pub const PASS_FINAL: u32 = 2;
 pub const RUN_ZERO: u32 = 1;
 /// `Ready` flag: the destination's guest memory is all zero and only the stream writes it.
 pub const READY_PRISTINE: u32 = 1;
+/// `Ready` flag: the destination mapped the memory of `LocalMemory` (local migration).
+pub const READY_LOCAL: u32 = 2;
+/// `LocalMemory` region flag: the region's memory is a file whose descriptor is attached.
+pub const LOCAL_SHARED: u32 = 1;
+/// Bytes of one `LocalMemory` region entry.
+pub const LOCAL_REGION_LEN: usize = 32;
 
 /// Errors found while decoding stream bytes. Offsets count from the first byte of the stream.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +131,9 @@ pub enum RecordKind {
     /// The commit: after `Restored`, the destination may resume the guest; the source never
     /// will on its own again.
     Go = 0x0009,
+    /// Local migration, in place of `MemoryLayout`: the regions and the files that hold them,
+    /// whose descriptors ride on this record (`SCM_RIGHTS`). No RAM pass follows.
+    LocalMemory = 0x000a,
     /// Destination reply after the layout: version and whether its memory is pristine.
     Ready = 0x0101,
     /// Destination reply after `Go`: the guest runs on the destination.
@@ -151,6 +160,7 @@ impl RecordKind {
             0x0007 => RecordKind::PassEnd,
             0x0008 => RecordKind::Abort,
             0x0009 => RecordKind::Go,
+            0x000a => RecordKind::LocalMemory,
             0x0101 => RecordKind::Ready,
             0x0102 => RecordKind::Running,
             0x0103 => RecordKind::Error,
@@ -176,6 +186,7 @@ impl RecordKind {
             RecordKind::Error | RecordKind::Abort => MAX_MESSAGE_LEN,
             RecordKind::PassEnd | RecordKind::PassDone => 4,
             RecordKind::Go => 0,
+            RecordKind::LocalMemory => 8 + MAX_REGIONS * LOCAL_REGION_LEN,
             RecordKind::Restored => 4,
         }
     }

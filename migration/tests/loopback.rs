@@ -877,6 +877,7 @@ fn a_destination_acknowledging_the_wrong_pass_stops_the_migration() {
                     Ready {
                         version: migration::FORMAT_VERSION,
                         pristine: true,
+                        local: false,
                     }
                     .encode()
                     .to_vec(),

@@ -116,7 +116,7 @@ pub fn create_memory(
     vm: &mut Vm,
     config: &VmConfig,
 ) -> Result<GuestMemoryMmap, BuildError> {
-    let mem = create_guest_memory(config.mem_bytes)
+    let mem = create_guest_memory(config.mem_bytes, config.memory)
         .map_err(|e| BuildError::Memory(config.mem_bytes, e))?;
     vm.register_memory(kvm, &mem)
         .map_err(BuildError::RegisterMemory)?;

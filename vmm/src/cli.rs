@@ -31,6 +31,9 @@ pub enum Command {
     /// and key.pem, for this host's names. Makes a new CA (its key in ca-key.pem) unless --ca
     /// names the directory of an existing one. Never overwrites a file.
     TlsInit(TlsInitArgs),
+    /// Draw one migration's timeline (passes, bandwidth, dirty rate, setup and downtime
+    /// phases) as an SVG file, from what `migrate --json` printed.
+    Plot(PlotArgs),
 }
 
 #[derive(Debug, Args)]
@@ -50,6 +53,19 @@ pub struct TlsInitArgs {
     /// Days the host certificate is valid (default 825).
     #[arg(long, value_name = "N", default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..=36500))]
     pub days: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// The output of `minivmm migrate --json` (`-` for stdin).
+    #[arg(value_name = "MIGRATION_JSON")]
+    pub input: PathBuf,
+    /// Where to write the SVG (default: stdout).
+    #[arg(short, long, value_name = "SVG")]
+    pub output: Option<PathBuf>,
+    /// Title (default: the input's name).
+    #[arg(long, value_name = "TEXT")]
+    pub title: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +99,14 @@ pub struct RunArgs {
     /// Control socket path (default: $XDG_RUNTIME_DIR/minivmm.sock, else /tmp/minivmm.sock).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Guest RAM in shared memory (a memfd per region) instead of private memory: a
+    /// migration to a process on this host can then hand it over (`migrate --local`).
+    #[arg(long)]
+    pub mem_shared: bool,
+    /// Guest RAM in shared huge pages (hugetlbfs memfd; --mem a multiple of 2M, pages reserved
+    /// in /proc/sys/vm/nr_hugepages). Shared like --mem-shared.
+    #[arg(long)]
+    pub mem_hugepages: bool,
 }
 
 impl From<RunArgs> for RawConfig {
@@ -94,6 +118,8 @@ impl From<RunArgs> for RawConfig {
             initrd: a.initrd,
             cmdline: a.cmdline,
             api_socket: a.api_socket,
+            mem_shared: a.mem_shared,
+            mem_hugepages: a.mem_hugepages,
         }
     }
 }
@@ -186,7 +212,7 @@ pub struct MigrateArgs {
     /// Give up the migration this VM is running (until its guest is paused for the final
     /// pass); the guest runs on here and the `migrate` that started it exits 1.
     #[arg(long, conflicts_with_all = [
-        "to", "downtime_ms", "max_bandwidth", "max_passes", "no_zero_elision", "keep_running",
+        "to", "local", "downtime_ms", "max_bandwidth", "max_passes", "no_zero_elision", "keep_running",
         "verify_memory", "no_auto_converge", "json", "connect_timeout_ms", "io_timeout_ms",
         "handshake_timeout_ms", "switchover_timeout_ms", "deadline_ms", "on_deadline",
         "tls_dir", "tls_name",
@@ -195,6 +221,11 @@ pub struct MigrateArgs {
     /// Control socket of the VM to migrate (default as for `run`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Local migration to a process on this host (unix:PATH only): guest memory, which must
+    /// be shared (`run --mem-shared` or `--mem-hugepages`), is handed over by descriptor and
+    /// only vCPU and device state is copied.
+    #[arg(long)]
+    pub local: bool,
     /// Longest acceptable pause of the guest for the final pass (default 50).
     #[arg(long, value_name = "MS")]
     pub downtime_ms: Option<u64>,

@@ -68,6 +68,8 @@ pub enum ConfigError {
          or say --insecure-plaintext"
     )]
     PlaintextOnNetwork(String),
+    #[error("--mem-hugepages needs --mem {0} to be a multiple of 2M (the huge page size)")]
+    MemNotHugeAligned(String),
 }
 
 /// Most incoming attempts a `receive` accepts.
@@ -168,6 +170,31 @@ impl fmt::Display for KernelSource {
     }
 }
 
+/// What backs guest RAM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryBacking {
+    /// Private anonymous memory of this process (the default): only a copy can leave it.
+    #[default]
+    Private,
+    /// A shared memfd per region (`--mem-shared`): another process may map it, so a local
+    /// migration hands it over instead of copying it.
+    Shared,
+    /// Like `Shared`, on hugetlbfs huge pages (`--mem-hugepages`; needs pages reserved in
+    /// `/proc/sys/vm/nr_hugepages`).
+    HugePages,
+}
+
+impl MemoryBacking {
+    /// Another process can map this memory (a local migration can hand it over).
+    pub fn is_shared(self) -> bool {
+        self != MemoryBacking::Private
+    }
+}
+
+/// Huge page size `--mem-hugepages` needs the memory size to be a multiple of.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
 /// A checked VM configuration. Build it with [`VmConfig::new`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -179,6 +206,8 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub api_socket: PathBuf,
+    /// What backs guest RAM.
+    pub memory: MemoryBacking,
 }
 
 /// Unvalidated values as they come from the command line.
@@ -190,6 +219,8 @@ pub struct RawConfig {
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
     pub api_socket: Option<PathBuf>,
+    pub mem_shared: bool,
+    pub mem_hugepages: bool,
 }
 
 impl VmConfig {
@@ -212,6 +243,16 @@ impl VmConfig {
             (None, KernelSource::File(_)) => String::new(),
         };
         check_cmdline(CLI_FIELDS.cmdline, &cmdline)?;
+        let memory = match (raw.mem_shared, raw.mem_hugepages) {
+            (_, true) => MemoryBacking::HugePages,
+            (true, false) => MemoryBacking::Shared,
+            (false, false) => MemoryBacking::Private,
+        };
+        if memory == MemoryBacking::HugePages && !mem_bytes.is_multiple_of(HUGE_PAGE_SIZE) {
+            return Err(ConfigError::MemNotHugeAligned(
+                raw.mem.unwrap_or_else(|| mem_bytes.to_string()),
+            ));
+        }
         Ok(VmConfig {
             mem_bytes,
             cpus,
@@ -219,6 +260,7 @@ impl VmConfig {
             initrd: raw.initrd,
             cmdline,
             api_socket: raw.api_socket.unwrap_or_else(default_api_socket),
+            memory,
         })
     }
 }
@@ -588,6 +630,24 @@ mod tests {
         r.tls_dir = Some("/t".into());
         let e = ReceiveConfig::new(r).unwrap_err();
         assert_eq!(e, ConfigError::TlsNeedsTcp("unix:/tmp/m.sock".into()));
+    }
+
+    #[test]
+    fn memory_backing_follows_the_flags() {
+        let backing = |shared, huge, mem: &str| {
+            let mut r = raw(Some(mem), None);
+            r.mem_shared = shared;
+            r.mem_hugepages = huge;
+            VmConfig::new(r).map(|c| c.memory)
+        };
+        assert_eq!(backing(false, false, "64M"), Ok(MemoryBacking::Private));
+        assert_eq!(backing(true, false, "64M"), Ok(MemoryBacking::Shared));
+        assert_eq!(backing(false, true, "64M"), Ok(MemoryBacking::HugePages));
+        assert_eq!(
+            backing(false, true, "65M"),
+            Err(ConfigError::MemNotHugeAligned("65M".into()))
+        );
+        assert!(!MemoryBacking::Private.is_shared() && MemoryBacking::HugePages.is_shared());
     }
 
     #[test]

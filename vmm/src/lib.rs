@@ -33,6 +33,7 @@ pub mod exit;
 pub mod kvm;
 pub mod migrate;
 pub mod persist;
+pub mod plot;
 pub mod procfs;
 pub mod runner;
 pub mod signals;
@@ -102,6 +103,8 @@ pub enum VmmError {
     RestoreSerial(#[source] crate::devices::serial::SerialError),
     #[error("cannot give the vCPUs the guest's CPUID")]
     GuestCpuid(#[source] BuildError),
+    #[error("cannot take over the source's guest memory")]
+    AdoptMemory(#[source] crate::kvm::memory::MemoryError),
 }
 
 /// Whether the vCPUs run (`status` spells it in lowercase).
@@ -137,6 +140,10 @@ pub struct Vmm {
     vm: Vm,
     kvm: Arc<Kvm>,
     memory: GuestMemoryMmap,
+    /// After a local migration's [`Vmm::adopt_memory`]: the memory first made for this VM,
+    /// which still owns (and unmaps, last) the address ranges `memory` maps the source's
+    /// files at.
+    _address_owner: Option<GuestMemoryMmap>,
     exit: Arc<ExitSignal>,
     config: VmConfig,
     state: RunState,
@@ -209,6 +216,7 @@ impl Vmm {
                 vm,
                 kvm: kvm.clone(),
                 memory,
+                _address_owner: None,
                 exit: exit.clone(),
                 config: config.clone(),
                 state: RunState::Created,
@@ -409,6 +417,30 @@ impl Vmm {
     /// The handle of `/dev/kvm` this VM was made with.
     pub fn kvm(&self) -> &Arc<Kvm> {
         &self.kvm
+    }
+
+    /// Local migration, before the first start: guest memory becomes the source's files
+    /// (`shared`), mapped over this VM's own memory at the same addresses (KVM's slots stay),
+    /// and nothing is written to it. On an error the VM must be dropped: some regions may be
+    /// the source's already.
+    pub fn adopt_memory(&mut self, shared: Vec<migration::SharedRegion>) -> Result<(), VmmError> {
+        if self.state != RunState::Created {
+            return Err(VmmError::WrongState(self.state, "take over memory"));
+        }
+        let hugepages = shared.iter().any(|s| s.hugetlbfs);
+        let adopted =
+            crate::kvm::memory::overlay(&self.memory, shared).map_err(VmmError::AdoptMemory)?;
+        for vcpu in &mut self.vcpus {
+            vcpu.set_memory(adopted.clone());
+        }
+        let own = std::mem::replace(&mut self.memory, adopted);
+        self._address_owner = Some(own);
+        self.config.memory = if hugepages {
+            config::MemoryBacking::HugePages
+        } else {
+            config::MemoryBacking::Shared
+        };
+        Ok(())
     }
 
     /// Ask for transparent huge pages behind guest RAM (a destination, once its guest runs).

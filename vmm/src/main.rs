@@ -58,6 +58,13 @@ fn main() -> ExitCode {
         }
         Command::Migrate(args) => migrate(&args),
         Command::Resume(args) => resume(&args),
+        Command::Plot(args) => match vmm::plot::plot(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {}", error_chain(&e));
+                ExitCode::from(1)
+            }
+        },
         Command::TlsInit(args) => tls_init(&args),
     }
 }

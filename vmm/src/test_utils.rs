@@ -53,6 +53,7 @@ pub fn host_migration_config(
         initrd: None,
         cmdline: String::new(),
         api_socket: "/nonexistent".into(),
+        memory: Default::default(),
     };
     let vmm = crate::Vmm::new_for_restore(config, Box::new(std::io::sink()), kvm.into())?;
     let mut c =

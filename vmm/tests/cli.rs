@@ -72,6 +72,59 @@ fn usage_and_value_errors_exit_2() {
     assert_fails(&["migrate"], 2, "--to");
     assert_fails(&["migrate", "--cancel", "--to", "x"], 2, "--cancel");
     assert_fails(&["migrate", "--to", "x", "--max-bandwidth", "zz"], 2, "zz");
+    assert_fails(
+        &["run", "--mem", "65M", "--mem-hugepages", "--api-socket", s],
+        2,
+        "multiple of 2M",
+    );
+}
+
+#[test]
+fn plot_draws_a_migration_and_names_bad_input() {
+    let dir = std::env::temp_dir().join(format!("minivmm-cli-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let input = dir.join("mig.json");
+    let svg = dir.join("mig.svg");
+    let json = serde_json::json!({
+        "ok": true, "to": "unix:/m",
+        "stats": {
+            "passes": [{"pass": 0, "kind": "bulk", "bytes": 67_108_864u64, "duration_us": 60_000,
+                        "bandwidth_bps": 1_000_000_000u64, "dirty_rate_bps": 1_000_000},
+                       {"pass": 1, "kind": "final", "bytes": 4096, "duration_us": 100,
+                        "bandwidth_bps": 0, "dirty_rate_bps": 0}],
+            "setup_phases_us": [["send configuration", 80]],
+            "downtime_phases_us": [["pause", 90], ["destination restore", 300]],
+            "total_duration_us": 61_000, "downtime_us": 900
+        }
+    });
+    std::fs::write(&input, json.to_string()).expect("write");
+    let out = run(&[
+        "plot",
+        input.to_str().expect("utf-8"),
+        "-o",
+        svg.to_str().expect("utf-8"),
+        "--title",
+        "idle & co",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc = std::fs::read_to_string(&svg).expect("svg written");
+    assert!(doc.starts_with("<svg") && doc.trim_end().ends_with("</svg>"));
+    assert!(doc.contains("idle &amp; co") && doc.contains("destination restore"));
+
+    std::fs::write(&input, "{\"ok\":false,\"error\":\"cancelled\"}").expect("write");
+    assert_fails(&["plot", input.to_str().expect("utf-8")], 1, "cancelled");
+    std::fs::write(&input, "not json").expect("write");
+    assert_fails(&["plot", input.to_str().expect("utf-8")], 1, "is not JSON");
+    assert_fails(
+        &["plot", "/nonexistent/mig.json"],
+        1,
+        "cannot read /nonexistent/mig.json",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -193,5 +193,6 @@ pub fn migrate_request(a: &MigrateArgs, max_bandwidth: Option<u64>) -> Option<Mi
         },
         tls_dir,
         tls_name: a.tls_name.clone(),
+        local: a.local,
     })
 }

@@ -126,6 +126,10 @@ pub struct MigrateRequest {
     /// `tcp:HOST:PORT`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_name: Option<String>,
+    /// Local migration (`unix:` only): shared guest memory handed over by descriptor, only
+    /// state copied.
+    #[serde(default)]
+    pub local: bool,
 }
 
 /// What a migration's deadline does when it passes.
@@ -169,6 +173,7 @@ impl MigrateRequest {
             on_deadline: OnDeadline::Cancel,
             tls_dir: None,
             tls_name: None,
+            local: false,
         }
     }
 }

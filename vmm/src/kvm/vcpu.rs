@@ -164,6 +164,11 @@ impl Vcpu {
         self.id
     }
 
+    /// Guest memory was replaced before the start (local migration).
+    pub fn set_memory(&mut self, memory: GuestMemoryMmap) {
+        self.memory = memory;
+    }
+
     /// The KVM vCPU, for configuration (or state restore) before the thread starts.
     pub fn fd(&self) -> &VcpuFd {
         &self.fd

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use kvm_bindings::kvm_cpuid_entry2;
 use kvm_ioctls::Kvm;
 use migration::{
-    regions_from_guest_memory, GuestRam, MigrationTarget, RamRegion, ReceiveStats, StateBlob,
-    VmOpError,
+    regions_from_guest_memory, GuestRam, MigrationTarget, RamRegion, ReceiveStats, SharedRegion,
+    StateBlob, VmOpError,
 };
 
 use crate::arch::x86_64::cpuid::guest_cpuid;
@@ -83,6 +83,7 @@ impl TargetVm {
             initrd: None,
             cmdline,
             api_socket: self.api_socket.clone(),
+            memory: Default::default(),
         };
         let out: SerialOut = Box::new(StdoutOut);
         let vmm = Vmm::new_for_restore(config, out, self.kvm.clone()).map_err(VmOpError::new)?;
@@ -144,6 +145,31 @@ impl MigrationTarget for TargetVm {
         cfg.check_msrs(vmm.saved_msrs()).map_err(VmOpError::new)?;
         self.incoming = Some(cfg);
         Ok(())
+    }
+
+    fn adopt_memory(&mut self, shared: Vec<SharedRegion>) -> Result<(), VmOpError> {
+        let vmm = self.vmm()?;
+        let started = std::time::Instant::now();
+        if let Err(e) = vmm.adopt_memory(shared) {
+            // Part of it may map the source's memory now: this VM goes, a retry builds anew.
+            self.release_memory();
+            return Err(VmOpError::new(e));
+        }
+        self.regions = regions_from_guest_memory(self.vmm()?.memory()).map_err(VmOpError::new)?;
+        log::info!(
+            "Guest memory handed over by the source (local migration), mapped in {:?}",
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    fn release_memory(&mut self) {
+        // The VM maps the source's memory: drop it (unmapping it) before anything here could
+        // touch it; another attempt gets a VM of its own.
+        self.regions.clear();
+        if self.vmm.take().is_some() {
+            log::info!("Released the source's guest memory");
+        }
     }
 
     fn accepts_state(&self, id: &str) -> bool {

@@ -110,6 +110,14 @@ fn migrate(
 ) -> Result<(MigrateSummary, bool), Failed> {
     let endpoint = Endpoint::parse(&args.to).map_err(|e| error_chain(&e))?;
     let is_file = matches!(endpoint, Endpoint::File(_));
+    if args.local && !matches!(endpoint, Endpoint::Unix(_)) {
+        return Err(format!(
+            "--local needs a unix:PATH destination: memory descriptors pass only over a unix \
+             socket to a process on this host, not to {}",
+            args.to
+        )
+        .into());
+    }
     let tls = tls_client(args, &endpoint)?;
     let mut source = SourceVm::new(vmm.clone(), args.verify_memory).map_err(|e| error_chain(&e))?;
     let faults = armed_faults().map_err(|e| error_chain(&e))?;
@@ -139,6 +147,7 @@ fn migrate(
         }),
         cancel,
         faults,
+        local: args.local,
         progress: Some(Box::new({
             let outgoing = outgoing.clone();
             move |p: &Progress| {
@@ -284,7 +293,12 @@ fn summary(stats: &MigrationStats, source: &SourceVm, args: &MigrateRequest) -> 
         total_ms: stats.total_duration_us as f64 / 1000.0,
         downtime_ms: stats.downtime_us as f64 / 1000.0,
         passes: stats.passes.len() as u64,
-        bytes_sent: t.bytes,
+        // A local migration sends no page: its bytes are the whole (small) stream.
+        bytes_sent: if stats.local {
+            stats.stream_bytes
+        } else {
+            t.bytes
+        },
         pages_sent: t.pages_sent,
         pages_zero_elided: t.zero_elided,
         pages_zero_sent: t.zero_sent,

@@ -220,6 +220,7 @@ mod tests {
             initrd: None,
             cmdline: "touch=1M".into(),
             api_socket: "/x".into(),
+            memory: Default::default(),
         };
         let cpuid = [kvm_cpuid_entry2 {
             function: 1,

@@ -41,9 +41,9 @@ pub fn memory_hash(regions: &[RamRegion]) -> MemoryHash {
         while page < r.pages() {
             let n = (r.pages() - page).min(CHUNK);
             let addr = base + page * PAGE_SIZE;
-            let known = pagemap
-                .as_mut()
-                .is_some_and(|pm| pm.classify(addr, n, &mut states).is_ok());
+            // Pagemap for private memory, the file's holes for shared memory.
+            let known = migration::holes::classify(pagemap.as_mut(), r, page, n, &mut states)
+                .unwrap_or(false);
             for i in 0..n {
                 if known && states.get(i) != Some(&PageState::Resident) {
                     continue;
