@@ -136,6 +136,10 @@ fn assert_source_recovered(src: &FakeVm) {
 fn live_round_trip_with_concurrent_guest() {
     let mut src = source();
     keep_writing(&mut src, 7);
+    // The writer thread may be starved on a loaded machine: a few writes between passes too,
+    // so that every pass leaves something dirty and pre-copy runs its five passes.
+    let mut rng = Lcg(70);
+    src.between_passes = Some(Box::new(move |w, _| scribble(w, LAYOUT, &mut rng, 8)));
     let mut progress = Vec::new();
     let (tx, rx) = std::sync::mpsc::channel();
     let opts = SendOptions {
