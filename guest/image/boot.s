@@ -152,6 +152,19 @@ pvh_start32:
     movl %cr4, %eax
     orl $0x620, %eax                # PAE | OSFXSR | OSXMMEXCPT
     movl %eax, %cr4
+    movl $1, %eax
+    cpuid
+    andl $0x14000000, %ecx          # XSAVE | AVX
+    cmpl $0x14000000, %ecx
+    jne .Lno_avx
+    movl %cr4, %eax
+    orl $0x40000, %eax              # OSXSAVE
+    movl %eax, %cr4
+    xorl %ecx, %ecx
+    xorl %edx, %edx
+    movl $7, %eax                   # XCR0 = x87 | SSE | AVX
+    xsetbv
+.Lno_avx:
     movl $0xc0000080, %ecx          # EFER
     rdmsr
     orl $0x100, %eax                # LME

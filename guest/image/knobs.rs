@@ -56,6 +56,9 @@ pub struct Knobs {
     /// Self-test: after verify round N, CPU 0 records a rewrite of one page without writing
     /// it, as a migration that lost a dirty page would; 0 = never (`lose_write=`).
     pub lose_write: u64,
+    /// Self-check: hold known values in the x87, SSE and AVX registers and check them every
+    /// verify round (`fpu=0|1`; the test image only).
+    pub fpu: bool,
 }
 
 impl Default for Knobs {
@@ -75,6 +78,7 @@ impl Default for Knobs {
             idle: Idle::Halt,
             tsc_khz: 0,
             lose_write: 0,
+            fpu: false,
         }
     }
 }
@@ -158,6 +162,13 @@ pub fn parse<'a>(cmdline: &'a str, mut on_error: impl FnMut(KnobError<'a>)) -> K
             },
             "tsc_khz" => parse_u64(value).map(|v| k.tsc_khz = v).ok_or(bad(COUNT)),
             "lose_write" => parse_u64(value).map(|v| k.lose_write = v).ok_or(bad(COUNT)),
+            "fpu" => match value {
+                "0" | "1" => {
+                    k.fpu = value == "1";
+                    Ok(())
+                }
+                _ => Err(bad("0 or 1")),
+            },
             _ => Err(KnobError::Unknown { word }),
         };
         if let Err(e) = result {
@@ -221,7 +232,8 @@ mod tests {
     fn every_knob_parses() {
         let (k, n) = errors(
             "touch=64M scrub=16M rate=20000 fill_rate=max seed=7 verify_ms=250 exit_after=3 \
-             hz=250 cpus=2 ap_wait_ms=500 sample=0 idle=spin tsc_khz=2000000 lose_write=5",
+             hz=250 cpus=2 ap_wait_ms=500 sample=0 idle=spin tsc_khz=2000000 lose_write=5 \
+             fpu=1",
         );
         assert_eq!(n, 0);
         assert_eq!(
@@ -241,6 +253,7 @@ mod tests {
                 idle: Idle::Spin,
                 tsc_khz: 2_000_000,
                 lose_write: 5,
+                fpu: true,
             }
         );
     }
@@ -277,7 +290,7 @@ mod tests {
     #[test]
     fn bad_values_are_named_and_keep_the_default() {
         let mut seen = None;
-        let k = parse("touch=lots hz=0", |e| {
+        let k = parse("touch=lots hz=0 fpu=yes", |e| {
             if seen.is_none() {
                 seen = Some(e)
             }

@@ -12,6 +12,7 @@
 
 mod bootinfo;
 mod firmware;
+mod fpu;
 mod hw;
 #[allow(dead_code)]
 mod knobs;

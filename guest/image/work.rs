@@ -4,6 +4,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use crate::fpu::{Fpu, Mismatch};
 use crate::hw;
 use crate::knobs::{Idle, Knobs};
 use crate::layout::{slice, Layout};
@@ -42,6 +43,8 @@ struct Cpu<'a> {
     round: u64,
     /// The page whose write `lose_write=` dropped; the writer leaves it alone.
     lost: Option<u64>,
+    /// The values `fpu=1` loaded into this CPU's registers.
+    fpu: Option<Fpu>,
 }
 
 /// Runs the workload of CPU `id`; never returns.
@@ -58,7 +61,17 @@ pub fn run(id: u64, plan: &Plan) -> ! {
         writes: 0,
         round: 0,
         lost: None,
+        fpu: plan.knobs.fpu.then(|| Fpu::new(plan.knobs.seed, id)),
     };
+    if let Some(f) = &cpu.fpu {
+        f.load();
+        say!(
+            "TESTGUEST fpu cpu={} avx={} xcr0={:#x}",
+            id,
+            u8::from(f.avx),
+            f.xcr0
+        );
+    }
     cpu.fill();
     cpu.steady()
 }
@@ -183,6 +196,23 @@ impl Cpu<'_> {
             }
         }
         let sampled = self.sample_untouched(&mut failed);
+        if let Some(f) = &self.fpu {
+            let (id, round) = (self.id, self.round);
+            let mut lines = 0;
+            failed += f.check(|m: Mismatch| {
+                lines += 1;
+                if lines <= MAX_FAIL_LINES {
+                    say!(
+                        "VERIFY-FAIL cpu={} kind=fpu reg={} round={} got={:#x} want={:#x}",
+                        id,
+                        m.reg,
+                        round,
+                        m.got,
+                        m.want
+                    );
+                }
+            });
+        }
         if failed == 0 {
             let ms =
                 self.clock.now().saturating_sub(self.plan.boot_tsc) / (self.plan.tsc_hz / 1000);
