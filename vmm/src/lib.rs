@@ -235,6 +235,26 @@ impl Vmm {
     /// guest, are stopped again and the VM is [`RunState::Failed`]: it never starts again
     /// (its memory was run on; a destination must not receive into it once more).
     pub fn start(&mut self) -> Result<(), VmmError> {
+        self.start_threads(false)
+    }
+
+    /// Test hook: [`start`](Self::start) with every vCPU thread paused before it ever entered
+    /// the guest, so that [`save_state`](Self::save_state) sees exactly the state the vCPUs
+    /// were given (set through [`kvm_handles`](Self::kvm_handles) or
+    /// [`restore_state`](Self::restore_state)); [`resume`](Self::resume) lets them run.
+    #[doc(hidden)]
+    pub fn start_paused(&mut self) -> Result<(), VmmError> {
+        self.start_threads(true)
+    }
+
+    /// Test hook: the KVM handles of the VM and of its vCPUs (empty once started), to set
+    /// state directly through KVM before [`start_paused`](Self::start_paused).
+    #[doc(hidden)]
+    pub fn kvm_handles(&self) -> (&kvm_ioctls::VmFd, Vec<&kvm_ioctls::VcpuFd>) {
+        (self.vm.fd(), self.vcpus.iter().map(Vcpu::fd).collect())
+    }
+
+    fn start_threads(&mut self, paused: bool) -> Result<(), VmmError> {
         if self.state != RunState::Created {
             return Err(VmmError::AlreadyStarted);
         }
@@ -245,7 +265,7 @@ impl Vmm {
                     vcpu.id(),
                     std::io::Error::other("injected start failure"),
                 )),
-                _ => vcpu.start(run_size),
+                _ => vcpu.start(run_size, paused),
             };
             match started {
                 Ok(h) => self.handles.push(h),
@@ -260,7 +280,11 @@ impl Vmm {
                 }
             }
         }
-        self.state = RunState::Running;
+        self.state = if paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
         self.started_at = Instant::now();
         info!("VM started with {} vCPUs", self.handles.len());
         Ok(())

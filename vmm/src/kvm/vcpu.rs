@@ -174,8 +174,9 @@ impl Vcpu {
         &self.fd
     }
 
-    /// Spawn the vCPU thread, initially `Running`.
-    pub fn start(self, kvm_run_size: usize) -> Result<VcpuHandle, VcpuError> {
+    /// Spawn the vCPU thread, initially `Running`, or `Paused` without ever having entered
+    /// the guest (`paused`; it answers nothing until the first event).
+    pub fn start(self, kvm_run_size: usize, paused: bool) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let id = self.id;
         // SAFETY: the fd is the open vCPU fd owned by `self.fd`, alive for this call.
@@ -195,7 +196,11 @@ impl Vcpu {
                     events: event_rx,
                     responses: response_tx,
                 }
-                .run()
+                .run(if paused {
+                    VcpuRunState::Paused
+                } else {
+                    VcpuRunState::Running
+                })
             })
             .map_err(|e| VcpuError::Spawn(id, e))?;
         Ok(VcpuHandle {
@@ -381,8 +386,7 @@ struct VcpuThread {
 }
 
 impl VcpuThread {
-    fn run(mut self) {
-        let mut state = VcpuRunState::Running;
+    fn run(mut self, mut state: VcpuRunState) {
         loop {
             state = match state {
                 VcpuRunState::Running => self.running(),
