@@ -8,7 +8,7 @@ export MINIVMM_KERNEL := $(LINUX)/vmlinuz
 export MINIVMM_VMLINUX := $(LINUX)/vmlinux
 export MINIVMM_INITRAMFS := $(LINUX)/initramfs.cpio.gz
 
-.PHONY: all deps build kernel initramfs guest-linux fmt-check clippy doc import-cycles test-unit test-e2e test soak bench demo clean
+.PHONY: all deps build kernel initramfs guest-linux fmt-check clippy doc import-cycles test-unit test-e2e test soak bench demo clean fuzz-deps fuzz-build fuzz fuzz-short
 
 all: build
 
@@ -32,6 +32,7 @@ guest-linux: kernel initramfs
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path migration/fuzz/Cargo.toml -- --check
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -49,7 +50,26 @@ test-unit:
 test-e2e: build guest-linux
 	$(CARGO) test --release -p e2e -- --test-threads=2
 
-test: fmt-check clippy doc import-cycles test-unit test-e2e
+test: fmt-check clippy doc import-cycles test-unit test-e2e fuzz-short
+
+## Fuzzing (migration/fuzz, cargo-fuzz on the nightly toolchain; see migration/README.md).
+FUZZ_TARGETS := decode_stream receive_records source_replies config_json state_blobs control_request
+## Seconds per target: `make fuzz` for a real run, `fuzz-short` (part of `make test`) for a smoke run.
+FUZZ_SECONDS ?= 300
+FUZZ_SHORT_SECONDS ?= 20
+export FUZZ_SANITIZER ?= none
+
+fuzz-deps: deps
+	@scripts/fuzz-deps.sh
+
+fuzz-build: fuzz-deps
+	cd migration && $(CARGO) +nightly fuzz build -s $(FUZZ_SANITIZER)
+
+fuzz: fuzz-build
+	@scripts/fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+fuzz-short: fuzz-build
+	@scripts/fuzz.sh $(FUZZ_SHORT_SECONDS) $(FUZZ_TARGETS)
 
 ## 100 ping-pong migrations of a busy guest, a faulted attempt before every tenth (make test
 ## runs 10 of them).

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install the Debian packages the build, the tests and the benchmarks need (zstd: `make kernel`
-# decompresses the vmlinux out of the bzImage with it). Idempotent: does nothing when everything
-# is already installed, runs `apt-get update` only when something is missing.
+# decompresses the vmlinux out of the bzImage with it; g++: libfuzzer-sys compiles libFuzzer
+# for `make fuzz`). Idempotent: does nothing when everything is already installed, runs
+# `apt-get update` only when something is missing.
 set -euo pipefail
-pkgs=(qemu-system-x86 busybox-static cpio gzip zstd)
+pkgs=(qemu-system-x86 busybox-static cpio gzip zstd g++)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

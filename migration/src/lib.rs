@@ -91,6 +91,8 @@ pub mod wire;
 pub mod zero;
 
 #[cfg(test)]
+mod fuzz_regressions;
+#[cfg(test)]
 mod roundtrip_tests;
 
 pub use accept::{no_faults, AcceptError, AcceptOptions, Acceptor, FaultSupplier, Offer};

@@ -102,14 +102,18 @@ impl<'t> RecordWriter<'t> {
         Ok(written)
     }
 
-    /// Writes `End`, sealing everything written before it.
-    pub fn finish(&mut self) -> io::Result<()> {
-        let end = EndRecord {
+    /// The `End` that would seal what was written so far.
+    pub fn sealed(&self) -> EndRecord {
+        EndRecord {
             records: self.records,
             bytes: self.bytes,
             chain_crc: self.chain,
-        };
-        let payload = end.encode();
+        }
+    }
+
+    /// Writes `End`, sealing everything written before it.
+    pub fn finish(&mut self) -> io::Result<()> {
+        let payload = self.sealed().encode();
         let header = RecordHeader {
             kind: RecordKind::End,
             len: payload.len() as u32,
