@@ -29,6 +29,73 @@ fn assert_refused(args: &[&str], needle: &str) {
     );
 }
 
+/// A command-line error: exit status 2, and the message names `needles` (what was wrong).
+fn assert_usage_error(args: &[&str], needles: &[&str]) {
+    let (code, err) = run_fail(args);
+    assert_eq!(code, 2, "minivmm {args:?} is a command-line error: {err}");
+    for needle in needles {
+        assert!(
+            err.contains(needle),
+            "minivmm {args:?}: error should mention {needle:?}, got: {err}"
+        );
+    }
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "one error line: {err}"
+    );
+}
+
+/// A malformed endpoint is refused before anything is built, bound or connected: the flag,
+/// the value and what is wrong with it, exit status 2. `migrate --to` checks it on the
+/// client side (no VM and no control socket is asked: the one given here does not exist).
+#[test]
+fn malformed_endpoints_are_command_line_errors() {
+    let dir = TempDir::new("bad-endpoints");
+    let api = dir.join("none.api");
+    let api = api.to_str().expect("utf-8");
+    let long = format!("unix:/{}", "x".repeat(200));
+    let cases: &[(&str, &str)] = &[
+        ("bogus", "has no scheme"),
+        ("ftp:/x", "Unknown endpoint scheme \"ftp\""),
+        ("unix:", "has an empty path"),
+        ("tcp:localhost", "needs HOST:PORT"),
+        ("tcp:127.0.0.1:99999", "Bad port \"99999\""),
+        ("tcp::80", "has an empty host"),
+        ("tcp:[::1:80", "needs HOST:PORT"),
+        (&long, "the limit is 107"),
+    ];
+    for &(uri, what) in cases {
+        let quoted = format!("{uri:?}");
+        assert_usage_error(
+            &["receive", "--listen", uri, "--api-socket", api],
+            &["--listen", &quoted, what],
+        );
+        assert_usage_error(
+            &["migrate", "--to", uri, "--api-socket", api],
+            &["--to", &quoted, what],
+        );
+    }
+    assert_usage_error(
+        &["receive", "--from", "unix:", "--api-socket", api],
+        &["--from", "has an empty path"],
+    );
+    assert_usage_error(
+        &[
+            "receive",
+            "--listen",
+            "file:/tmp/x.snap",
+            "--api-socket",
+            api,
+        ],
+        &["--listen takes unix:PATH or tcp:HOST:PORT"],
+    );
+    assert_usage_error(
+        &["migrate", "--to", "tcp:127.0.0.1:0", "--api-socket", api],
+        &["--to", "port 0 is only for --listen"],
+    );
+}
+
 #[test]
 fn unknown_flags_and_subcommands() {
     assert_refused(&["run", "--bogus"], "--bogus");

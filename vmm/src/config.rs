@@ -50,8 +50,10 @@ pub enum ConfigError {
     ShapeAboveMaxCpus { cpus: u8, max: u8 },
     #[error("cannot read this host's memory size from /proc/meminfo: give --max-mem")]
     HostMemory,
-    #[error("{0}")]
-    Endpoint(#[from] migration::EndpointError),
+    #[error("--listen {0:?}")]
+    Listen(String, #[source] migration::EndpointError),
+    #[error("--from {0:?}")]
+    From(String, #[source] migration::EndpointError),
     #[error("--from takes file:PATH (use --listen for sockets)")]
     FromNotFile,
     #[error("--listen takes unix:PATH or tcp:HOST:PORT (use --from for snapshots)")]
@@ -319,14 +321,18 @@ pub struct RawReceiveConfig {
 impl ReceiveConfig {
     pub fn new(raw: RawReceiveConfig) -> Result<ReceiveConfig, ConfigError> {
         let source = match (raw.listen.as_deref(), raw.from.as_deref()) {
-            (Some(uri), None) => match Endpoint::parse(uri)? {
-                Endpoint::File(_) => return Err(ConfigError::ListenFile),
-                e => e,
-            },
-            (None, Some(uri)) => match Endpoint::parse(uri)? {
-                e @ Endpoint::File(_) => e,
-                _ => return Err(ConfigError::FromNotFile),
-            },
+            (Some(uri), None) => {
+                match Endpoint::parse(uri).map_err(|e| ConfigError::Listen(uri.to_string(), e))? {
+                    Endpoint::File(_) => return Err(ConfigError::ListenFile),
+                    e => e,
+                }
+            }
+            (None, Some(uri)) => {
+                match Endpoint::parse(uri).map_err(|e| ConfigError::From(uri.to_string(), e))? {
+                    e @ Endpoint::File(_) => e,
+                    _ => return Err(ConfigError::FromNotFile),
+                }
+            }
             _ => return Err(ConfigError::NoSource),
         };
         if !(1..=MAX_ATTEMPTS).contains(&raw.attempts) {

@@ -6,6 +6,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use migration::Endpoint;
 use vmm::cli::{Cli, Command};
 use vmm::config::{ReceiveConfig, VmConfig};
 use vmm::control::client;
@@ -136,6 +137,18 @@ fn migrate(args: &vmm::cli::MigrateArgs) -> ExitCode {
         eprintln!("error: --to is required");
         return ExitCode::from(2);
     };
+    // A malformed destination is the command line's fault: say so before asking the VM.
+    match Endpoint::parse(&req.to) {
+        Ok(Endpoint::Tcp { port: 0, .. }) => {
+            eprintln!("error: --to {:?}: port 0 is only for --listen", req.to);
+            return ExitCode::from(2);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("error: --to {:?}: {e}", req.to);
+            return ExitCode::from(2);
+        }
+    }
     match client::migrate(&api, &req, args.json) {
         Ok(summary) => {
             if args.json {
