@@ -38,6 +38,19 @@ pub fn verify_oks(lines: &[String], cpu: u64) -> Vec<VerifyOk> {
         .collect()
 }
 
+/// CPUs that loaded their `fpu=1` register values, with whether AVX was on
+/// (`TESTGUEST fpu cpu=<c> avx=<0|1> ...` lines).
+pub fn fpu_loaded(lines: &[String]) -> Vec<(u64, bool)> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("TESTGUEST fpu "))
+        .filter_map(|rest| {
+            let m = kv(rest);
+            Some((m.get("cpu")?.parse().ok()?, m.get("avx")? == "1"))
+        })
+        .collect()
+}
+
 /// Panics if any line reports a verification failure or an unexpected exception.
 pub fn assert_no_failure(p: &Proc) {
     let lines = p.lines();
@@ -53,10 +66,13 @@ pub fn assert_no_failure(p: &Proc) {
     }
 }
 
-/// Wait for a `VERIFY-OK` of `cpu` at or after line index `from`; returns it.
+/// Wait for a `VERIFY-OK` of `cpu` at or after line index `from`; returns it. A failure line
+/// (of any CPU) ends the wait at once with the failure.
 pub fn wait_verify(p: &mut Proc, from: usize, cpu: u64, timeout: Duration) -> VerifyOk {
     let l = p.wait_line_from(from, &format!("VERIFY-OK of cpu {cpu}"), timeout, |l| {
         VerifyOk::parse(l).is_some_and(|v| v.cpu == cpu)
+            || l.contains("VERIFY-FAIL")
+            || l.starts_with("EXC ")
     });
     assert_no_failure(p);
     VerifyOk::parse(&l).expect("parsed above")

@@ -91,13 +91,31 @@ fn file_snapshot_and_restore() {
     assert!(stats.mem_hash_source.is_some(), "{stats:?}");
 }
 
+/// Both vCPUs write, tick and (`fpu=1`) hold known values in their x87, SSE and AVX
+/// registers, which each checks every round: a vCPU restored without its XSAVE state, or
+/// with the other's, fails its verifier on the destination.
 #[test]
 fn two_vcpus_both_writing_keep_running_and_ticking() {
     require_kvm!();
     let dir = TempDir::new("mig-smp");
-    let mut src = Vm::run(&dir, "src", "512M", 2, "touch=64M rate=4000 seed=13 hz=100");
+    let mut src = Vm::run(
+        &dir,
+        "src",
+        "512M",
+        2,
+        "touch=64M rate=4000 seed=13 hz=100 fpu=1",
+    );
     src.rounds(0, 1);
     src.rounds(1, 1);
+    let fpu = e2e::guest::fpu_loaded(&src.proc.lines());
+    assert_eq!(
+        fpu.iter().map(|f| f.0).collect::<Vec<_>>(),
+        [0, 1],
+        "both CPUs loaded their registers: {fpu:?}"
+    );
+    if fpu.iter().any(|f| !f.1) {
+        eprintln!("NOTE: XCR0 has no AVX here: only x87 and SSE registers are checked");
+    }
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
     let stats = migrate_ok(&mut src, &uri, &["--verify-memory"]);
@@ -137,7 +155,7 @@ fn two_vcpus_both_writing_keep_running_and_ticking() {
 fn chain_of_ten_migrations() {
     require_kvm!();
     let dir = TempDir::new("mig-chain");
-    let mut vm = Vm::run(&dir, "hop0", "256M", 1, "touch=32M rate=3000 seed=14");
+    let mut vm = Vm::run(&dir, "hop0", "256M", 1, "touch=32M rate=3000 seed=14 fpu=1");
     vm.rounds(0, 1);
     for hop in 1..=10 {
         let uri = format!("unix:{}", dir.join(&format!("hop{hop}.sock")).display());
@@ -186,12 +204,16 @@ fn destination_killed_mid_migration_source_keeps_running() {
     assert_keeps_verifying(&mut dst, 1);
 }
 
+/// Migrate while the guest fills 512 MiB: the bulk pass finds most of the working set still
+/// zero and elides it, so only the dirty log can bring the pages the fill writes afterwards.
+/// The destination started all zero, so every page that is non-zero at the final pause went
+/// out as data at least once; those the bulk pass did not send must be in the later passes.
+/// (Faulting in fresh memory paces the fill here, whatever `fill_rate=` asks, and pre-copy
+/// converges within a few short passes: a 1 ms downtime limit makes it take a few more.)
 #[test]
 fn pages_written_after_the_bulk_pass_arrive() {
     require_kvm!();
     let dir = TempDir::new("mig-late");
-    // Migrate while the guest is still filling 512 MiB: the bulk pass sees most of it still
-    // zero (elided) and the dirty log must bring every page the fill writes afterwards.
     let mut src = Vm::run(
         &dir,
         "src",
@@ -199,23 +221,107 @@ fn pages_written_after_the_bulk_pass_arrive() {
         1,
         "touch=512M rate=0 seed=16 fill_rate=200000",
     );
-    src.proc
-        .wait_line("boot", T, |l| l.starts_with("TESTGUEST boot"));
+    let layout = src
+        .proc
+        .wait_line("layout", T, |l| l.starts_with("TESTGUEST layout"));
+    let ws_pages: u64 = e2e::kv(&layout)["ws_pages"].parse().expect("ws_pages");
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
     let stats = migrate_ok(
         &mut src,
         &uri,
-        &["--verify-memory", "--max-bandwidth", "400M"],
+        &[
+            "--verify-memory",
+            "--max-bandwidth",
+            "400M",
+            "--downtime-ms",
+            "1",
+            "--max-passes",
+            "10",
+            "--no-auto-converge",
+        ],
+    );
+    let passes = stats.stats["passes"].as_array().expect("passes");
+    let sent = |p: &serde_json::Value| p["pages_sent"].as_u64().expect("pages_sent");
+    assert_eq!(passes[0]["kind"], "bulk", "{passes:?}");
+    let bulk = sent(&passes[0]);
+    let later: u64 = passes[1..].iter().map(sent).sum();
+    let nonzero = stats.nonzero_bytes.expect("nonzero_bytes") / 4096;
+    let after_bulk = nonzero.saturating_sub(bulk);
+    eprintln!(
+        "working set {ws_pages} pages; at the pause {nonzero} non-zero; bulk pass sent {bulk}, \
+         the {} later passes {later}",
+        passes.len() - 1
+    );
+    assert!(
+        after_bulk >= 100,
+        "only {after_bulk} of the {nonzero} non-zero pages were written after the bulk pass \
+         (it sent {bulk}): the fill was not running during the migration"
+    );
+    assert!(
+        later >= after_bulk,
+        "the dirty passes sent {later} pages, but {after_bulk} pages non-zero at the pause \
+         were not in the bulk pass: {passes:?}"
     );
     assert_hashes_match(&stats);
-    assert!(
-        stats.pages_zero_elided > 0,
-        "the bulk pass elided zero pages: {stats:?}"
-    );
-    assert!(stats.passes >= 2, "dirty passes ran: {stats:?}");
     dst.proc
         .wait_line("fill done", T, |l| l.starts_with("FILL-DONE"));
+    assert_keeps_verifying(&mut dst, 1);
+}
+
+/// `migrate --keep-running` to a `file:` snapshot leaves the guest running here (it keeps
+/// writing and verifying) and the snapshot restores elsewhere; then a live migration with
+/// `--no-zero-elision` sends the zero pages as zero runs instead of leaving them out.
+#[test]
+fn keep_running_snapshot_then_a_migration_without_zero_elision() {
+    require_kvm!();
+    let dir = TempDir::new("mig-keep");
+    let mut src = Vm::run(&dir, "src", "512M", 1, "touch=32M rate=2000 seed=43");
+    src.rounds(0, 1);
+    let snap = format!("file:{}", dir.join("running.snap").display());
+    let m = migrate(&src.api, &snap, &["--keep-running", "--verify-memory"]);
+    assert!(m.ok, "snapshot with --keep-running: {}", m.stderr);
+    assert!(
+        matches!(&m.reply, Some(Reply::Ok(s)) if s.mem_hash_source.is_some()),
+        "{:?}",
+        m.reply
+    );
+    // The source runs on: its status says so and its guest keeps writing and verifying.
+    assert_eq!(vm_status(&src.api).state, RunState::Running);
+    let before = src.rounds(0, 1);
+    let after = src.rounds(0, 1);
+    assert!(
+        after.writes > before.writes,
+        "the guest keeps writing: {before:?} -> {after:?}"
+    );
+    assert!(src.proc.alive(), "the source keeps its VM");
+    // The snapshot is a whole VM: restored elsewhere, it runs and verifies.
+    let api = dir.join("restored.api");
+    let mut restored = Proc::minivmm(
+        "restored",
+        &[
+            "receive",
+            "--from",
+            &snap,
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    e2e::guest::wait_rounds(&mut restored, 0, 0, 1, T);
+    assert_no_failure(&restored);
+    restored.kill();
+
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
+    let stats = migrate_ok(&mut src, &uri, &["--no-zero-elision", "--verify-memory"]);
+    assert!(!stats.zero_elision, "{stats:?}");
+    assert_eq!(stats.pages_zero_elided, 0, "{stats:?}");
+    // 512 MiB is 131,072 pages, about 9,000 of them non-zero: the rest went as zero runs.
+    assert!(
+        stats.pages_zero_sent >= 100_000,
+        "zero pages sent as zero runs: {stats:?}"
+    );
+    assert_hashes_match(&stats);
     assert_keeps_verifying(&mut dst, 1);
 }
 
