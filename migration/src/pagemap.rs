@@ -147,6 +147,75 @@ impl Pagemap {
         Ok(())
     }
 
+    /// The pages of `addr..addr + pages * PAGE_SIZE` that must be read (neither untouched nor
+    /// the zero page), as runs `(first page, count)` relative to `addr`, in order, into `out`
+    /// (cleared first). Every page outside them reads as zero. One `PAGEMAP_SCAN` walk where
+    /// the kernel has it (no per-page work for untouched ranges), else pagemap entries.
+    pub fn resident_runs(
+        &mut self,
+        addr: usize,
+        pages: usize,
+        out: &mut Vec<(usize, usize)>,
+    ) -> io::Result<()> {
+        out.clear();
+        if self.scan {
+            match self.scan_resident(addr, pages, out) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    log::debug!("PAGEMAP_SCAN unavailable, reading pagemap entries: {e}");
+                    self.scan = false;
+                    out.clear();
+                }
+            }
+        }
+        let mut done = 0;
+        while done < pages {
+            let n = (pages - done).min(BATCH_PAGES);
+            self.read_entries(addr + done * PAGE_SIZE, n)?;
+            let zero_pfn = self.zero_pfn;
+            for (i, &e) in self.entries.iter().enumerate() {
+                if state_of(e, zero_pfn).is_known_zero() {
+                    continue;
+                }
+                match out.last_mut() {
+                    Some((start, len)) if *start + *len == done + i => *len += 1,
+                    _ => out.push((done + i, 1)),
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// [`resident_runs`](Self::resident_runs) with `PAGEMAP_SCAN`.
+    fn scan_resident(
+        &mut self,
+        addr: usize,
+        pages: usize,
+        out: &mut Vec<(usize, usize)>,
+    ) -> io::Result<()> {
+        self.scan_regions(addr, pages, |from, to, state| {
+            if state == PageState::Resident && from < to {
+                out.push((from, to - from));
+            }
+        })?;
+        // The union of the ranges, in order (they may repeat or come out of order).
+        out.sort_unstable();
+        let mut merged = 0;
+        for i in 0..out.len() {
+            let (start, len) = out[i];
+            if merged > 0 && out[merged - 1].0 + out[merged - 1].1 >= start {
+                let last = &mut out[merged - 1];
+                last.1 = (start + len).max(last.0 + last.1) - last.0;
+            } else {
+                out[merged] = (start, len);
+                merged += 1;
+            }
+        }
+        out.truncate(merged);
+        Ok(())
+    }
+
     /// [`classify`](Self::classify) with `PAGEMAP_SCAN`: everything untouched but the ranges
     /// the kernel reports present or swapped.
     fn scan_ranges(
@@ -156,6 +225,26 @@ impl Pagemap {
         out: &mut Vec<PageState>,
     ) -> io::Result<()> {
         out.resize(pages, PageState::Untouched);
+        self.scan_regions(addr, pages, |from, to, state| {
+            for s in &mut out[from..to] {
+                // A page reported twice keeps the state that needs reading, if either does.
+                if *s != PageState::Resident {
+                    *s = state;
+                }
+            }
+        })
+    }
+
+    /// Calls `each(from, to, state)` (pages relative to `addr`, `to` capped at `pages`) for
+    /// every range `PAGEMAP_SCAN` reports present or swapped. Ranges may repeat and come out of
+    /// order: the kernel's `walk_end` can lie before ranges it already returned (seen with
+    /// Linux 6.18), and the next call returns them again; callers keep the union.
+    fn scan_regions(
+        &mut self,
+        addr: usize,
+        pages: usize,
+        mut each: impl FnMut(usize, usize, PageState),
+    ) -> io::Result<()> {
         self.regions.resize(SCAN_REGIONS, PageRegion::default());
         let end = (addr + pages * PAGE_SIZE) as u64;
         let mut start = addr as u64;
@@ -185,7 +274,9 @@ impl Pagemap {
                     } else {
                         PageState::Resident
                     };
-                out[from.min(to)..to].fill(state);
+                if from < to {
+                    each(from, to, state);
+                }
             }
             if arg.walk_end <= start {
                 return Err(io::Error::other("PAGEMAP_SCAN made no progress"));
@@ -317,9 +408,72 @@ mod tests {
         pm.classify(map.as_ptr() as usize + PAGE_SIZE, pages - 1, &mut read)
             .unwrap();
         assert_eq!(scanned, read, "PAGEMAP_SCAN used: {used_scan}");
+        // The same answer as runs, by both methods.
+        let mut runs_read = Vec::new();
+        pm.resident_runs(map.as_ptr() as usize + PAGE_SIZE, pages - 1, &mut runs_read)
+            .unwrap();
+        pm.scan = used_scan;
+        let mut runs_scanned = Vec::new();
+        pm.resident_runs(
+            map.as_ptr() as usize + PAGE_SIZE,
+            pages - 1,
+            &mut runs_scanned,
+        )
+        .unwrap();
+        assert_eq!(runs_scanned, runs_read);
+        let mut expected: Vec<(usize, usize)> = Vec::new();
+        for (i, s) in read.iter().enumerate() {
+            if !s.is_known_zero() {
+                match expected.last_mut() {
+                    Some((start, len)) if *start + *len == i => *len += 1,
+                    _ => expected.push((i, 1)),
+                }
+            }
+        }
+        assert_eq!(runs_read, expected);
         assert_eq!(read[0], PageState::Resident);
         assert_eq!(read[2], PageState::Untouched);
         assert_eq!(read[899], PageState::Resident);
+    }
+
+    /// Many scattered pages over 256 MiB: `PAGEMAP_SCAN` answers in several calls, and
+    /// 6.18 may report a `walk_end` before ranges it already returned (they come again).
+    #[test]
+    fn scan_and_entries_agree_on_a_large_sparse_mapping() {
+        let Some(mut pm) = Pagemap::open() else {
+            return;
+        };
+        let pages = 65536;
+        let map = AnonMapping::new(pages * PAGE_SIZE).unwrap();
+        let mut x = 7u64;
+        for _ in 0..1500 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            map.write(((x >> 33) as usize % pages) * PAGE_SIZE, &[1]);
+        }
+        let addr = map.as_ptr() as usize;
+        let mut scanned = Vec::new();
+        pm.resident_runs(addr, pages, &mut scanned).unwrap();
+        let mut states = Vec::new();
+        pm.classify(addr, pages, &mut states).unwrap();
+        pm.scan = false;
+        let mut read = Vec::new();
+        pm.resident_runs(addr, pages, &mut read).unwrap();
+        assert!(
+            scanned == read,
+            "PAGEMAP_SCAN gave {} runs ({} pages), the entries {} runs ({} pages)",
+            scanned.len(),
+            scanned.iter().map(|r| r.1).sum::<usize>(),
+            read.len(),
+            read.iter().map(|r| r.1).sum::<usize>()
+        );
+        let resident: usize = read.iter().map(|r| r.1).sum();
+        assert_eq!(
+            resident,
+            states.iter().filter(|s| !s.is_known_zero()).count()
+        );
+        assert!(read.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0));
     }
 
     #[test]
