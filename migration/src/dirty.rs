@@ -82,9 +82,19 @@ impl DirtyBitmap {
         }
     }
 
+    /// Whether any of pages `start..start + len` is set.
+    pub fn any_in(&self, start: usize, len: usize) -> bool {
+        self.next_set(start).is_some_and(|p| p < start + len)
+    }
+
     /// Clears every bit.
     pub fn clear(&mut self) {
         self.words.fill(0);
+    }
+
+    /// Clears words `from..to` (pages `64 * from..64 * to`).
+    pub fn clear_words(&mut self, from: usize, to: usize) {
+        self.words[from..to].fill(0);
     }
 
     /// Number of set bits.
@@ -128,7 +138,20 @@ impl DirtyBitmap {
 
     /// Runs of set bits as `(first_page, page_count)`, in order.
     pub fn runs(&self) -> Runs<'_> {
-        Runs { map: self, next: 0 }
+        Runs {
+            map: self,
+            next: 0,
+            end: self.pages,
+        }
+    }
+
+    /// Runs of set bits within pages `from..to`, cut at both ends.
+    pub fn runs_in(&self, from: usize, to: usize) -> Runs<'_> {
+        Runs {
+            map: self,
+            next: from,
+            end: to.min(self.pages),
+        }
     }
 
     /// First set bit at or after `from`.
@@ -172,14 +195,18 @@ impl DirtyBitmap {
 pub struct Runs<'a> {
     map: &'a DirtyBitmap,
     next: usize,
+    end: usize,
 }
 
 impl Iterator for Runs<'_> {
     type Item = (usize, usize);
 
     fn next(&mut self) -> Option<(usize, usize)> {
-        let start = self.map.next_set(self.next)?;
-        let end = self.map.next_clear(start);
+        if self.next >= self.end {
+            return None;
+        }
+        let start = self.map.next_set(self.next).filter(|&s| s < self.end)?;
+        let end = self.map.next_clear(start).min(self.end);
         self.next = end;
         Some((start, end - start))
     }
@@ -214,6 +241,18 @@ mod tests {
                 found: 1
             })
         ));
+        assert_eq!(
+            b.runs_in(64, 75).collect::<Vec<_>>(),
+            vec![(64, 2), (74, 1)]
+        );
+        assert_eq!(b.runs_in(0, 1).collect::<Vec<_>>(), vec![(0, 1)]);
+        assert_eq!(b.runs_in(1, 63).count(), 0);
+        assert!(b.any_in(60, 4) && b.any_in(129, 1) && !b.any_in(1, 62) && !b.any_in(66, 8));
+        b.clear_words(1, 2);
+        assert_eq!(
+            b.runs().collect::<Vec<_>>(),
+            vec![(0, 1), (63, 1), (128, 2)]
+        );
         b.clear_range(0, 130);
         assert!(b.is_clear());
     }

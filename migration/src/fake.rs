@@ -1,10 +1,15 @@
 //! An in-memory VM for tests, benchmarks and fuzzing: guest RAM in private anonymous mappings
 //! (so pagemap and `MADV_DONTNEED` paths are the real ones) with an inaccessible guard page on
-//! each side (a stray write faults instead of going unnoticed), a dirty log that records every
-//! write made through its [`GuestWriter`] (the test's "vCPU"), scripted failures, and both
-//! [`MigrationSource`] and [`MigrationTarget`].
+//! each side (a stray write faults instead of going unnoticed), a dirty log that behaves as
+//! KVM's does for the writes made through its [`GuestWriter`] (the test's "vCPU"), scripted
+//! failures, and both [`MigrationSource`] and [`MigrationTarget`].
+//!
+//! The dirty log models KVM's write protection page by page, in either of KVM's two modes
+//! ([`FakeDirtyLog`]): a write to a write-protected page is logged and makes the page writable;
+//! a write to a writable page is not logged at all. So a sender that read a page before
+//! clearing (re-protecting) it would lose the writes in between here as it would with KVM.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 
@@ -16,11 +21,25 @@ use crate::sync::{read, write};
 use crate::vm::{DirtyLog, GuestRam, MigrationSource, MigrationTarget, VmOpError};
 use crate::wire::{PAGE_SIZE, PAGE_SIZE_U64};
 
+/// How the fake's dirty log behaves: KVM's two modes (`vm.rs`, `DirtyLog`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FakeDirtyLog {
+    /// `KVM_DIRTY_LOG_INITIALLY_SET`: starting protects nothing and sets every bit; a fetch
+    /// reads the bits without clearing them; `clear_dirty_log` clears bits and write-protects
+    /// their pages.
+    InitiallySet,
+    /// Plain `KVM_GET_DIRTY_LOG`: starting write-protects every page with all bits clear; a
+    /// fetch returns the bits, clears them and write-protects those pages again;
+    /// `clear_dirty_log` does nothing.
+    ProtectOnFetch,
+}
+
 /// A step of the fake that can be made to fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailAt {
     StartDirtyLog,
     FetchDirtyLog,
+    ClearDirtyLog,
     Pause,
     SaveState,
     StopDirtyLog,
@@ -34,15 +53,29 @@ struct Shared {
     maps: Vec<Arc<AnonMapping>>,
     layout: Vec<(u64, usize)>,
     logging: AtomicBool,
+    /// [`FakeDirtyLog`] as a number (0 initially set, 1 protect on fetch).
+    mode: AtomicU8,
     paused: AtomicBool,
     /// One bit per page per region.
     log: Vec<Vec<AtomicU64>>,
-    /// Writers hold it shared; switching logging on takes it exclusively, so a write is
-    /// either wholly before logging started or logged.
+    /// Write-protected pages, one bit per page per region.
+    protected: Vec<Vec<AtomicU64>>,
+    /// Writers hold it shared; starting, fetching and clearing take it exclusively, so a
+    /// write is wholly before or wholly after each of them (KVM's mmu lock and TLB flush).
     gate: RwLock<()>,
 }
 
-/// Writes guest memory like a vCPU: data first, then the dirty bit (when logging).
+impl Shared {
+    fn mode(&self) -> FakeDirtyLog {
+        match self.mode.load(Ordering::SeqCst) {
+            0 => FakeDirtyLog::InitiallySet,
+            _ => FakeDirtyLog::ProtectOnFetch,
+        }
+    }
+}
+
+/// Writes guest memory like a vCPU: a write to a write-protected page is logged (and the page
+/// made writable) before the data lands, as KVM's write fault does; other writes are not.
 #[derive(Clone)]
 pub struct GuestWriter(Arc<Shared>);
 
@@ -63,13 +96,16 @@ impl GuestWriter {
         }
         let (r, off) = self.locate(gpa, data.len());
         let _gate = read(&self.0.gate);
-        self.0.maps[r].write(off, data);
         if self.0.logging.load(Ordering::SeqCst) {
             let (first, last) = (off / PAGE_SIZE, (off + data.len() - 1) / PAGE_SIZE);
             for p in first..=last {
-                self.0.log[r][p / 64].fetch_or(1 << (p % 64), Ordering::SeqCst);
+                let bit = 1u64 << (p % 64);
+                if self.0.protected[r][p / 64].fetch_and(!bit, Ordering::SeqCst) & bit != 0 {
+                    self.0.log[r][p / 64].fetch_or(bit, Ordering::SeqCst);
+                }
             }
         }
+        self.0.maps[r].write(off, data);
     }
 
     /// Whether the VM is paused (a paused guest must not write).
@@ -108,6 +144,8 @@ pub struct FakeVm {
     pub running: bool,
     /// Runs between passes with the guest writer (deterministic guest activity).
     pub between_passes: Option<PassHook>,
+    /// Pages `clear_dirty_log` was asked to clear, over the VM's life.
+    pub cleared_pages: u64,
     vcpu: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
@@ -129,21 +167,25 @@ impl FakeVm {
 
     fn with_maps(layout: &[(u64, usize)], map: impl Fn(usize) -> AnonMapping) -> FakeVm {
         let maps = layout.iter().map(|&(_, len)| Arc::new(map(len))).collect();
-        let log = layout
-            .iter()
-            .map(|&(_, len)| {
-                (0..(len / PAGE_SIZE).div_ceil(64))
-                    .map(|_| AtomicU64::new(0))
-                    .collect()
-            })
-            .collect();
+        let bits = || -> Vec<Vec<AtomicU64>> {
+            layout
+                .iter()
+                .map(|&(_, len)| {
+                    (0..(len / PAGE_SIZE).div_ceil(64))
+                        .map(|_| AtomicU64::new(0))
+                        .collect()
+                })
+                .collect()
+        };
         FakeVm {
             shared: Arc::new(Shared {
                 maps,
                 layout: layout.to_vec(),
                 logging: AtomicBool::new(false),
+                mode: AtomicU8::new(0),
                 paused: AtomicBool::new(false),
-                log,
+                log: bits(),
+                protected: bits(),
                 gate: RwLock::new(()),
             }),
             states: Vec::new(),
@@ -154,8 +196,19 @@ impl FakeVm {
             paused: false,
             running: true,
             between_passes: None,
+            cleared_pages: 0,
             vcpu: None,
         }
+    }
+
+    /// Chooses how the dirty log behaves ([`FakeDirtyLog::InitiallySet`] by default); takes
+    /// effect at the next `start_dirty_log`.
+    pub fn set_dirty_log_mode(&mut self, mode: FakeDirtyLog) {
+        let v = match mode {
+            FakeDirtyLog::InitiallySet => 0,
+            FakeDirtyLog::ProtectOnFetch => 1,
+        };
+        self.shared.mode.store(v, Ordering::SeqCst);
     }
 
     /// The guest's hands.
@@ -265,9 +318,24 @@ impl DirtyLog for FakeVm {
     fn start_dirty_log(&mut self) -> Result<(), VmOpError> {
         self.step("start_dirty_log", FailAt::StartDirtyLog)?;
         let _gate = write(&self.shared.gate);
-        for words in &self.shared.log {
-            for w in words {
-                w.store(0, Ordering::SeqCst);
+        let initially_set = self.shared.mode() == FakeDirtyLog::InitiallySet;
+        for (r, (log, protected)) in self
+            .shared
+            .log
+            .iter()
+            .zip(&self.shared.protected)
+            .enumerate()
+        {
+            let pages = self.shared.layout[r].1 / PAGE_SIZE;
+            for (i, (l, p)) in log.iter().zip(protected).enumerate() {
+                let valid = if (i + 1) * 64 <= pages {
+                    u64::MAX
+                } else {
+                    (1u64 << (pages % 64)) - 1
+                };
+                // Initially set: every bit set, nothing protected. Else the opposite.
+                l.store(if initially_set { valid } else { 0 }, Ordering::SeqCst);
+                p.store(if initially_set { 0 } else { valid }, Ordering::SeqCst);
             }
         }
         self.shared.logging.store(true, Ordering::SeqCst);
@@ -291,11 +359,51 @@ impl DirtyLog for FakeVm {
         if self.fail_at == Some(FailAt::FetchDirtyLog) {
             return Err("injected failure in fetch_dirty_log".into());
         }
-        let words: Vec<u64> = self.shared.log[region]
-            .iter()
-            .map(|w| w.swap(0, Ordering::SeqCst))
-            .collect();
+        let _gate = write(&self.shared.gate);
+        let log = &self.shared.log[region];
+        let words: Vec<u64> = match self.shared.mode() {
+            FakeDirtyLog::InitiallySet => log.iter().map(|w| w.load(Ordering::SeqCst)).collect(),
+            FakeDirtyLog::ProtectOnFetch => log
+                .iter()
+                .zip(&self.shared.protected[region])
+                .map(|(w, p)| {
+                    let bits = w.swap(0, Ordering::SeqCst);
+                    p.fetch_or(bits, Ordering::SeqCst);
+                    bits
+                })
+                .collect(),
+        };
         bitmap.merge_words(&words).map_err(VmOpError::new)?;
+        Ok(())
+    }
+
+    fn clear_dirty_log(
+        &mut self,
+        region: usize,
+        first_page: usize,
+        pages: &[u64],
+    ) -> Result<(), VmOpError> {
+        if self.fail_at == Some(FailAt::ClearDirtyLog) {
+            return Err("injected failure in clear_dirty_log".into());
+        }
+        if !first_page.is_multiple_of(64) {
+            return Err(format!("clear from page {first_page}: not a multiple of 64").into());
+        }
+        self.cleared_pages += pages.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+        if self.shared.mode() != FakeDirtyLog::InitiallySet {
+            return Ok(());
+        }
+        let _gate = write(&self.shared.gate);
+        let log = &self.shared.log[region];
+        let protected = &self.shared.protected[region];
+        for (i, &mask) in pages.iter().enumerate() {
+            let w = first_page / 64 + i;
+            let (Some(l), Some(p)) = (log.get(w), protected.get(w)) else {
+                break;
+            };
+            l.fetch_and(!mask, Ordering::SeqCst);
+            p.fetch_or(mask, Ordering::SeqCst);
+        }
         Ok(())
     }
 }

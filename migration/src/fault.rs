@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::transport::{Deadline, Transport};
+use crate::transport::{Deadline, GuestSpan, Transport};
 
 /// The environment variable that arms a fault: `POINT:ACTION` or `POINT:stall:MS` (fires
 /// once per process), or `@PATH`: a file holding such a spec, read again at the start of
@@ -333,6 +333,13 @@ impl Transport for FaultyTransport<'_> {
             return Ok(());
         }
         self.inner.send(parts)
+    }
+
+    fn send_guest(&mut self, parts: &[&[u8]], guest: &[GuestSpan]) -> io::Result<()> {
+        if self.faults.silenced() {
+            return Ok(());
+        }
+        self.inner.send_guest(parts, guest)
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {

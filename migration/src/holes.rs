@@ -38,6 +38,66 @@ pub fn classify(
     }
 }
 
+/// Like [`classify`], as runs `(first page, count)` relative to `start` of the pages that
+/// must be read, in order, into `out` (cleared first); false when nothing is known without
+/// reading (every page must be read). No per-page work for untouched ranges.
+pub fn resident_runs(
+    pagemap: Option<&mut Pagemap>,
+    region: &RamRegion,
+    start: usize,
+    n: usize,
+    out: &mut Vec<(usize, usize)>,
+) -> io::Result<bool> {
+    out.clear();
+    if let Some((file, offset)) = region.file() {
+        file_data_runs(file, offset + (start * PAGE_SIZE) as u64, n, out)?;
+        return Ok(true);
+    }
+    match (region.backing(), pagemap) {
+        (Backing::PrivateAnonymous, Some(pm)) => {
+            pm.resident_runs(region.host_addr() + start * PAGE_SIZE, n, out)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// The pages of `offset..offset + n pages` of `file` that hold data, as runs relative to
+/// `offset` (a page partly data is data), into `out`.
+fn file_data_runs(
+    file: &File,
+    offset: u64,
+    n: usize,
+    out: &mut Vec<(usize, usize)>,
+) -> io::Result<()> {
+    let end = offset + (n * PAGE_SIZE) as u64;
+    let mut at = offset;
+    while at < end {
+        let data = match seek(file, at, libc::SEEK_DATA) {
+            Ok(d) => d,
+            // No data from here to the end of the file.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(e) => return Err(e),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = match seek(file, data, libc::SEEK_HOLE) {
+            Ok(h) => h.min(end),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+            Err(e) => return Err(e),
+        };
+        let first = page_of(offset, data);
+        let last = page_of(offset, hole.next_multiple_of(PAGE_SIZE as u64).min(end));
+        match out.last_mut() {
+            Some((s, l)) if *s + *l >= first => *l = last.max(*s + *l) - *s,
+            _ => out.push((first, last - first)),
+        }
+        at = last as u64 * PAGE_SIZE as u64 + offset;
+    }
+    Ok(())
+}
+
 /// Pages `offset..offset + n pages` of `file`: holes are `Untouched`, data `Resident`.
 pub fn file_holes(file: &File, offset: u64, n: usize, out: &mut Vec<PageState>) -> io::Result<()> {
     out.clear();
@@ -103,6 +163,31 @@ mod tests {
         assert!(classify(None, &region, 40, 4, &mut out).unwrap());
         assert_eq!(out[0], PageState::Resident);
         assert!(out[1..].iter().all(|s| s.is_known_zero()));
+    }
+
+    #[test]
+    fn memfd_data_runs_agree_with_the_page_states() {
+        let map = Arc::new(AnonMapping::new_shared(300 * PAGE_SIZE).unwrap());
+        for p in [0, 1, 2, 7, 100, 101, 299] {
+            map.write(p * PAGE_SIZE + 17, b"y");
+        }
+        let region = RamRegion::from_anon(0, map).unwrap();
+        for (start, n) in [(0, 300), (1, 100), (50, 250), (7, 1), (8, 92)] {
+            let mut states = Vec::new();
+            assert!(classify(None, &region, start, n, &mut states).unwrap());
+            let mut runs = Vec::new();
+            assert!(resident_runs(None, &region, start, n, &mut runs).unwrap());
+            let mut expected: Vec<(usize, usize)> = Vec::new();
+            for (i, s) in states.iter().enumerate() {
+                if !s.is_known_zero() {
+                    match expected.last_mut() {
+                        Some((f, l)) if *f + *l == i => *l += 1,
+                        _ => expected.push((i, 1)),
+                    }
+                }
+            }
+            assert_eq!(runs, expected, "pages {start}+{n}");
+        }
     }
 
     #[test]

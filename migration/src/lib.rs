@@ -23,16 +23,19 @@
 //!  start_dirty_log (meanwhile)                    prove memory zero or reset it
 //!                                ◀─────────────── Ready { pristine }
 //!  PassBegin 0 (elided iff pristine)
-//!  RamPages … (bulk: every page)  ──────────────▶ bounds-check runs, allocate fresh pages
-//!                                                 on a 2nd thread, read into guest RAM
+//!  RamPages … (bulk: every page,  ──────────────▶ check head and runs, allocate fresh pages
+//!   each chunk cleared in the                      on a 2nd thread, read into guest RAM,
+//!   dirty log before it is read,                   check each page: a live page that fails
+//!   data straight from guest RAM)                  is held torn
 //!  loop: PassEnd n                ──────────────▶ (all of pass n in guest RAM)
-//!                                 ◀─────────────── PassDone n
-//!     fetch dirty log; policy(pass stats)
+//!                                 ◀─────────────── PassDone n { torn pages }
+//!     fetch dirty log (+ torn); policy(pass stats)
 //!     PassBegin n+1, RamPages …   ──────────────▶
 //!  pause; fetch dirty log
 //!  PassBegin n+1 (final), RamPages … ───────────▶
 //!  save_state
-//!  DeviceState …, End { count, bytes, chain } ──▶ verify End, restore_state (no resume)
+//!  DeviceState …, End { count, bytes, chain } ──▶ verify End (and no page torn),
+//!                                                 restore_state (no resume)
 //!                                ◀─────────────── Restored { go_timeout }
 //!  commit (never resume here again)
 //!  Go                            ───────────────▶ resume
@@ -65,6 +68,7 @@
 
 pub mod accept;
 pub mod cancel;
+pub mod checksum;
 pub mod deadline;
 pub mod dirty;
 pub mod fake;
@@ -111,7 +115,7 @@ pub use records::StateBlob;
 pub use send::{send_migration, Progress, SendOptions, SourceError};
 pub use stats::{MigrationStats, PassKind, PassStats, ReceiveStats, StopReason};
 pub use transport::{
-    Connection, Deadline, Endpoint, EndpointError, Listener, Transport, TransportError,
+    Connection, Deadline, Endpoint, EndpointError, GuestSpan, Listener, Transport, TransportError,
 };
 pub use vm::{DirtyLog, GuestRam, MigrationSource, MigrationTarget, VmOpError};
 pub use wire::{WireError, FORMAT_VERSION, PAGE_SIZE};

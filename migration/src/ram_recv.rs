@@ -8,17 +8,25 @@
 //! pages back (`MADV_DONTNEED`, nothing allocated) and clear them, [`RamReceiver::reset`]
 //! clears all. The memory is *pristine* when no bit is set; only then is a pass that elides
 //! zero pages accepted. This is the check QEMU 1.5 lacked.
+//!
+//! Each record's head (prefix, run table, page checksums) is checked against the header's
+//! checksum before a byte of guest memory is written; each data page against its own
+//! checksum as it lands. A page that fails it in a live pass is *torn* (the guest wrote it
+//! while the source sent it, or the link garbled it): it is kept in the `torn` set until a
+//! later record brings it intact or as zero, listed in every `PassDone` so the source sends
+//! it again, and the stream is refused at `End` while any page is still torn. In the final
+//! pass (guest paused at the source) a failing page is corruption: refused at once.
 
 use crate::dirty::DirtyBitmap;
 use crate::memory::{Backing, MemoryError, RamRegion};
 use crate::pagemap::Pagemap;
 use crate::populator::{Populator, Ticket};
-use crate::records::{decode_batch_prefix, decode_run_table, PassBegin};
+use crate::records::{decode_batch_prefix, decode_run_table, PassBegin, TornRun};
 use crate::stats::ReceiveStats;
 use crate::stream::RecordReader;
 use crate::wire::{
-    RecordHeader, RecordKind, WireError, BATCH_PREFIX_LEN, PAGE_SIZE, PAGE_SIZE_U64, PASS_FINAL,
-    PASS_ZERO_ELIDED, RUN_DESC_LEN,
+    RecordHeader, RecordKind, WireError, BATCH_PREFIX_LEN, PAGE_CRC_LEN, PAGE_SIZE, PAGE_SIZE_U64,
+    PASS_FINAL, PASS_ZERO_ELIDED, RUN_DESC_LEN,
 };
 use crate::zero::is_zero_raw;
 
@@ -60,12 +68,26 @@ pub enum RamLoadError {
     ElisionIntoDirtyMemory { offset: u64 },
     #[error("Zeroing guest pages failed")]
     Zero(#[source] MemoryError),
+    #[error(
+        "Page {guest_addr:#x} of the final-pass batch at offset {offset} fails its checksum \
+         (the guest was paused: the stream is corrupt)"
+    )]
+    PageChecksum { offset: u64, guest_addr: u64 },
+    #[error(
+        "{pages} pages torn in live passes never arrived intact again (the first at \
+         {guest_addr:#x}): the stream is corrupt"
+    )]
+    TornLeft { pages: u64, guest_addr: u64 },
 }
 
 /// Applies RAM records to the destination's guest memory.
 pub struct RamReceiver {
     regions: Vec<RamRegion>,
     maybe_nonzero: Vec<DirtyBitmap>,
+    /// Pages whose last data failed its checksum in a live pass (module documentation).
+    torn: Vec<DirtyBitmap>,
+    /// Scratch: the checksums of the pages being read.
+    page_crcs: Vec<u32>,
     stats: ReceiveStats,
     /// Allocate a data run's pages in one call before reading into them (off once the
     /// kernel says it cannot).
@@ -93,6 +115,11 @@ impl RamReceiver {
             .collect();
         RamReceiver {
             populator: Populator::new(regions.clone()),
+            torn: regions
+                .iter()
+                .map(|r| DirtyBitmap::new(r.pages()))
+                .collect(),
+            page_crcs: Vec::new(),
             regions,
             maybe_nonzero,
             stats: ReceiveStats::default(),
@@ -123,6 +150,7 @@ impl RamReceiver {
             }
             map.clear();
         }
+        self.torn.iter_mut().for_each(DirtyBitmap::clear);
         self.stats.reset = true;
         Ok(())
     }
@@ -156,9 +184,47 @@ impl RamReceiver {
         self.populator.drain();
     }
 
+    /// The pages held torn now, as runs in address order: at most `max` runs, and whether
+    /// there were more.
+    pub fn torn_runs(&self, max: usize) -> (Vec<TornRun>, bool) {
+        let mut out = Vec::new();
+        for (region, map) in self.regions.iter().zip(&self.torn) {
+            for (page, pages) in map.runs() {
+                let mut done = 0;
+                while done < pages {
+                    if out.len() == max {
+                        return (out, true);
+                    }
+                    let n = (pages - done).min(u32::MAX as usize);
+                    out.push(TornRun {
+                        guest_addr: region.guest_addr() + (page + done) as u64 * PAGE_SIZE_U64,
+                        pages: n as u32,
+                    });
+                    done += n;
+                }
+            }
+        }
+        (out, false)
+    }
+
+    /// Refuses the stream if any page is still torn (at `End`: every page must have arrived
+    /// intact at least once after its last tear).
+    pub fn check_none_torn(&self) -> Result<(), RamLoadError> {
+        let pages: u64 = self.torn.iter().map(|m| m.count() as u64).sum();
+        if pages == 0 {
+            return Ok(());
+        }
+        let (first, _) = self.torn_runs(1);
+        Err(RamLoadError::TornLeft {
+            pages,
+            guest_addr: first.first().map_or(0, |t| t.guest_addr),
+        })
+    }
+
     /// Reads the payload of the `RamPages` record `h` (at `offset`) and applies it. Nothing
-    /// is written before the whole run table is validated; data is read straight into guest
-    /// memory and its checksum verified there.
+    /// is written before the record's head (run table, page checksums) matched the header's
+    /// checksum and the runs were validated; data is read straight into guest memory and each
+    /// page checked against its checksum as it lands.
     pub fn load_batch(
         &mut self,
         reader: &mut RecordReader<'_>,
@@ -168,9 +234,18 @@ impl RamReceiver {
         let mut prefix = [0u8; BATCH_PREFIX_LEN];
         reader.read_exact(&mut prefix, "batch prefix")?;
         let (run_count, data_pages) = decode_batch_prefix(&prefix, h.len, offset)?;
-        let mut table = vec![0u8; run_count * RUN_DESC_LEN];
-        reader.read_exact(&mut table, "run table")?;
-        let runs = decode_run_table(&table, offset)?;
+        let table_len = run_count * RUN_DESC_LEN;
+        let mut head = vec![0u8; table_len + data_pages * PAGE_CRC_LEN];
+        reader.read_exact(&mut head, "run table")?;
+        if crc32c::crc32c_append(crc32c::crc32c(&prefix), &head) != h.payload_crc {
+            return Err(WireError::PayloadChecksum {
+                offset,
+                kind: RecordKind::RamPages,
+            }
+            .into());
+        }
+        let (table, crcs) = head.split_at(table_len);
+        let runs = decode_run_table(table, offset)?;
         let placed = self.place_runs(&runs, data_pages, offset)?;
 
         // Queue every fresh data run for allocation before reading the first one, so the
@@ -190,11 +265,15 @@ impl RamReceiver {
             })
             .collect();
 
-        let mut crc = crc32c::crc32c_append(crc32c::crc32c(&prefix), &table);
+        let mut expected = crcs
+            .chunks_exact(PAGE_CRC_LEN)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        let mut landed = std::mem::take(&mut self.page_crcs);
         for (p, &(fresh, ticket)) in placed.iter().zip(&tickets) {
             if p.zero {
                 self.stats.zero_pages += p.pages as u64;
                 self.zero_run(p.region, p.page, p.pages)?;
+                self.torn[p.region].clear_range(p.page, p.pages);
                 continue;
             }
             if fresh && ticket == Ticket::NONE {
@@ -211,18 +290,38 @@ impl RamReceiver {
                 // stream is loaded, so this is the only access to these bytes while the slice
                 // lives (the allocating thread only allocates, never reads or writes).
                 let dst = unsafe { std::slice::from_raw_parts_mut(ptr, n * PAGE_SIZE) };
-                crc = reader.read_exact_crc(dst, "page data", crc)?;
+                landed.clear();
+                landed.resize(n, 0);
+                reader.read_exact_with(dst, "page data", |at, piece| {
+                    page_crcs_append(&mut landed, at, piece)
+                })?;
+                for (i, &got) in landed.iter().enumerate() {
+                    let page = p.page + done + i;
+                    // The head holds exactly one checksum per data page (length checked).
+                    if Some(got) == expected.next() {
+                        self.torn[p.region].clear_range(page, 1);
+                    } else {
+                        self.tear(p.region, page, offset)?;
+                    }
+                }
                 done += n;
             }
             self.stats.pages_written += p.pages as u64;
         }
-        if crc != h.payload_crc {
-            return Err(WireError::PayloadChecksum {
-                offset,
-                kind: RecordKind::RamPages,
-            }
-            .into());
+        self.page_crcs = landed;
+        Ok(())
+    }
+
+    /// Page `page` of region `r` failed its checksum in the record at `offset`: torn in a
+    /// live pass, fatal in the final one.
+    fn tear(&mut self, r: usize, page: usize, offset: u64) -> Result<(), RamLoadError> {
+        let guest_addr = self.regions[r].guest_addr() + page as u64 * PAGE_SIZE_U64;
+        if self.final_pass {
+            return Err(RamLoadError::PageChecksum { offset, guest_addr });
         }
+        log::debug!("page {guest_addr:#x} torn in the record at offset {offset}");
+        self.torn[r].set(page);
+        self.stats.torn_pages += 1;
         Ok(())
     }
 
@@ -330,6 +429,18 @@ impl RamReceiver {
     }
 }
 
+/// Extends the per-page checksums `crcs` (page `i` = bytes `i * PAGE_SIZE..`) with `piece`,
+/// which landed at byte `at`.
+fn page_crcs_append(crcs: &mut [u32], mut at: usize, mut piece: &[u8]) {
+    while !piece.is_empty() {
+        let page = at / PAGE_SIZE;
+        let take = (PAGE_SIZE - at % PAGE_SIZE).min(piece.len());
+        crcs[page] = crc32c::crc32c_append(crcs[page], &piece[..take]);
+        at += take;
+        piece = &piece[take..];
+    }
+}
+
 struct Placed {
     region: usize,
     page: usize,
@@ -372,7 +483,7 @@ pub fn memory_is_zero(regions: &[RamRegion]) -> bool {
 mod tests {
     use super::*;
     use crate::memory::AnonMapping;
-    use crate::records::{encode_batch_prefix, RunDesc};
+    use crate::records::{encode_ram_pages, RunDesc};
     use crate::transport::Connection;
     use std::sync::Arc;
 
@@ -385,16 +496,11 @@ mod tests {
     /// A RamPages record (header included) for `runs` with data byte `fill`.
     fn batch(runs: &[RunDesc], fill: u8) -> Vec<u8> {
         let data_pages: u32 = runs.iter().filter(|r| !r.zero).map(|r| r.pages).sum();
-        let mut payload = Vec::new();
-        encode_batch_prefix(runs.len() as u32, data_pages, &mut payload);
-        for r in runs {
-            r.encode_into(&mut payload);
-        }
-        payload.resize(payload.len() + data_pages as usize * PAGE_SIZE, fill);
+        let (payload, crc) = encode_ram_pages(runs, &vec![fill; data_pages as usize * PAGE_SIZE]);
         let h = RecordHeader {
             kind: RecordKind::RamPages,
             len: payload.len() as u32,
-            payload_crc: crc32c::crc32c(&payload),
+            payload_crc: crc,
         };
         let mut out = h.encode().to_vec();
         out.extend_from_slice(&payload);
@@ -521,19 +627,111 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_data_is_detected() {
+    fn a_corrupt_head_is_refused_before_any_write() {
+        let (map, mut rx) = setup(8);
+        let good = batch(&[run(0x10_1000, 2, false)], 7);
+        // Every byte of the head (prefix, run table, page checksums) after the header.
+        let head_len = BATCH_PREFIX_LEN + RUN_DESC_LEN + 2 * PAGE_CRC_LEN;
+        for i in 0..head_len {
+            let mut bytes = good.clone();
+            bytes[crate::wire::RECORD_HEADER_LEN + i] ^= 0x10;
+            assert!(apply(&mut rx, bytes).is_err(), "byte {i} of the head");
+        }
+        assert!(rx.is_pristine(), "nothing written");
+        assert!(memory_is_zero(&[RamRegion::from_anon(0, map).unwrap()]));
+    }
+
+    #[test]
+    fn a_torn_page_is_kept_until_it_arrives_intact() {
+        let (map, mut rx) = setup(4);
+        let mut bytes = batch(&[run(0x10_0000, 2, false)], 7);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1; // the second page
+        apply(&mut rx, bytes).unwrap();
+        assert!(
+            !rx.is_pristine(),
+            "pages written before the check stay tracked"
+        );
+        assert_eq!(rx.stats().torn_pages, 1);
+        let (torn, more) = rx.torn_runs(8);
+        assert_eq!(
+            torn,
+            vec![TornRun {
+                guest_addr: 0x10_1000,
+                pages: 1
+            }]
+        );
+        assert!(!more);
+        let err = rx.check_none_torn().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RamLoadError::TornLeft {
+                    pages: 1,
+                    guest_addr: 0x10_1000
+                }
+            ),
+            "{err}"
+        );
+        // Sent again intact: no longer torn.
+        apply(&mut rx, batch(&[run(0x10_1000, 1, false)], 9)).unwrap();
+        rx.check_none_torn().unwrap();
+        let mut b = [0u8; 1];
+        map.read(PAGE_SIZE + 5, &mut b);
+        assert_eq!(b[0], 9);
+        // Torn again, then zeroed: a zero run settles it too.
+        let mut bytes = batch(&[run(0x10_2000, 1, false)], 3);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x80;
+        apply(&mut rx, bytes).unwrap();
+        assert_eq!(rx.torn_runs(8).0.len(), 1);
+        apply(&mut rx, batch(&[run(0x10_2000, 1, true)], 0)).unwrap();
+        rx.check_none_torn().unwrap();
+    }
+
+    #[test]
+    fn a_failing_page_in_the_final_pass_is_fatal() {
         let (_map, mut rx) = setup(4);
+        let final_pass = PassBegin {
+            pass: 1,
+            flags: PASS_FINAL,
+        };
+        rx.begin_pass(&final_pass, 0).unwrap();
         let mut bytes = batch(&[run(0x10_0000, 1, false)], 7);
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         let err = apply(&mut rx, bytes).unwrap_err();
         assert!(
-            matches!(err, RamLoadError::Wire(WireError::PayloadChecksum { .. })),
+            matches!(
+                err,
+                RamLoadError::PageChecksum {
+                    guest_addr: 0x10_0000,
+                    ..
+                }
+            ),
             "{err}"
         );
-        assert!(
-            !rx.is_pristine(),
-            "pages written before the check stay tracked"
-        );
+        assert_eq!(rx.stats().torn_pages, 0);
+    }
+
+    #[test]
+    fn torn_runs_are_capped() {
+        let (_map, mut rx) = setup(16);
+        // Every other page torn: 8 runs.
+        let runs: Vec<RunDesc> = (0..8)
+            .map(|i| run(0x10_0000 + i * 0x2000, 1, false))
+            .collect();
+        let mut bytes = batch(&runs, 1);
+        let header_and_head =
+            crate::wire::RECORD_HEADER_LEN + BATCH_PREFIX_LEN + 8 * RUN_DESC_LEN + 8 * PAGE_CRC_LEN;
+        for i in 0..8 {
+            bytes[header_and_head + i * PAGE_SIZE] ^= 2;
+        }
+        apply(&mut rx, bytes).unwrap();
+        let (torn, more) = rx.torn_runs(3);
+        assert_eq!(torn.len(), 3);
+        assert!(more);
+        assert_eq!(rx.torn_runs(8), (rx.torn_runs(8).0, false));
+        assert_eq!(rx.torn_runs(8).0.len(), 8);
     }
 }

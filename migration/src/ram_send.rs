@@ -1,33 +1,66 @@
 //! The RAM side of the source: the bulk pass over every page and the passes over the dirty
 //! bitmap, batched into `RamPages` records.
 //!
-//! Invariant that makes the result correct: the dirty log is on before the first byte is
-//! read, and each page's fate (data, zero record, elided) is decided from one reading of the
-//! page, whose bytes are what is sent. A write after that reading is in the dirty log and the
-//! page goes out again in a later pass, the final one with the guest paused.
+//! # Why no write is lost
 //!
-//! While the guest runs, data pages are copied into a staging buffer at the moment they are
-//! found non-zero, so the record checksum describes exactly the bytes sent. With the guest
-//! paused (final pass), runs are written straight from guest memory with one vectored write
-//! per batch.
+//! The dirty log promises (`vm.rs`, [`DirtyLog`]): a write to a page after
+//! `clear_dirty_log` covered it is reported by a later fetch, and a page never covered is
+//! reported by every fetch (or its writes are). This sender keeps one rule: **while the guest
+//! runs, a page is cleared before it is read**. Each page's fate (data, zero run, elided) is
+//! decided from one reading of it, made after its clear; any write that reading missed came
+//! after the clear, so a later fetch reports the page and it goes out again in a later pass,
+//! the last one with the guest paused (nothing to clear then: nothing writes).
+//!
+//! Clearing happens in chunks just before they are read: in the bulk pass the resident pages
+//! of each pagemap batch, in a dirty pass each window of [`CLEAR_WINDOW_PAGES`] pending
+//! pages. With KVM's initially-set bitmaps nothing is write-protected up front.
+//!
+//! Pages pagemap shows never touched are zero without being read, and they are not cleared
+//! either: KVM write-protects page by page, which for 16 GiB of untouched memory costs more
+//! than the whole migration (figures in the README), and a page with no host page behind it
+//! has no writable mapping to protect. They are kept as *uncleared*: their bits stay set and
+//! every fetch reports them again, so [`RamSender::collect_dirty`] asks pagemap about them once
+//! more: still untouched means still zero, as the destination holds them, and they leave the
+//! pending set; touched means written since, and they are sent like any dirty page (cleared,
+//! then read).
+//!
+//! # Sending straight from guest memory
+//!
+//! A data page is checksummed right after its zero check (while it is in the cache) and goes
+//! to the stream from guest memory, one vectored write per record. While the guest runs it may
+//! change a page between its checksum and the kernel's copy: the destination then finds the
+//! page *torn* (FORMAT.md 3.3), keeps it as such and lists it in its `PassDone`, and the page
+//! is sent again ([`RamSender::resend`]); it is in the next dirty log anyway, since that write
+//! came after its clear. In the final pass, with the guest paused, nothing tears: there a
+//! checksum mismatch is corruption and ends the migration.
 
 use std::io;
 use std::time::{Duration, Instant};
 
 use crate::cancel::{Cancel, DeadlineReached};
+use crate::checksum::page_crc_raw;
 use crate::dirty::DirtyBitmap;
 use crate::fault::{FaultPoint, Faults};
 use crate::holes;
 use crate::memory::{Backing, RamRegion};
-use crate::pagemap::{PageState, Pagemap, BATCH_PAGES};
-use crate::records::{encode_batch_prefix, PassBegin, RunDesc};
+use crate::pagemap::{Pagemap, BATCH_PAGES};
+use crate::records::{encode_batch_prefix, PassBegin, RunDesc, TornRun};
 use crate::stats::{PassKind, PassStats};
 use crate::stream::RecordWriter;
+use crate::transport::GuestSpan;
+use crate::vm::{DirtyLog, VmOpError};
 use crate::wire::{
     RecordKind, MAX_BATCH_DATA_PAGES, MAX_BATCH_RUNS, PAGE_SIZE, PAGE_SIZE_U64, PASS_FINAL,
     PASS_ZERO_ELIDED,
 };
 use crate::zero::is_zero_raw;
+
+/// Pending pages cleared at once in a dirty pass, just before they are read: one record's
+/// worth of data pages. Smaller windows mean more `KVM_CLEAR_DIRTY_LOG` calls (each flushes
+/// the guest's TLB); larger ones more pages written between their clear and their read (sent
+/// once more, harmlessly).
+pub const CLEAR_WINDOW_PAGES: usize = MAX_BATCH_DATA_PAGES;
+const CLEAR_WINDOW_WORDS: usize = CLEAR_WINDOW_PAGES / 64;
 
 /// RAM sender tuning.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +83,34 @@ impl Default for RamSendConfig {
     }
 }
 
+/// Errors of a RAM pass.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("Writing the migration stream failed")]
+    Send(#[from] io::Error),
+    #[error("Fetching the dirty log of region {region} failed")]
+    FetchDirtyLog {
+        region: usize,
+        #[source]
+        source: VmOpError,
+    },
+    #[error("Clearing the dirty log of region {region} from page {first_page} failed")]
+    ClearDirtyLog {
+        region: usize,
+        first_page: usize,
+        #[source]
+        source: VmOpError,
+    },
+}
+
+/// A torn run the destination reported does not lie inside guest memory.
+#[derive(Debug, thiserror::Error)]
+#[error("The destination reported {pages} torn pages at {guest_addr:#x}, outside guest memory")]
+pub struct TornOutside {
+    pub guest_addr: u64,
+    pub pages: u32,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Run {
     region: usize,
@@ -62,11 +123,11 @@ struct Run {
 struct Batch {
     runs: Vec<Run>,
     data_pages: usize,
-    /// Data of the runs, copied at decision time (guest running).
-    staging: Staging,
-    /// CRC32C of `staging`, extended page by page right after each copy.
-    staging_crc: u32,
-    table: Vec<u8>,
+    /// CRC32C of each data page, taken right after its zero check, in order.
+    crcs: Vec<u32>,
+    /// Prefix, run table and page checksums of the record being written.
+    head: Vec<u8>,
+    spans: Vec<GuestSpan>,
 }
 
 /// Sends RAM passes for a fixed list of regions.
@@ -75,11 +136,19 @@ pub struct RamSender {
     pending: Vec<DirtyBitmap>,
     /// A cleared bitmap per region, swapped with `pending` at each dirty pass.
     spare: Vec<DirtyBitmap>,
+    /// Per region, the pages never cleared (never read: untouched when pagemap was asked),
+    /// which the destination holds as zero. See the module documentation.
+    uncleared: Vec<DirtyBitmap>,
+    /// Scratch: runs of the uncleared set.
+    runs: Vec<(usize, usize)>,
     pagemap: Option<Pagemap>,
-    states: Vec<PageState>,
+    /// Scratch: resident runs of what pagemap was last asked about.
+    resident: Vec<(usize, usize)>,
+    /// Scratch: the clear mask of a bulk-pass chunk.
+    mask: Vec<u64>,
     batch: Batch,
     cfg: RamSendConfig,
-    /// Guest paused: no staging copy, vectored writes from guest memory.
+    /// Guest paused: nothing to clear, no throttling.
     paused: bool,
     pass_start: Instant,
     pass_bytes: u64,
@@ -96,30 +165,32 @@ pub struct RamSender {
 
 impl RamSender {
     pub fn new(regions: Vec<RamRegion>, cfg: RamSendConfig) -> Self {
-        let pending: Vec<DirtyBitmap> = regions
-            .iter()
-            .map(|r| DirtyBitmap::new(r.pages()))
-            .collect();
+        let bitmaps = || -> Vec<DirtyBitmap> {
+            regions
+                .iter()
+                .map(|r| DirtyBitmap::new(r.pages()))
+                .collect()
+        };
         let batch_pages = cfg.batch_pages.clamp(1, MAX_BATCH_DATA_PAGES);
         RamSender {
+            pending: bitmaps(),
+            spare: bitmaps(),
+            uncleared: bitmaps(),
+            runs: Vec::new(),
             regions,
-            spare: pending
-                .iter()
-                .map(|b| DirtyBitmap::new(b.pages()))
-                .collect(),
-            pending,
             pagemap: if cfg.use_pagemap {
                 Pagemap::open()
             } else {
                 None
             },
-            states: Vec::new(),
+            resident: Vec::new(),
+            mask: Vec::new(),
             batch: Batch {
                 runs: Vec::new(),
                 data_pages: 0,
-                staging: Staging::with_capacity(batch_pages),
-                staging_crc: 0,
-                table: Vec::new(),
+                crcs: Vec::with_capacity(batch_pages),
+                head: Vec::new(),
+                spans: Vec::new(),
             },
             cfg: RamSendConfig { batch_pages, ..cfg },
             paused: false,
@@ -150,24 +221,105 @@ impl RamSender {
         &self.regions
     }
 
-    /// The pages of region `region` still to send; the dirty log is ORed in here.
-    pub fn pending_mut(&mut self, region: usize) -> &mut DirtyBitmap {
-        &mut self.pending[region]
-    }
-
     /// Pages still to send over all regions.
     pub fn pending_pages(&self) -> u64 {
         self.pending.iter().map(|b| b.count() as u64).sum()
     }
 
-    /// Declares the guest paused (final pass): data goes straight from guest memory.
+    /// Declares the guest paused (final pass): nothing is cleared, nothing throttled.
     pub fn set_paused(&mut self, paused: bool) {
         self.paused = paused;
     }
 
+    /// ORs the dirty log of every region into the pending set, drops the uncleared pages
+    /// that are still untouched (module documentation) and returns the pages pending.
+    pub fn collect_dirty<L: DirtyLog + ?Sized>(&mut self, log: &mut L) -> Result<u64, PassError> {
+        for region in 0..self.regions.len() {
+            log.fetch_dirty_log(region, &mut self.pending[region])
+                .map_err(|source| PassError::FetchDirtyLog { region, source })?;
+            self.settle_uncleared(region);
+        }
+        Ok(self.pending_pages())
+    }
+
+    /// Asks pagemap about the pending pages of region `r` that were never cleared: those still
+    /// untouched leave the pending set (zero, as at the destination; a write would have
+    /// touched them, and their bit stays set for the next fetch); the others stop being
+    /// uncleared and are sent (cleared first) like any dirty page. Works on runs of the
+    /// uncleared set, which the fetch reported whole (initially-set bits): no per-page work
+    /// for untouched memory, which is most of an idle guest (this runs inside the downtime).
+    fn settle_uncleared(&mut self, r: usize) {
+        let (pending, uncleared) = (&mut self.pending[r], &mut self.uncleared[r]);
+        self.runs.clear();
+        self.runs.extend(uncleared.runs());
+        let region = &self.regions[r];
+        for &(start, len) in &self.runs {
+            if !pending.any_in(start, len) {
+                continue;
+            }
+            let known = match holes::resident_runs(
+                self.pagemap.as_mut(),
+                region,
+                start,
+                len,
+                &mut self.resident,
+            ) {
+                Ok(known) => known,
+                Err(e) => {
+                    log::warn!("Finding untouched pages failed, reading them instead: {e}");
+                    false
+                }
+            };
+            if !known {
+                // Without pagemap every such page is read (and cleared before).
+                uncleared.clear_range(start, len);
+                continue;
+            }
+            // Untouched pages of the run leave the pending set; touched ones stay in it (if
+            // they were there) and stop being uncleared.
+            let mut at = start;
+            for &(s, l) in self.resident.iter().chain([(len, 0)].iter()) {
+                pending.clear_range(at, start + s - at);
+                uncleared.clear_range(start + s, l);
+                at = start + s + l;
+            }
+        }
+    }
+
+    /// Adds pages the destination reported torn to the next pass.
+    pub fn resend(&mut self, torn: &[TornRun]) -> Result<(), TornOutside> {
+        for t in torn {
+            let outside = || TornOutside {
+                guest_addr: t.guest_addr,
+                pages: t.pages,
+            };
+            let end = (t.pages as u64)
+                .checked_mul(PAGE_SIZE_U64)
+                .and_then(|len| t.guest_addr.checked_add(len))
+                .ok_or_else(outside)?;
+            let r = self
+                .regions
+                .iter()
+                .position(|r| {
+                    t.guest_addr >= r.guest_addr() && end <= r.guest_addr() + r.len() as u64
+                })
+                .ok_or_else(outside)?;
+            let page = ((t.guest_addr - self.regions[r].guest_addr()) / PAGE_SIZE_U64) as usize;
+            self.pending[r].set_range(page, t.pages as usize);
+            self.uncleared[r].clear_range(page, t.pages as usize);
+        }
+        Ok(())
+    }
+
     /// Pass 0: every page. Zero pages (read, or known untouched from pagemap) are elided if
-    /// `elide`, else sent as zero runs.
-    pub fn bulk_pass(&mut self, w: &mut RecordWriter<'_>, elide: bool) -> io::Result<PassStats> {
+    /// `elide`, else sent as zero runs. Each pagemap batch's resident pages are cleared in
+    /// `log` before the first of them is read.
+    pub fn bulk_pass<L: DirtyLog + ?Sized>(
+        &mut self,
+        w: &mut RecordWriter<'_>,
+        log: &mut L,
+        elide: bool,
+    ) -> Result<PassStats, PassError> {
         let mut stats = self.begin_pass(
             w,
             0,
@@ -180,29 +332,20 @@ impl RamSender {
             while start < pages {
                 let n = (pages - start).min(BATCH_PAGES);
                 self.classify(r, start, n);
-                let mut i = 0;
-                while i < n {
-                    let known_zero = self.states[i].is_known_zero();
-                    if known_zero && elide {
-                        // A run of pages known zero without reading: elided as one.
-                        let run = self.states[i..]
-                            .iter()
-                            .take_while(|s| s.is_known_zero())
-                            .count();
-                        stats.pages_scanned += run as u64;
-                        stats.untouched_skipped += run as u64;
-                        stats.zero_elided += run as u64;
-                        #[cfg(test)]
-                        if let Some(hook) = self.scan_hook.as_mut() {
-                            (start + i..start + i + run).for_each(|page| hook(r, page));
-                        }
-                        i += run;
-                        continue;
+                self.clear_resident(log, r, start, n)?;
+                let resident = std::mem::take(&mut self.resident);
+                let mut at = 0;
+                for &(s, len) in resident.iter().chain([(n, 0)].iter()) {
+                    if s > at {
+                        // Known zero without reading: never cleared, kept as uncleared.
+                        self.known_zero(w, &mut stats, r, start + at, s - at, elide)?;
                     }
-                    stats.untouched_skipped += known_zero as u64;
-                    self.scan_page(w, &mut stats, r, start + i, known_zero, elide)?;
-                    i += 1;
+                    for page in start + s..start + s + len {
+                        self.scan_page(w, &mut stats, r, page, elide)?;
+                    }
+                    at = s + len;
                 }
+                self.resident = resident;
                 start += n;
             }
         }
@@ -211,14 +354,17 @@ impl RamSender {
         Ok(stats)
     }
 
-    /// Pass `pass` (> 0): the pending dirty pages, zero pages as zero runs. `final_pass`
-    /// only marks the record; call [`set_paused`](Self::set_paused) first for the final pass.
-    pub fn dirty_pass(
+    /// Pass `pass` (> 0): the pending pages, zero pages as zero runs, each window of pending
+    /// pages cleared in `log` before its first page is read (unless the guest is paused).
+    /// `final_pass` only marks the record; call [`set_paused`](Self::set_paused) first for
+    /// the final pass.
+    pub fn dirty_pass<L: DirtyLog + ?Sized>(
         &mut self,
         w: &mut RecordWriter<'_>,
+        log: &mut L,
         pass: u32,
         final_pass: bool,
-    ) -> io::Result<PassStats> {
+    ) -> Result<PassStats, PassError> {
         let (kind, flags) = if final_pass {
             (PassKind::Final, PASS_FINAL)
         } else {
@@ -232,14 +378,32 @@ impl RamSender {
             // on the final pass.
             let spare = std::mem::replace(&mut self.spare[r], DirtyBitmap::new(0));
             let mut dirty = std::mem::replace(&mut self.pending[r], spare);
-            let runs: Vec<(usize, usize)> = dirty.runs().collect();
-            for &(start, len) in &runs {
-                for page in start..start + len {
-                    self.scan_page(w, &mut stats, r, page, false, false)?;
+            let words = dirty.words().len();
+            let mut w0 = 0;
+            while w0 < words {
+                let w1 = (w0 + CLEAR_WINDOW_WORDS).min(words);
+                let window = &dirty.words()[w0..w1];
+                if window.iter().all(|&x| x == 0) {
+                    w0 = w1;
+                    continue;
                 }
+                if !self.paused {
+                    log.clear_dirty_log(r, w0 * 64, window).map_err(|source| {
+                        PassError::ClearDirtyLog {
+                            region: r,
+                            first_page: w0 * 64,
+                            source,
+                        }
+                    })?;
+                }
+                for (start, len) in dirty.runs_in(w0 * 64, w1 * 64) {
+                    for page in start..start + len {
+                        self.scan_page(w, &mut stats, r, page, false)?;
+                    }
+                }
+                dirty.clear_words(w0, w1);
+                w0 = w1;
             }
-            runs.iter()
-                .for_each(|&(start, len)| dirty.clear_range(start, len));
             self.spare[r] = dirty;
         }
         self.flush(w)?;
@@ -275,10 +439,11 @@ impl RamSender {
         })
     }
 
-    /// Fills `self.states` for pages `start..start + n` of region `r`.
+    /// Fills `self.resident` with the runs of pages `start..start + n` of region `r` that must
+    /// be read (relative to `start`); every other page there is known zero.
     fn classify(&mut self, r: usize, start: usize, n: usize) {
         let region = &self.regions[r];
-        match holes::classify(self.pagemap.as_mut(), region, start, n, &mut self.states) {
+        match holes::resident_runs(self.pagemap.as_mut(), region, start, n, &mut self.resident) {
             Ok(true) => return,
             Ok(false) => {}
             Err(e) if region.backing() == Backing::PrivateAnonymous => {
@@ -287,24 +452,74 @@ impl RamSender {
             }
             Err(e) => log::warn!("Finding the holes of shared memory failed, reading it: {e}"),
         }
-        self.states.clear();
-        self.states.resize(n, PageState::Resident);
+        self.resident.clear();
+        self.resident.push((0, n));
     }
 
-    /// Decides one page from one reading of it and queues it.
+    /// Clears (re-protects) the resident pages of the chunk `start..start + n` of region `r`
+    /// classified last, before any of them is read.
+    fn clear_resident<L: DirtyLog + ?Sized>(
+        &mut self,
+        log: &mut L,
+        r: usize,
+        start: usize,
+        n: usize,
+    ) -> Result<(), PassError> {
+        if self.paused || self.resident.is_empty() {
+            return Ok(());
+        }
+        self.mask.clear();
+        self.mask.resize(n.div_ceil(64), 0);
+        for &(s, len) in &self.resident {
+            set_bits(&mut self.mask, s, len);
+        }
+        log.clear_dirty_log(r, start, &self.mask)
+            .map_err(|source| PassError::ClearDirtyLog {
+                region: r,
+                first_page: start,
+                source,
+            })
+    }
+
+    /// Pages `page..page + n` of region `r`, known zero without reading (never touched):
+    /// elided (`elide`) or sent as one zero run, and kept as uncleared.
+    fn known_zero(
+        &mut self,
+        w: &mut RecordWriter<'_>,
+        stats: &mut PassStats,
+        r: usize,
+        page: usize,
+        n: usize,
+        elide: bool,
+    ) -> io::Result<()> {
+        stats.pages_scanned += n as u64;
+        stats.untouched_skipped += n as u64;
+        self.uncleared[r].set_range(page, n);
+        #[cfg(test)]
+        if let Some(hook) = self.scan_hook.as_mut() {
+            (page..page + n).for_each(|p| hook(r, p));
+        }
+        if elide {
+            stats.zero_elided += n as u64;
+            return Ok(());
+        }
+        stats.zero_sent += n as u64;
+        self.push_zero_run(w, r, page, n)
+    }
+
+    /// Decides one page from one reading of it (its clear came before) and queues it.
     fn scan_page(
         &mut self,
         w: &mut RecordWriter<'_>,
         stats: &mut PassStats,
         r: usize,
         page: usize,
-        known_zero: bool,
         elide: bool,
     ) -> io::Result<()> {
         stats.pages_scanned += 1;
         let ptr = self.regions[r].page_ptr(page, 1);
         // SAFETY: the page is inside the region's live mapping (page_ptr checks bounds).
-        let zero = known_zero || unsafe { is_zero_raw(ptr, PAGE_SIZE) };
+        let zero = unsafe { is_zero_raw(ptr, PAGE_SIZE) };
         #[cfg(test)]
         if let Some(hook) = self.scan_hook.as_mut() {
             hook(r, page);
@@ -315,59 +530,85 @@ impl RamSender {
                 return Ok(());
             }
             stats.zero_sent += 1;
-        } else {
-            stats.pages_sent += 1;
+            return self.push_zero_run(w, r, page, 1);
         }
-        self.push(w, r, page, zero)
+        stats.pages_sent += 1;
+        // SAFETY: one page-aligned page inside the region's live mapping (checked above); the
+        // guest may be writing it, which the checksum then shows (the page is torn).
+        let crc = unsafe { page_crc_raw(ptr) };
+        self.push_data(w, r, page, crc)
     }
 
-    /// Queues one page, merging it into the last run when contiguous; flushes full batches.
-    fn push(
+    /// Queues one data page with its checksum, merging it into the last run when contiguous.
+    fn push_data(
         &mut self,
         w: &mut RecordWriter<'_>,
         r: usize,
         page: usize,
-        zero: bool,
+        crc: u32,
     ) -> io::Result<()> {
-        if !zero && self.batch.data_pages == self.cfg.batch_pages {
+        if self.batch.data_pages == self.cfg.batch_pages {
             self.flush(w)?;
         }
-        let extend = self.batch.runs.last().is_some_and(|last| {
-            last.region == r
-                && last.zero == zero
-                && last.page + last.pages == page
-                && last.pages < u32::MAX as usize
-        });
-        if !extend && self.batch.runs.len() == MAX_BATCH_RUNS {
-            self.flush(w)?;
-        }
-        if !zero {
-            self.batch.data_pages += 1;
-            if !self.paused {
-                self.stage(r, page);
-            }
-        }
-        match self.batch.runs.last_mut() {
-            Some(last) if extend => last.pages += 1,
-            _ => self.batch.runs.push(Run {
-                region: r,
-                page,
-                pages: 1,
-                zero,
-            }),
+        self.push_run(w, r, page, 1, false)?;
+        self.batch.data_pages += 1;
+        self.batch.crcs.push(crc);
+        Ok(())
+    }
+
+    /// Queues a zero run.
+    fn push_zero_run(
+        &mut self,
+        w: &mut RecordWriter<'_>,
+        r: usize,
+        page: usize,
+        pages: usize,
+    ) -> io::Result<()> {
+        let mut done = 0;
+        while done < pages {
+            let n = (pages - done).min(u32::MAX as usize);
+            self.push_run(w, r, page + done, n, true)?;
+            done += n;
         }
         Ok(())
     }
 
-    /// Copies one page into the staging buffer; this copy is what gets sent and checksummed.
-    fn stage(&mut self, r: usize, page: usize) {
-        let src = self.regions[r].page_ptr(page, 1);
-        let copy = self.batch.staging.push(src);
-        // Checksummed from the copy, while it is in the cache.
-        self.batch.staging_crc = crc32c::crc32c_append(self.batch.staging_crc, copy);
+    /// Appends `pages` pages to the batch, extending the last run when contiguous (a run
+    /// holds at most `u32::MAX` pages); flushes when the run table is full.
+    fn push_run(
+        &mut self,
+        w: &mut RecordWriter<'_>,
+        r: usize,
+        page: usize,
+        pages: usize,
+        zero: bool,
+    ) -> io::Result<()> {
+        let extend = self.batch.runs.last().is_some_and(|last| {
+            last.region == r
+                && last.zero == zero
+                && last.page + last.pages == page
+                && last.pages + pages <= u32::MAX as usize
+        });
+        if extend {
+            if let Some(last) = self.batch.runs.last_mut() {
+                last.pages += pages;
+            }
+            return Ok(());
+        }
+        if self.batch.runs.len() == MAX_BATCH_RUNS {
+            self.flush(w)?;
+        }
+        self.batch.runs.push(Run {
+            region: r,
+            page,
+            pages,
+            zero,
+        });
+        Ok(())
     }
 
-    /// Writes the queued runs as one `RamPages` record.
+    /// Writes the queued runs as one `RamPages` record: prefix, run table and page checksums,
+    /// then the data straight from guest memory.
     fn flush(&mut self, w: &mut RecordWriter<'_>) -> io::Result<()> {
         let b = &mut self.batch;
         if b.runs.is_empty() {
@@ -380,8 +621,8 @@ impl RamSender {
         if let Some(point) = self.pass_point.take() {
             self.faults.hit(point)?;
         }
-        b.table.clear();
-        encode_batch_prefix(b.runs.len() as u32, b.data_pages as u32, &mut b.table);
+        b.head.clear();
+        encode_batch_prefix(b.runs.len() as u32, b.data_pages as u32, &mut b.head);
         for run in &b.runs {
             let gpa = self.regions[run.region].guest_addr() + run.page as u64 * PAGE_SIZE_U64;
             RunDesc {
@@ -389,26 +630,24 @@ impl RamSender {
                 pages: run.pages as u32,
                 zero: run.zero,
             }
-            .encode_into(&mut b.table);
+            .encode_into(&mut b.head);
         }
-        let written = if self.paused {
-            let mut parts: Vec<&[u8]> = Vec::with_capacity(b.runs.len() + 1);
-            parts.push(&b.table);
-            for run in b.runs.iter().filter(|r| !r.zero) {
-                let ptr = self.regions[run.region].page_ptr(run.page, run.pages);
-                // SAFETY: the range is inside the region's live mapping (page_ptr checks) and
-                // the guest is paused, so nothing writes it while this slice exists.
-                parts.push(unsafe { std::slice::from_raw_parts(ptr, run.pages * PAGE_SIZE) });
-            }
-            w.write_record(RecordKind::RamPages, &parts)?
-        } else {
-            let crc =
-                crc32c::crc32c_combine(crc32c::crc32c(&b.table), b.staging_crc, b.staging.len());
-            w.write_record_with_crc(RecordKind::RamPages, &[&b.table, b.staging.bytes()], crc)?
-        };
+        for crc in &b.crcs {
+            b.head.extend_from_slice(&crc.to_le_bytes());
+        }
+        b.spans.clear();
+        for run in b.runs.iter().filter(|r| !r.zero) {
+            let ptr = self.regions[run.region].page_ptr(run.page, run.pages);
+            // SAFETY: the range is inside the region's live mapping (page_ptr checks), which
+            // outlives this write; the guest may write it meanwhile (the page checksums then
+            // show it torn), and no reference to it is formed.
+            b.spans
+                .push(unsafe { GuestSpan::new(ptr, run.pages * PAGE_SIZE) });
+        }
+        let written = w.write_record_guest(RecordKind::RamPages, &b.head, &b.spans)?;
         b.runs.clear();
-        b.staging.clear();
-        b.staging_crc = 0;
+        b.crcs.clear();
+        b.spans.clear();
         b.data_pages = 0;
         self.pass_bytes += written;
         self.throttle();
@@ -434,53 +673,18 @@ impl RamSender {
     }
 }
 
-/// One page, page-aligned.
-#[repr(C, align(4096))]
-struct Page([u8; PAGE_SIZE]);
-
-/// Page-aligned copies of guest pages. The alignment matters: copying a page-aligned guest page
-/// into a buffer 16 bytes past a page boundary (where `malloc` puts large blocks) is several
-/// times slower on AMD (`rep movsb` slows down when destination and source are close modulo
-/// 4 KiB; figures in the README), and the copy is a large part of the sender's time.
-struct Staging {
-    pages: Vec<Page>,
-}
-
-impl Staging {
-    fn with_capacity(pages: usize) -> Staging {
-        Staging {
-            pages: Vec::with_capacity(pages),
-        }
-    }
-
-    /// Appends a copy of the page at `src` (one page of live guest memory); returns the copy.
-    fn push(&mut self, src: *const u8) -> &[u8] {
-        self.pages.reserve(1);
-        let len = self.pages.len();
-        // SAFETY: `src` is one readable page (the caller's page_ptr checked it); the slot at
-        // `len` is reserved, page-sized and becomes initialised by the copy (any bytes are a
-        // valid `Page`).
-        unsafe {
-            let dst = self.pages.as_mut_ptr().add(len).cast::<u8>();
-            std::ptr::copy_nonoverlapping(src, dst, PAGE_SIZE);
-            self.pages.set_len(len + 1);
-        }
-        &self.pages[len].0
-    }
-
-    /// Bytes staged.
-    fn len(&self) -> usize {
-        self.pages.len() * PAGE_SIZE
-    }
-
-    /// All staged pages as one byte slice.
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `Page` is `repr(C)` around a byte array with no padding (size = alignment =
-        // PAGE_SIZE), so the vector's initialised elements are `len()` contiguous bytes.
-        unsafe { std::slice::from_raw_parts(self.pages.as_ptr().cast::<u8>(), self.len()) }
-    }
-
-    fn clear(&mut self) {
-        self.pages.clear();
+/// Sets bits `start..start + len` of `words`.
+fn set_bits(words: &mut [u64], start: usize, len: usize) {
+    let end = start + len;
+    let mut i = start;
+    while i < end {
+        let bit = i % 64;
+        let n = (64 - bit).min(end - i);
+        words[i / 64] |= if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << bit
+        };
+        i += n;
     }
 }

@@ -5,8 +5,8 @@
 //!
 //! ```text
 //! Header ─▶ Config ─▶ Layout ─▶ (prove or reset pristine memory, reply Ready)   handshake deadline
-//!   ─▶ { PassBegin RamPages* [PassEnd → PassDone] }+  (last pass flagged final)
-//!   ─▶ DeviceState* ─▶ End (counts + checksum chain verified)
+//!   ─▶ { PassBegin RamPages* [PassEnd → PassDone{torn}] }+  (last pass flagged final)
+//!   ─▶ DeviceState* ─▶ End (counts + checksum chain verified, no page left torn)
 //!   ─▶ restore_state ─▶ reply Restored ─▶ wait for Go                       commit deadline
 //!   ─▶ (committed) resume ─▶ reply Running
 //! ```
@@ -32,8 +32,8 @@ use crate::fault::{FaultPoint, Faults, FaultyTransport};
 use crate::memory::layout_of;
 use crate::ram_recv::{RamLoadError, RamReceiver};
 use crate::records::{
-    decode_layout, decode_local_memory, encode_message, EndRecord, PassBegin, PassMark, Ready,
-    Restored, StateBlob,
+    decode_layout, decode_local_memory, encode_message, EndRecord, PassBegin, PassDone, PassMark,
+    Ready, Restored, StateBlob,
 };
 use crate::stats::ReceiveStats;
 use crate::stream::{send_reply, ReaderState, RecordReader};
@@ -41,7 +41,7 @@ use crate::transport::{Deadline, Transport};
 use crate::vm::{MigrationTarget, VmOpError};
 use crate::wire::{
     RecordHeader, RecordKind, WireError, FORMAT_VERSION, MAX_DEVICE_STATES, MAX_DEVICE_STATE_BYTES,
-    MAX_MESSAGE_LEN, PASS_FINAL, PASS_ZERO_ELIDED,
+    MAX_MESSAGE_LEN, MAX_TORN_RUNS, PASS_FINAL, PASS_ZERO_ELIDED,
 };
 
 /// Options of [`receive_migration`].
@@ -647,7 +647,14 @@ fn load_body<T: MigrationTarget + ?Sized>(
                 };
                 rx.finish();
                 if reader.transport().has_peer() {
-                    send_reply(reader.transport(), RecordKind::PassDone, &m.encode())
+                    // The pages held torn now, for the source to send again.
+                    let (torn, more) = rx.torn_runs(MAX_TORN_RUNS);
+                    let done = PassDone {
+                        pass: m.pass,
+                        torn,
+                        more,
+                    };
+                    send_reply(reader.transport(), RecordKind::PassDone, &done.encode())
                         .map_err(DestinationError::Reply)?;
                     rx.acknowledged();
                 }
@@ -692,6 +699,8 @@ fn load_body<T: MigrationTarget + ?Sized>(
                 reader.check_end(&end, offset)?;
                 if let Some(rx) = rx.as_deref_mut() {
                     rx.finish();
+                    // A page torn in a live pass and never sent intact again is corruption.
+                    rx.check_none_torn()?;
                 }
                 log::debug!("End at offset {offset} after {} records", reader.records());
                 return Ok(states);

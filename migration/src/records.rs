@@ -6,8 +6,9 @@ use std::time::Duration;
 use crate::wire::{
     PayloadReader, RecordKind, WireError, BATCH_PREFIX_LEN, FORMAT_VERSION, LOCAL_REGION_LEN,
     LOCAL_SHARED, MAX_BATCH_DATA_PAGES, MAX_BATCH_RUNS, MAX_MESSAGE_LEN, MAX_REGIONS,
-    MAX_STATE_ID_LEN, MAX_STATE_LEN, PAGE_SIZE, PAGE_SIZE_U64, PASS_FINAL, PASS_ZERO_ELIDED,
-    READY_LOCAL, READY_PRISTINE, RUN_DESC_LEN, RUN_ZERO,
+    MAX_STATE_ID_LEN, MAX_STATE_LEN, MAX_TORN_RUNS, PAGE_CRC_LEN, PAGE_SIZE, PAGE_SIZE_U64,
+    PASS_FINAL, PASS_ZERO_ELIDED, READY_LOCAL, READY_PRISTINE, RUN_DESC_LEN, RUN_ZERO,
+    TORN_RUN_LEN,
 };
 
 /// One guest-physical RAM region as declared in the stream.
@@ -184,7 +185,7 @@ impl PassBegin {
     }
 }
 
-/// A `PassEnd` or `PassDone` payload: the number of the live pass that ended.
+/// A `PassEnd` payload: the number of the live pass that ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PassMark {
     pub pass: u32,
@@ -200,6 +201,74 @@ impl PassMark {
         let pass = r.u32("pass number")?;
         r.finish()?;
         Ok(PassMark { pass })
+    }
+}
+
+/// Pages the destination holds torn: `pages` pages from guest address `guest_addr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TornRun {
+    pub guest_addr: u64,
+    pub pages: u32,
+}
+
+/// A `PassDone` payload: the live pass it answers and the pages the destination holds torn
+/// (at most [`MAX_TORN_RUNS`] runs; `more` says some were left out).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassDone {
+    pub pass: u32,
+    pub torn: Vec<TornRun>,
+    pub more: bool,
+}
+
+/// `PassDone` flag: more torn pages than the runs listed.
+const PASS_DONE_MORE: u32 = 1 << 31;
+
+impl PassDone {
+    pub fn encode(&self) -> Vec<u8> {
+        let count = self.torn.len().min(MAX_TORN_RUNS);
+        let mut out = Vec::with_capacity(8 + count * TORN_RUN_LEN);
+        out.extend_from_slice(&self.pass.to_le_bytes());
+        let more = if self.more || count < self.torn.len() {
+            PASS_DONE_MORE
+        } else {
+            0
+        };
+        out.extend_from_slice(&(count as u32 | more).to_le_bytes());
+        for run in &self.torn[..count] {
+            out.extend_from_slice(&run.guest_addr.to_le_bytes());
+            out.extend_from_slice(&run.pages.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decodes and checks the syntax (page-aligned, non-empty, non-wrapping runs, at most
+    /// [`MAX_TORN_RUNS`]); the source checks them against its layout.
+    pub fn decode(payload: &[u8], offset: u64) -> Result<Self, WireError> {
+        let mut r = PayloadReader::new(payload, offset, RecordKind::PassDone);
+        let pass = r.u32("pass number")?;
+        let word = r.u32("torn run count")?;
+        let more = word & PASS_DONE_MORE != 0;
+        let count = (word & !PASS_DONE_MORE) as usize;
+        if count > MAX_TORN_RUNS {
+            return Err(r.error(format!("{count} torn runs, limit is {MAX_TORN_RUNS}")));
+        }
+        let mut torn = Vec::with_capacity(count);
+        for i in 0..count {
+            let guest_addr = r.u64("torn run address")?;
+            let pages = r.u32("torn run page count")?;
+            let wraps = (pages as u64)
+                .checked_mul(PAGE_SIZE_U64)
+                .and_then(|len| guest_addr.checked_add(len))
+                .is_none();
+            if pages == 0 || !guest_addr.is_multiple_of(PAGE_SIZE_U64) || wraps {
+                return Err(r.error(format!(
+                    "torn run {i} ({pages} pages at {guest_addr:#x}) is empty, misaligned or wraps"
+                )));
+            }
+            torn.push(TornRun { guest_addr, pages });
+        }
+        r.finish()?;
+        Ok(PassDone { pass, torn, more })
     }
 }
 
@@ -227,8 +296,29 @@ pub fn encode_batch_prefix(runs: u32, data_pages: u32, out: &mut Vec<u8>) {
     out.extend_from_slice(&data_pages.to_le_bytes());
 }
 
-/// Decodes the batch prefix and checks it against the payload length.
-/// Returns (run count, data page count).
+/// A whole `RamPages` payload for `runs`, with `data` holding the pages of the non-zero runs
+/// in order (4096 bytes each), and the checksum its record header carries (of everything but
+/// the page data, which the page checksums cover). The sender writes the data from guest
+/// memory instead; this is for tests, tools and fuzzing.
+pub fn encode_ram_pages(runs: &[RunDesc], data: &[u8]) -> (Vec<u8>, u32) {
+    let data_pages = data.len() / PAGE_SIZE;
+    let mut payload = Vec::with_capacity(
+        BATCH_PREFIX_LEN + runs.len() * RUN_DESC_LEN + data_pages * (PAGE_CRC_LEN + PAGE_SIZE),
+    );
+    encode_batch_prefix(runs.len() as u32, data_pages as u32, &mut payload);
+    for r in runs {
+        r.encode_into(&mut payload);
+    }
+    for page in data.chunks(PAGE_SIZE) {
+        payload.extend_from_slice(&crc32c::crc32c(page).to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&payload);
+    payload.extend_from_slice(data);
+    (payload, crc)
+}
+
+/// Decodes the batch prefix and checks it against the payload length
+/// (`8 + 16 * runs + (4 + 4096) * data pages`). Returns (run count, data page count).
 pub fn decode_batch_prefix(
     prefix: &[u8; BATCH_PREFIX_LEN],
     payload_len: u32,
@@ -245,7 +335,7 @@ pub fn decode_batch_prefix(
             "{data_pages} data pages, limit is {MAX_BATCH_DATA_PAGES}"
         )));
     }
-    let expected = BATCH_PREFIX_LEN + runs * RUN_DESC_LEN + data_pages * PAGE_SIZE;
+    let expected = BATCH_PREFIX_LEN + runs * RUN_DESC_LEN + data_pages * (PAGE_CRC_LEN + PAGE_SIZE);
     if expected != payload_len as usize {
         return Err(r.error(format!(
             "length {payload_len} does not match {runs} runs and {data_pages} data pages ({expected})"
@@ -472,12 +562,75 @@ mod tests {
         let mut p = Vec::new();
         encode_batch_prefix(2, 1, &mut p);
         let prefix: [u8; 8] = p.as_slice().try_into().unwrap();
-        let len = (8 + 32 + 4096) as u32;
+        let len = (8 + 32 + 4 + 4096) as u32;
         assert_eq!(decode_batch_prefix(&prefix, len, 0).unwrap(), (2, 1));
         assert!(decode_batch_prefix(&prefix, len + 1, 0).is_err());
+        assert!(
+            decode_batch_prefix(&prefix, len - 4, 0).is_err(),
+            "the page checksum is part of the length"
+        );
         let mut p = Vec::new();
         encode_batch_prefix(0, 0, &mut p);
         assert!(decode_batch_prefix(&p.as_slice().try_into().unwrap(), 8, 0).is_err());
+    }
+
+    #[test]
+    fn pass_done_round_trip_and_validation() {
+        let done = PassDone {
+            pass: 3,
+            torn: vec![
+                TornRun {
+                    guest_addr: 0x1000,
+                    pages: 2,
+                },
+                TornRun {
+                    guest_addr: 0x10_0000,
+                    pages: 1,
+                },
+            ],
+            more: false,
+        };
+        let bytes = done.encode();
+        assert_eq!(bytes.len(), 8 + 2 * TORN_RUN_LEN);
+        assert_eq!(PassDone::decode(&bytes, 0).unwrap(), done);
+        let empty = PassDone {
+            pass: 9,
+            torn: vec![],
+            more: true,
+        };
+        assert_eq!(PassDone::decode(&empty.encode(), 0).unwrap(), empty);
+        // Too many runs are cut and flagged.
+        let many = PassDone {
+            pass: 1,
+            torn: vec![
+                TornRun {
+                    guest_addr: 0,
+                    pages: 1
+                };
+                MAX_TORN_RUNS + 5
+            ],
+            more: false,
+        };
+        let decoded = PassDone::decode(&many.encode(), 0).unwrap();
+        assert_eq!(decoded.torn.len(), MAX_TORN_RUNS);
+        assert!(decoded.more);
+        // Bad runs, counts and lengths are refused.
+        let mut misaligned = bytes.clone();
+        misaligned[8] = 1;
+        assert!(PassDone::decode(&misaligned, 0).is_err());
+        let mut empty_run = bytes.clone();
+        empty_run[16..20].copy_from_slice(&0u32.to_le_bytes());
+        assert!(PassDone::decode(&empty_run, 0).is_err());
+        let mut wraps = bytes.clone();
+        wraps[8..16].copy_from_slice(&(u64::MAX - 0xfff).to_le_bytes());
+        assert!(PassDone::decode(&wraps, 0).is_err());
+        let mut count = bytes.clone();
+        count[4..8].copy_from_slice(&(MAX_TORN_RUNS as u32 + 1).to_le_bytes());
+        assert!(PassDone::decode(&count, 0).is_err());
+        assert!(PassDone::decode(&bytes[..bytes.len() - 1], 0).is_err());
+        let mut trailing = bytes;
+        trailing.push(0);
+        assert!(PassDone::decode(&trailing, 0).is_err());
     }
 
     #[test]

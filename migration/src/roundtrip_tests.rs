@@ -1,6 +1,8 @@
 //! Property tests of the whole RAM path: random memory images, random guest writes
-//! interleaved with the passes (between passes, at arbitrary points of a scan, and to the
-//! very page being scanned, between its zero check and its queuing), zero elision on and off,
+//! interleaved with the passes (between passes, at arbitrary points of a scan, to the very
+//! page being scanned between its zero check and its queuing, and while a record's pages are
+//! being copied to the stream, after their checksums were taken), both dirty-log modes
+//! (initially set with clearing before reading, protect on fetch), zero elision on and off,
 //! pagemap on and off, clean and dirtied destinations. The destination must end
 //! byte-identical to the source.
 
@@ -10,11 +12,13 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use crate::fake::{fake_target, FakeVm, GuestWriter};
+use crate::fake::{fake_target, FakeDirtyLog, FakeVm, GuestWriter};
 use crate::precopy::Limits;
 use crate::records::StateBlob;
 use crate::stats::PassKind;
 use crate::transport::Connection;
+use crate::transport::{GuestSpan, Transport};
+use crate::vm::GuestRam;
 use crate::wire::PAGE_SIZE;
 use crate::{receive_migration, send_migration, ReceiveOptions, SendOptions};
 
@@ -52,6 +56,10 @@ struct Case {
     during_scan: Vec<(usize, Write)>,
     /// Fired after pass `.0`.
     between: Vec<(u32, Write)>,
+    /// Fired in the middle of copying record `.0`'s pages to the stream (`Current`: a page
+    /// of that record, chosen by the write's value).
+    during_send: Vec<(usize, Write)>,
+    dirty_log: FakeDirtyLog,
     elide: bool,
     pagemap: bool,
     batch_pages: usize,
@@ -105,8 +113,12 @@ fn case_strategy() -> impl Strategy<Value = Case> {
             proptest::collection::vec(init_strategy(), total),
             proptest::collection::vec((0..total * 2, write_strategy()), 0..24),
             proptest::collection::vec((0u32..4, write_strategy()), 0..24),
-            any::<bool>(),
-            any::<bool>(),
+            proptest::collection::vec((0..total, write_strategy()), 0..16),
+            prop_oneof![
+                Just(FakeDirtyLog::InitiallySet),
+                Just(FakeDirtyLog::ProtectOnFetch)
+            ],
+            (any::<bool>(), any::<bool>()),
             1usize..6,
             1u32..5,
             any::<bool>(),
@@ -117,8 +129,9 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     init,
                     during_scan,
                     between,
-                    elide,
-                    pagemap,
+                    during_send,
+                    dirty_log,
+                    (elide, pagemap),
                     batch_pages,
                     max_passes,
                     dirty,
@@ -127,6 +140,8 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     init,
                     during_scan,
                     between,
+                    during_send,
+                    dirty_log,
                     elide,
                     pagemap,
                     batch_pages,
@@ -137,8 +152,95 @@ fn case_strategy() -> impl Strategy<Value = Case> {
     })
 }
 
+/// A stream that writes guest memory while it copies a record's pages, as a guest may while
+/// the kernel copies them out of guest memory: half of the pages' bytes, the writes, the rest.
+struct Tearing {
+    inner: Connection,
+    writer: GuestWriter,
+    /// (host address, guest address, bytes) of each region.
+    regions: Vec<(usize, u64, usize)>,
+    pages: (usize, usize),
+    writes: Vec<(usize, Write)>,
+    records: usize,
+    /// Writes that fired.
+    pub fired: usize,
+}
+
+impl Tearing {
+    fn gpa_of_host(&self, host: usize) -> u64 {
+        let &(h, g, _) = self
+            .regions
+            .iter()
+            .find(|&&(h, _, len)| host >= h && host < h + len)
+            .expect("span inside guest memory");
+        g + (host - h) as u64
+    }
+}
+
+impl Transport for Tearing {
+    fn send(&mut self, parts: &[&[u8]]) -> std::io::Result<()> {
+        self.inner.send(parts)
+    }
+
+    fn send_guest(&mut self, parts: &[&[u8]], guest: &[GuestSpan]) -> std::io::Result<()> {
+        let record = self.records;
+        self.records += 1;
+        let writes: Vec<Write> = self
+            .writes
+            .iter()
+            .filter(|(at, _)| *at == record)
+            .map(|(_, w)| w.clone())
+            .collect();
+        if writes.is_empty() || guest.is_empty() || self.writer.paused() {
+            return self.inner.send_guest(parts, guest);
+        }
+        let total: usize = guest.iter().map(GuestSpan::len).sum();
+        let mut copy = Vec::with_capacity(total);
+        let mut left = total / 2 + 7;
+        let mut rest = Vec::new();
+        for g in guest {
+            let (now, later) = g.split_at(left);
+            now.copy_into(&mut copy);
+            left -= now.len();
+            rest.push(later);
+        }
+        let pages: Vec<usize> = guest
+            .iter()
+            .flat_map(|g| {
+                (0..g.len() / PAGE_SIZE).map(move |i| g.as_ptr() as usize + i * PAGE_SIZE)
+            })
+            .collect();
+        for w in writes {
+            let gpa = match w.target {
+                Target::Current => {
+                    let pick = w.value.map_or(0, usize::from) % pages.len();
+                    self.gpa_of_host(pages[pick])
+                }
+                Target::Page(i) => gpa_of(self.pages, i),
+            };
+            apply(&self.writer, gpa, w.value);
+            self.fired += 1;
+        }
+        for g in rest {
+            g.copy_into(&mut copy);
+        }
+        let mut all = parts.to_vec();
+        all.push(&copy);
+        self.inner.send(&all)
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.recv(buf)
+    }
+
+    fn has_peer(&self) -> bool {
+        false
+    }
+}
+
 fn source_vm(case: &Case) -> FakeVm {
     let mut src = FakeVm::new(&layout(case.pages));
+    src.set_dirty_log_mode(case.dirty_log);
     src.states = vec![StateBlob {
         id: "vcpu0".into(),
         version: 1,
@@ -211,10 +313,22 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
     };
     opts.scan_hook = Some(Box::new(hook));
 
-    let mut out = Connection::memory();
+    let mut out = Tearing {
+        inner: Connection::memory(),
+        writer: src.writer(),
+        regions: src
+            .ram_regions()
+            .iter()
+            .map(|r| (r.host_addr(), r.guest_addr(), r.len()))
+            .collect(),
+        pages: case.pages,
+        writes: case.during_send.clone(),
+        records: 0,
+        fired: 0,
+    };
     let stats =
         send_migration(&mut src, &mut out, opts).map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let mut input = Connection::from_bytes(out.into_bytes());
+    let mut input = Connection::from_bytes(out.inner.into_bytes());
     let rstats = receive_migration(&mut dst, &mut input, &ReceiveOptions::default())
         .map_err(|e| TestCaseError::fail(format!("{e}: {:?}", std::error::Error::source(&e))))?;
 
@@ -264,6 +378,8 @@ fn bulk_pass_accounting() {
         init,
         during_scan: vec![],
         between: vec![],
+        during_send: vec![],
+        dirty_log: FakeDirtyLog::InitiallySet,
         elide: true,
         pagemap: true,
         batch_pages: 1024,

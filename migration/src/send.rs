@@ -24,9 +24,10 @@ use crate::cancel::{deadline_of, is_cancellation, Cancel};
 use crate::fault::{FaultPoint, Faults, FaultyTransport, InjectedFault};
 use crate::memory::{layout_of, RamRegion};
 use crate::precopy::{self, Decision, Limits};
-use crate::ram_send::{RamSendConfig, RamSender};
+use crate::ram_send::{PassError, RamSendConfig, RamSender};
 use crate::records::{
-    encode_layout, encode_local_memory, encode_message, PassMark, Ready, Restored, StateBlob,
+    encode_layout, encode_local_memory, encode_message, PassDone, PassMark, Ready, Restored,
+    StateBlob,
 };
 use crate::stats::{MigrationStats, PassStats, StopReason};
 use crate::stream::{read_reply, RecordWriter};
@@ -168,6 +169,15 @@ pub enum SourceError {
         #[source]
         source: VmOpError,
     },
+    #[error("Clearing the dirty log of region {region} from page {first_page} failed")]
+    ClearDirtyLog {
+        region: usize,
+        first_page: usize,
+        #[source]
+        source: VmOpError,
+    },
+    #[error("Invalid PassDone reply: {0}")]
+    TornPages(#[source] crate::ram_send::TornOutside),
     #[error("Stopping dirty logging failed")]
     StopDirtyLog(#[source] VmOpError),
     #[error("Between-passes hook failed")]
@@ -442,16 +452,22 @@ fn precopy<S: MigrationSource + ?Sized>(
     let limits = m.options.limits;
     let mut throttle = 0;
     let mut pass = ram
-        .bulk_pass(&mut m.w, elide)
-        .map_err(|e| send_error(&mut m.w, e))?;
+        .bulk_pass(&mut m.w, &mut *m.source, elide)
+        .map_err(|e| pass_error(&mut m.w, e))?;
     let reason = loop {
         if m.peer {
-            wait_until_applied(&mut m.w, pass.pass)?;
+            let done = wait_until_applied(&mut m.w, pass.pass)?;
+            // Torn pages are sent again (they are in the dirty log as well when the guest
+            // tore them; the link may have too).
+            pass.torn_pages = done.torn.iter().map(|t| u64::from(t.pages)).sum();
+            ram.resend(&done.torn).map_err(SourceError::TornPages)?;
         }
         if m.options.cancel.is_cancelled() {
             return Err(abort(&mut m.w, "cancelled on the source"));
         }
-        let dirty = collect_dirty(m.source, ram)?;
+        let dirty = ram
+            .collect_dirty(&mut *m.source)
+            .map_err(|e| pass_error(&mut m.w, e))?;
         pass.close(ram.pass_elapsed(), dirty);
         report(m.options, &pass);
         throttle = precopy::throttle_pct(throttle, &pass, &limits);
@@ -480,8 +496,8 @@ fn precopy<S: MigrationSource + ?Sized>(
         match decision {
             Decision::Continue => {
                 pass = ram
-                    .dirty_pass(&mut m.w, next, false)
-                    .map_err(|e| send_error(&mut m.w, e))?
+                    .dirty_pass(&mut m.w, &mut *m.source, next, false)
+                    .map_err(|e| pass_error(&mut m.w, e))?
             }
             Decision::StopAndCopy(reason) => break reason,
         }
@@ -531,12 +547,13 @@ fn stop_and_copy<S: MigrationSource + ?Sized>(
     phase.end("pause");
     // A local migration has no RAM to send: the destination maps the same memory.
     if !m.options.local {
-        collect_dirty(m.source, ram)?;
+        ram.collect_dirty(&mut *m.source)
+            .map_err(|e| pass_error(&mut m.w, e))?;
         phase.end("dirty log");
         ram.set_paused(true);
         let mut last = ram
-            .dirty_pass(&mut m.w, m.stats.passes.len() as u32, true)
-            .map_err(|e| send_error(&mut m.w, e))?;
+            .dirty_pass(&mut m.w, &mut *m.source, m.stats.passes.len() as u32, true)
+            .map_err(|e| pass_error(&mut m.w, e))?;
         last.close(ram.pass_elapsed(), 0);
         m.stats.push(last);
         phase.end("final pass");
@@ -696,19 +713,6 @@ fn check_states(states: &[StateBlob]) -> Result<(), SourceError> {
     Ok(())
 }
 
-/// ORs the dirty log of every region into the sender's pending set; returns the total.
-fn collect_dirty<S: MigrationSource + ?Sized>(
-    source: &mut S,
-    sender: &mut RamSender,
-) -> Result<u64, SourceError> {
-    for region in 0..sender.regions().len() {
-        source
-            .fetch_dirty_log(region, sender.pending_mut(region))
-            .map_err(|source| SourceError::FetchDirtyLog { region, source })?;
-    }
-    Ok(sender.pending_pages())
-}
-
 fn expected_downtime(p: &PassStats) -> Duration {
     precopy::expected_time(p.remaining_bytes(), p.bandwidth_bps).min(Duration::from_secs(86_400))
 }
@@ -741,19 +745,39 @@ fn expect_reply(t: &mut dyn Transport, kind: RecordKind) -> Result<Vec<u8>, Sour
 /// Ends live pass `pass` with `PassEnd` and waits for the destination's `PassDone`: every
 /// page sent is then in its memory, not in socket buffers. So the pass's duration and
 /// bandwidth are end to end, and the downtime never starts with a backlog the destination
-/// must work through while the guest is paused. Costs one round trip per pass.
-fn wait_until_applied(w: &mut RecordWriter<'_>, pass: u32) -> Result<(), SourceError> {
+/// must work through while the guest is paused. Costs one round trip per pass. The answer
+/// lists the pages the destination holds torn.
+fn wait_until_applied(w: &mut RecordWriter<'_>, pass: u32) -> Result<PassDone, SourceError> {
     w.write_record(RecordKind::PassEnd, &[&PassMark { pass }.encode()])
         .map_err(|e| send_error(w, e))?;
     let reply = expect_reply(w.transport(), RecordKind::PassDone)?;
-    let done = PassMark::decode(&reply, 0, RecordKind::PassDone).map_err(SourceError::Reply)?;
+    let done = PassDone::decode(&reply, 0).map_err(SourceError::Reply)?;
     if done.pass != pass {
         return Err(SourceError::PassMismatch {
             expected: pass,
             got: done.pass,
         });
     }
-    Ok(())
+    Ok(done)
+}
+
+/// A failed RAM pass as the migration's error.
+fn pass_error(w: &mut RecordWriter<'_>, e: PassError) -> SourceError {
+    match e {
+        PassError::Send(e) => send_error(w, e),
+        PassError::FetchDirtyLog { region, source } => {
+            SourceError::FetchDirtyLog { region, source }
+        }
+        PassError::ClearDirtyLog {
+            region,
+            first_page,
+            source,
+        } => SourceError::ClearDirtyLog {
+            region,
+            first_page,
+            source,
+        },
+    }
 }
 
 /// Tells the destination the migration is given up (best effort: it may be gone).

@@ -57,6 +57,8 @@ pub struct PassStats {
     pub dirty_rate_bps: u64,
     /// Stream bytes per second during the pass.
     pub bandwidth_bps: u64,
+    /// Pages the destination held torn after the pass (sent again in the next one).
+    pub torn_pages: u64,
 }
 
 impl PassStats {
@@ -106,6 +108,7 @@ pub struct Totals {
     pub zero_sent: u64,
     pub untouched_skipped: u64,
     pub bytes: u64,
+    pub torn_pages: u64,
 }
 
 /// The result of a successful send.
@@ -150,6 +153,7 @@ impl MigrationStats {
         t.zero_sent += p.zero_sent;
         t.untouched_skipped += p.untouched_skipped;
         t.bytes += p.bytes;
+        t.torn_pages += p.torn_pages;
         self.passes.push(p);
     }
 
@@ -200,6 +204,8 @@ pub struct ReceiveStats {
     pub zero_pages: u64,
     /// Of those, pages that had been written and were given back (`MADV_DONTNEED`).
     pub zero_pages_freed: u64,
+    /// Data pages of live passes that failed their checksum (torn) and were sent again.
+    pub torn_pages: u64,
     /// Memory was all zero when loading began (after a reset, if one was needed).
     pub pristine: bool,
     /// Memory was not pristine and was reset before loading.
@@ -226,13 +232,14 @@ impl fmt::Display for ReceiveStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "received {} in {} records over {} passes: {} pages written, {} zero pages \
-             ({} freed), {} device states; pristine {}, reset {}; {:.1} ms (adopt {} us, \
+            "received {} in {} records over {} passes: {} pages written ({} torn), {} zero \
+             pages ({} freed), {} device states; pristine {}, reset {}; {:.1} ms (adopt {} us, \
              restore {} us, resume {} us, report {} us)",
             Bytes(self.bytes),
             self.records,
             self.passes,
             self.pages_written,
+            self.torn_pages,
             self.zero_pages,
             self.zero_pages_freed,
             self.device_states,

@@ -5,7 +5,7 @@
 use std::io;
 
 use crate::records::EndRecord;
-use crate::transport::Transport;
+use crate::transport::{GuestSpan, Transport};
 use crate::wire::{
     self, RecordHeader, RecordKind, WireError, RECORD_HEADER_LEN, STREAM_HEADER_LEN,
 };
@@ -95,6 +95,32 @@ impl<'t> RecordWriter<'t> {
         all.push(&header);
         all.extend_from_slice(parts);
         self.t.send_with_fds(&all, fds)?;
+        self.chain = crc32c::crc32c_append(self.chain, &header);
+        self.records += 1;
+        let written = (RECORD_HEADER_LEN + len) as u64;
+        self.bytes += written;
+        Ok(written)
+    }
+
+    /// Writes one record whose payload is `head` followed by the guest memory `guest`, with
+    /// one vectored write, the guest bytes read by the kernel where they are (no copy). The
+    /// header's payload checksum covers `head` only: `head` itself must cover the guest bytes
+    /// (a `RamPages` record carries one checksum per page). Returns the bytes written.
+    pub fn write_record_guest(
+        &mut self,
+        kind: RecordKind,
+        head: &[u8],
+        guest: &[GuestSpan],
+    ) -> io::Result<u64> {
+        let len = head.len() + guest.iter().map(GuestSpan::len).sum::<usize>();
+        debug_assert!(len <= kind.max_payload(), "{kind} payload of {len} bytes");
+        let header = RecordHeader {
+            kind,
+            len: len as u32,
+            payload_crc: crc32c::crc32c(head),
+        }
+        .encode();
+        self.t.send_guest(&[&header, head], guest)?;
         self.chain = crc32c::crc32c_append(self.chain, &header);
         self.records += 1;
         let written = (RECORD_HEADER_LEN + len) as u64;
@@ -292,12 +318,26 @@ impl<'t> RecordReader<'t> {
         what: &'static str,
         mut crc: u32,
     ) -> Result<u32, WireError> {
+        self.read_exact_with(dst, what, |_, piece| {
+            crc = crc32c::crc32c_append(crc, piece)
+        })?;
+        Ok(crc)
+    }
+
+    /// [`read_exact`](Self::read_exact), calling `landed(at, piece)` for each piece as it
+    /// lands at `dst[at..]`, while it is still in the cache.
+    pub fn read_exact_with(
+        &mut self,
+        dst: &mut [u8],
+        what: &'static str,
+        mut landed: impl FnMut(usize, &[u8]),
+    ) -> Result<(), WireError> {
         let mut done = 0;
         while done < dst.len() {
             if self.start < self.end {
                 let n = (self.end - self.start).min(dst.len() - done);
                 dst[done..done + n].copy_from_slice(&self.buf[self.start..self.start + n]);
-                crc = crc32c::crc32c_append(crc, &dst[done..done + n]);
+                landed(done, &dst[done..done + n]);
                 self.start += n;
                 done += n;
                 self.offset += n as u64;
@@ -306,7 +346,7 @@ impl<'t> RecordReader<'t> {
             let rest = &mut dst[done..];
             let n = if rest.len() >= READ_BUF / 2 {
                 let n = self.recv(rest)?;
-                crc = crc32c::crc32c_append(crc, &rest[..n]);
+                landed(done, &rest[..n]);
                 self.offset += n as u64;
                 done += n;
                 n
@@ -326,7 +366,7 @@ impl<'t> RecordReader<'t> {
                 });
             }
         }
-        Ok(crc)
+        Ok(())
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, WireError> {

@@ -31,11 +31,82 @@ const IOV_MAX: usize = 1024;
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const UNIX_PATH_MAX: usize = 107;
 
+/// Guest memory to write to the stream as it is at the moment of the copy: the guest may be
+/// writing it meanwhile (a live pass), so no Rust reference to it is ever formed; the kernel
+/// (`writev`, `sendmsg`) or a raw copy reads it.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestSpan {
+    ptr: *const u8,
+    len: usize,
+}
+
+impl GuestSpan {
+    /// # Safety
+    ///
+    /// `ptr..ptr + len` must stay mapped and readable for as long as the span is used (it may
+    /// be written concurrently).
+    pub unsafe fn new(ptr: *const u8, len: usize) -> GuestSpan {
+        GuestSpan { ptr, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    /// The first `at` bytes and the rest (`at` is capped at the length).
+    pub fn split_at(&self, at: usize) -> (GuestSpan, GuestSpan) {
+        let at = at.min(self.len);
+        (
+            GuestSpan {
+                ptr: self.ptr,
+                len: at,
+            },
+            GuestSpan {
+                ptr: self.ptr.wrapping_add(at),
+                len: self.len - at,
+            },
+        )
+    }
+
+    /// Appends a raw copy of the span's bytes (whatever they are at the moment) to `out`.
+    pub fn copy_into(&self, out: &mut Vec<u8>) {
+        out.reserve(self.len);
+        let at = out.len();
+        // SAFETY: the span is readable (its constructor's contract) and `out` has `len` bytes
+        // of spare capacity at `at`, which the raw copy initialises; no reference to the
+        // guest's bytes is formed.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr, out.as_mut_ptr().add(at), self.len);
+            out.set_len(at + self.len);
+        }
+    }
+}
+
 /// A byte stream the migration runs over. Implemented by [`Connection`]; tests wrap one to
 /// inject faults or guest writes between sends.
 pub trait Transport {
     /// Writes all `parts`, in order.
     fn send(&mut self, parts: &[&[u8]]) -> io::Result<()>;
+    /// Writes all `parts`, then the guest memory `guest`, in order, as one operation. The
+    /// default copies the guest bytes into a buffer first; [`Connection`] hands them to the
+    /// kernel where they are (no copy).
+    fn send_guest(&mut self, parts: &[&[u8]], guest: &[GuestSpan]) -> io::Result<()> {
+        let mut copy = Vec::with_capacity(guest.iter().map(GuestSpan::len).sum());
+        for g in guest {
+            g.copy_into(&mut copy);
+        }
+        let mut all = parts.to_vec();
+        all.push(&copy);
+        self.send(&all)
+    }
     /// Reads at least one byte into `buf`, or returns 0 at end of stream.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// True for sockets (the destination replies), false for files and buffers.
@@ -813,52 +884,11 @@ impl Connection {
 
 impl Transport for Connection {
     fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
-        // One send (one record) is one operation: all of it within the write timeout, however
-        // the peer dribbles its reading, and within the connection's deadline.
-        let op = self.write_timeout.map(|t| Deadline::after(t, "write"));
-        let write = Bound {
-            timeout: self.write_timeout,
-            deadline: match (op, self.deadline) {
-                (Some(a), Some(b)) => Some(if a.at <= b.at { a } else { b }),
-                (a, b) => a.or(b),
-            },
-        };
-        if let Stream::Tls(t) = &mut self.stream {
-            // Arms the socket before each write; back to the plain timeout after.
-            let r = t.send(parts, write);
-            if write.deadline.is_some() {
-                let _ = self.set_socket_timeout(false, self.write_timeout);
-            }
-            return r;
-        }
-        let socket = self.is_socket();
-        let Some(fd) = self.fd() else {
-            if let Stream::Memory(m) = &mut self.stream {
-                for p in parts {
-                    m.data.extend_from_slice(p);
-                }
-            }
-            return Ok(());
-        };
-        let calls = std::cell::Cell::new(0u32);
-        let rearmed = std::cell::Cell::new(false);
-        let before_each = || -> io::Result<()> {
-            // The socket's own timeout covers the first call unless a connection deadline
-            // is closer; every later call (after a partial write) gets what is left.
-            let first = calls.replace(calls.get() + 1) == 0;
-            if socket && (!first || self.deadline.is_some()) {
-                write.arm(|t| {
-                    rearmed.set(true);
-                    self.set_socket_timeout(false, t)
-                })?;
-            }
-            Ok(())
-        };
-        let r = send_all(fd, parts, socket, before_each).map_err(|e| write.timed_out(e));
-        if rearmed.get() {
-            let _ = self.set_socket_timeout(false, self.write_timeout);
-        }
-        r
+        self.send_iov(parts, &[])
+    }
+
+    fn send_guest(&mut self, parts: &[&[u8]], guest: &[GuestSpan]) -> io::Result<()> {
+        self.send_iov(parts, guest)
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -963,20 +993,87 @@ impl Transport for Connection {
     }
 }
 
-/// Writes every part with as few `sendmsg`/`writev` calls as the kernel allows, calling
-/// `before_each` before every call (it may refuse to go on).
+impl Connection {
+    /// Writes `parts`, then `guest`, as one operation: with as few vectored calls as the
+    /// kernel allows (sockets, files), or through TLS from a copy.
+    fn send_iov(&mut self, parts: &[&[u8]], guest: &[GuestSpan]) -> io::Result<()> {
+        // One send (one record) is one operation: all of it within the write timeout, however
+        // the peer dribbles its reading, and within the connection's deadline.
+        let op = self.write_timeout.map(|t| Deadline::after(t, "write"));
+        let write = Bound {
+            timeout: self.write_timeout,
+            deadline: match (op, self.deadline) {
+                (Some(a), Some(b)) => Some(if a.at <= b.at { a } else { b }),
+                (a, b) => a.or(b),
+            },
+        };
+        if let Stream::Tls(t) = &mut self.stream {
+            // TLS encrypts from our buffers: the guest bytes are copied first (raw reads).
+            let mut copy = Vec::new();
+            guest.iter().for_each(|g| g.copy_into(&mut copy));
+            let mut all = parts.to_vec();
+            if !copy.is_empty() {
+                all.push(&copy);
+            }
+            // Arms the socket before each write; back to the plain timeout after.
+            let r = t.send(&all, write);
+            if write.deadline.is_some() {
+                let _ = self.set_socket_timeout(false, self.write_timeout);
+            }
+            return r;
+        }
+        let socket = self.is_socket();
+        let Some(fd) = self.fd() else {
+            if let Stream::Memory(m) = &mut self.stream {
+                for p in parts {
+                    m.data.extend_from_slice(p);
+                }
+                for g in guest {
+                    g.copy_into(&mut m.data);
+                }
+            }
+            return Ok(());
+        };
+        let calls = std::cell::Cell::new(0u32);
+        let rearmed = std::cell::Cell::new(false);
+        let before_each = || -> io::Result<()> {
+            // The socket's own timeout covers the first call unless a connection deadline
+            // is closer; every later call (after a partial write) gets what is left.
+            let first = calls.replace(calls.get() + 1) == 0;
+            if socket && (!first || self.deadline.is_some()) {
+                write.arm(|t| {
+                    rearmed.set(true);
+                    self.set_socket_timeout(false, t)
+                })?;
+            }
+            Ok(())
+        };
+        let iov = parts
+            .iter()
+            .map(|p| (p.as_ptr(), p.len()))
+            .chain(guest.iter().map(|g| (g.as_ptr(), g.len())));
+        let r = send_all(fd, iov, socket, before_each).map_err(|e| write.timed_out(e));
+        if rearmed.get() {
+            let _ = self.set_socket_timeout(false, self.write_timeout);
+        }
+        r
+    }
+}
+
+/// Writes every part (address, length: the caller's slices, or guest memory spans) with as
+/// few `sendmsg`/`writev` calls as the kernel allows, calling `before_each` before every call
+/// (it may refuse to go on).
 fn send_all(
     fd: RawFd,
-    parts: &[&[u8]],
+    parts: impl Iterator<Item = (*const u8, usize)>,
     socket: bool,
     before_each: impl Fn() -> io::Result<()>,
 ) -> io::Result<()> {
     let mut iov: Vec<libc::iovec> = parts
-        .iter()
-        .filter(|p| !p.is_empty())
-        .map(|p| libc::iovec {
-            iov_base: p.as_ptr() as *mut libc::c_void,
-            iov_len: p.len(),
+        .filter(|&(_, len)| len > 0)
+        .map(|(ptr, len)| libc::iovec {
+            iov_base: ptr as *mut libc::c_void,
+            iov_len: len,
         })
         .collect();
     let mut first = 0;
@@ -989,11 +1086,13 @@ fn send_all(
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
             msg.msg_iov = batch.as_mut_ptr();
             msg.msg_iovlen = batch.len();
-            // SAFETY: the iovecs point into the caller's live slices; MSG_NOSIGNAL turns a
-            // closed peer into EPIPE instead of SIGPIPE.
+            // SAFETY: the iovecs point into the caller's live slices or readable guest memory
+            // spans (the kernel only reads them); MSG_NOSIGNAL turns a closed peer into EPIPE
+            // instead of SIGPIPE.
             unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) }
         } else {
-            // SAFETY: the iovecs point into the caller's live slices.
+            // SAFETY: the iovecs point into the caller's live slices or readable guest memory
+            // spans (the kernel only reads them).
             unsafe { libc::writev(fd, batch.as_ptr(), batch.len() as libc::c_int) }
         };
         if n < 0 {

@@ -48,19 +48,50 @@ pub trait GuestRam {
 
 /// The dirty log of a VM, one bitmap per RAM region (`GuestRam::ram_regions` order).
 ///
-/// The sender switches logging on before it reads the first byte of guest memory, so every
-/// write after a page was read shows up in a later fetch. An implementation must OR in every
-/// way guest memory changes: KVM's dirty log for vCPU writes and the vmm's own log for device
-/// and vmm writes (and discards such as a balloon's `MADV_DONTNEED`).
+/// The sender switches logging on before it reads the first byte of guest memory and relies
+/// on one promise, whatever the implementation:
+///
+/// > A write to a page after [`clear_dirty_log`](Self::clear_dirty_log) covered it is
+/// > reported by a later [`fetch_dirty_log`](Self::fetch_dirty_log); a page no
+/// > `clear_dirty_log` covered since logging started is reported by every fetch, or its
+/// > writes are.
+///
+/// The sender keeps its side: while the guest runs, it clears every page before it reads it
+/// (`ram_send.rs`). Two implementations fit:
+///
+/// - *initially set* (KVM `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` with
+///   `KVM_DIRTY_LOG_INITIALLY_SET`): starting protects nothing and every bit starts set;
+///   a fetch reads the bits without clearing them; `clear_dirty_log` clears bits and
+///   write-protects their pages, so the next write to one sets its bit again;
+/// - *protect on fetch* (plain `KVM_GET_DIRTY_LOG`): starting write-protects every page with
+///   all bits clear; a fetch returns the bits, clears them and re-protects those pages;
+///   `clear_dirty_log` has nothing to do (the default).
+///
+/// An implementation must OR in every way guest memory changes: KVM's dirty log for vCPU
+/// writes and the vmm's own log for device and vmm writes (and discards such as a balloon's
+/// `MADV_DONTNEED`), the latter reported by the next fetch after the write.
 pub trait DirtyLog {
-    /// Starts logging (KVM: `KVM_MEM_LOG_DIRTY_PAGES` on every slot), clearing older bits.
+    /// Starts logging (KVM: `KVM_MEM_LOG_DIRTY_PAGES` on every slot).
     fn start_dirty_log(&mut self) -> Result<(), VmOpError>;
     /// Stops logging.
     fn stop_dirty_log(&mut self) -> Result<(), VmOpError>;
-    /// ORs into `bitmap` every page of region `region` written since the previous fetch (or
-    /// since logging started) and clears those bits in the log (KVM: `KVM_GET_DIRTY_LOG`).
+    /// ORs into `bitmap` the pages of region `region` the log holds as written (see the
+    /// promise above; KVM: `KVM_GET_DIRTY_LOG`).
     fn fetch_dirty_log(&mut self, region: usize, bitmap: &mut DirtyBitmap)
         -> Result<(), VmOpError>;
+    /// Forgets that the pages of region `region` set in `pages` were written and re-arms
+    /// logging for them: bit `i` of word `w` is page `first_page + 64 * w + i`
+    /// (`first_page` is a multiple of 64; bits past the region's end are ignored). Once it
+    /// returns, a write to any of those pages is reported by a later fetch (KVM:
+    /// `KVM_CLEAR_DIRTY_LOG`). Implementations whose fetch re-protects need do nothing.
+    fn clear_dirty_log(
+        &mut self,
+        _region: usize,
+        _first_page: usize,
+        _pages: &[u64],
+    ) -> Result<(), VmOpError> {
+        Ok(())
+    }
 }
 
 /// What the vmm provides on the source. Region indices are positions in `ram_regions()`.

@@ -29,6 +29,12 @@ pub const MAX_BATCH_DATA_PAGES: usize = 1024;
 pub const BATCH_PREFIX_LEN: usize = 8;
 /// Bytes of one run descriptor.
 pub const RUN_DESC_LEN: usize = 16;
+/// Bytes of one page checksum in a `RamPages` batch.
+pub const PAGE_CRC_LEN: usize = 4;
+/// Most torn runs one `PassDone` lists.
+pub const MAX_TORN_RUNS: usize = 1024;
+/// Bytes of one torn run in `PassDone`.
+pub const TORN_RUN_LEN: usize = 12;
 /// Most memory regions in a layout.
 pub const MAX_REGIONS: usize = 64;
 /// Largest configuration blob.
@@ -118,7 +124,8 @@ pub enum RecordKind {
     MemoryLayout = 0x0002,
     /// Start of a RAM pass: number and flags.
     PassBegin = 0x0003,
-    /// A batch of page runs: data runs carry their pages, zero runs carry nothing.
+    /// A batch of page runs: data runs carry their pages, each with its checksum; zero runs
+    /// carry nothing. The header's payload checksum covers everything but the page data.
     RamPages = 0x0004,
     /// One device or vCPU state blob.
     DeviceState = 0x0005,
@@ -140,7 +147,8 @@ pub enum RecordKind {
     Running = 0x0102,
     /// Destination reply: it refused or failed, with a message.
     Error = 0x0103,
-    /// Destination reply to `PassEnd`: every page of the pass is in guest memory.
+    /// Destination reply to `PassEnd`: every page of the pass is in guest memory; lists the
+    /// pages it holds torn (a live pass's page whose checksum did not match).
     PassDone = 0x0104,
     /// Destination reply after `End`: the whole state is restored, the guest is not running,
     /// and it waits for `Go`.
@@ -177,14 +185,17 @@ impl RecordKind {
             RecordKind::MemoryLayout => 8 + MAX_REGIONS * 16,
             RecordKind::PassBegin => 8,
             RecordKind::RamPages => {
-                BATCH_PREFIX_LEN + MAX_BATCH_RUNS * RUN_DESC_LEN + MAX_BATCH_DATA_PAGES * PAGE_SIZE
+                BATCH_PREFIX_LEN
+                    + MAX_BATCH_RUNS * RUN_DESC_LEN
+                    + MAX_BATCH_DATA_PAGES * (PAGE_CRC_LEN + PAGE_SIZE)
             }
             RecordKind::DeviceState => MAX_STATE_LEN,
             RecordKind::End => 20,
             RecordKind::Ready => 8,
             RecordKind::Running => MAX_MESSAGE_LEN,
             RecordKind::Error | RecordKind::Abort => MAX_MESSAGE_LEN,
-            RecordKind::PassEnd | RecordKind::PassDone => 4,
+            RecordKind::PassEnd => 4,
+            RecordKind::PassDone => 8 + MAX_TORN_RUNS * TORN_RUN_LEN,
             RecordKind::Go => 0,
             RecordKind::LocalMemory => 8 + MAX_REGIONS * LOCAL_REGION_LEN,
             RecordKind::Restored => 4,

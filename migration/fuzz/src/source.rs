@@ -12,7 +12,7 @@
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use migration::fake::{FailAt, FakeVm};
-use migration::records::{PassMark, Ready, Restored};
+use migration::records::{PassDone, Ready, Restored};
 use migration::stream::send_reply;
 use migration::transport::Transport;
 use migration::wire::{RecordKind, FORMAT_VERSION, READY_PRISTINE};
@@ -145,11 +145,13 @@ pub fn script(replies: &[Reply]) -> Vec<u8> {
                 framed(RecordKind::Ready, p)
             }
             Reply::PassDone(n) => {
-                let m = PassMark {
+                let m = PassDone {
                     pass: n.value(pass),
+                    torn: Vec::new(),
+                    more: false,
                 };
                 pass = pass.wrapping_add(1);
-                framed(RecordKind::PassDone, m.encode().to_vec())
+                framed(RecordKind::PassDone, m.encode())
             }
             Reply::Restored { ms } => {
                 let r = Restored {

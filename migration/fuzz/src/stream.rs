@@ -415,10 +415,15 @@ fn pages_payload(
             payload[at..].copy_from_slice(&f.to_le_bytes());
         }
     }
+    // One checksum per data page after the run table; the header's covers the head only.
+    for k in 0..attached {
+        let page = [fill(b, k); PAGE_SIZE];
+        payload.extend_from_slice(&crc32c::crc32c(&page).to_le_bytes());
+    }
+    let mut crc = crc32c::crc32c(&payload);
     for k in 0..attached {
         payload.extend(std::iter::repeat_n(fill(b, k), PAGE_SIZE));
     }
-    let mut crc = crc32c::crc32c(&payload);
     if batch.bad_crc {
         crc ^= 1;
     }
