@@ -512,8 +512,9 @@ impl Vmm {
     }
 
     /// ORs into `into` every page of guest memory region `region` (address order, as
-    /// `migration::regions_from_guest_memory` lists them) written since the last fetch: by a
-    /// vCPU (KVM's dirty log, fetched and cleared) or by the VMM itself.
+    /// `migration::regions_from_guest_memory` lists them) the logs hold as written: by a vCPU
+    /// (KVM's dirty log: since the page was last cleared, or since the last fetch, by mode)
+    /// or by the VMM itself (since the last fetch).
     pub fn fetch_dirty_log(
         &mut self,
         region: usize,
@@ -544,6 +545,31 @@ impl Vmm {
                 .map_err(|e| VmmError::MergeDirtyLog(region, e))?;
         }
         Ok(())
+    }
+
+    /// Clears KVM's dirty bits of region `region` set in `bits` (bit `i` of word `w` is page
+    /// `first_page + 64 * w + i`) and write-protects those pages, so a later write to one is
+    /// in a later fetch (`KVM_CLEAR_DIRTY_LOG`; nothing to do where the fetch re-protects).
+    pub fn clear_dirty_log(
+        &self,
+        region: usize,
+        first_page: usize,
+        bits: &[u64],
+    ) -> Result<(), VmmError> {
+        let slot = self
+            .vm
+            .slots()
+            .get(region)
+            .ok_or(VmmError::NoSuchRegion(region))?
+            .slot;
+        self.vm
+            .clear_dirty_log(slot, first_page, bits)
+            .map_err(VmmError::DirtyLog)
+    }
+
+    /// How KVM's dirty log behaves on this VM.
+    pub fn dirty_log_mode(&self) -> crate::kvm::vm::DirtyLogMode {
+        self.vm.dirty_log_mode()
     }
 
     /// With the VM paused: the state of the VM, of every vCPU (each saved by its own thread)

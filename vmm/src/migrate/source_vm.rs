@@ -72,6 +72,17 @@ impl DirtyLog for SourceVm {
             .fetch_dirty_log(region, bitmap)
             .map_err(VmOpError::new)
     }
+
+    fn clear_dirty_log(
+        &mut self,
+        region: usize,
+        first_page: usize,
+        pages: &[u64],
+    ) -> Result<(), VmOpError> {
+        lock(&self.vmm)
+            .clear_dirty_log(region, first_page, pages)
+            .map_err(VmOpError::new)
+    }
 }
 
 impl MigrationSource for SourceVm {
