@@ -32,10 +32,15 @@ impl WriteLog {
         }
     }
 
-    /// Forgets every write so far.
+    /// Forgets every write so far. Costs nothing when nothing was written since the last
+    /// reset or take (the bits, one per page, are then clear already: for 16 GiB that is
+    /// 512 KiB not written, and not faulted in on the first migration).
     pub fn reset(&self) {
-        self.any.store(false, Ordering::SeqCst);
-        self.bits.reset();
+        // A write whose bits are set but whose flag is not yet may keep its bits: it is
+        // reported by the next take, which only sends a page once more.
+        if self.any.swap(false, Ordering::AcqRel) {
+            self.bits.reset();
+        }
     }
 
     /// The pages written since the last call (bit `i` of word `w` is page `64 * w + i`) and
