@@ -1,10 +1,10 @@
 //! `make bench`: every scenario migrated by minivmm and by QEMU on the same test guest image and
 //! command line, side by side, plus microbenchmarks of the pieces that bound migration speed.
 //!
-//! Usage: `bench [--reps N] [--only NAME[,NAME]] [--downtime-ms N] [--json] [--no-qemu]
-//! [--no-micro] [--report PATH]`
-//! or `bench --tls [--reps N] [--only NAME[,NAME]]`: plaintext TCP vs mutual TLS (default
-//! scenario `idle-4G`), and raw TLS throughput (see `tls.rs`).
+//! Usage: `bench [--reps N] [--only NAME[,NAME]] [--downtime-ms N] [--dirty-tracker KIND]
+//! [--json] [--no-qemu] [--no-micro] [--report PATH]` (`--dirty-tracker` is passed to
+//! minivmm's `run` and `receive`), or `bench --tls [--reps N] [--only NAME[,NAME]]`: plaintext
+//! TCP vs mutual TLS (default scenario `idle-4G`), and raw TLS throughput (see `tls.rs`).
 //!
 //! Besides the tables it writes `bench/report.html` (or `--report PATH`): the same figures as
 //! charts, and each scenario's median minivmm migration as a timeline (`report.rs`).
@@ -29,6 +29,7 @@ struct Args {
     reps: usize,
     only: Option<Vec<String>>,
     downtime_ms: u64,
+    dirty_tracker: Option<String>,
     json: bool,
     qemu: bool,
     micro: bool,
@@ -41,6 +42,7 @@ fn parse_args() -> Result<Args, String> {
         reps: 3,
         only: None,
         downtime_ms: 50,
+        dirty_tracker: None,
         json: false,
         qemu: true,
         micro: true,
@@ -58,6 +60,7 @@ fn parse_args() -> Result<Args, String> {
                     .parse()
                     .map_err(|e| format!("--downtime-ms: {e}"))?
             }
+            "--dirty-tracker" => a.dirty_tracker = Some(val("--dirty-tracker")?),
             "--json" => a.json = true,
             "--no-qemu" => a.qemu = false,
             "--no-micro" => a.micro = false,
@@ -221,7 +224,7 @@ fn main() {
     for s in &scenarios {
         eprintln!("bench: {} (mem {}, cmdline {:?})", s.name, s.mem, s.cmdline);
         let (ours, ours_failed) = run_reps(s.name, args.reps, || {
-            scenario::run_minivmm(s, &bin, args.downtime_ms)
+            scenario::run_minivmm(s, &bin, args.downtime_ms, args.dirty_tracker.as_deref())
         });
         let (theirs, theirs_failed) = match &qemu {
             Some(q) if !s.local => run_reps(s.name, args.reps, || {

@@ -140,8 +140,14 @@ pub enum Link {
 }
 
 /// Migrate the test guest from one minivmm process to another over a unix socket.
-pub fn run_minivmm(s: &Scenario, bin: &Path, downtime_ms: u64) -> Result<Measure, String> {
-    run_minivmm_over(s, bin, downtime_ms, &Link::Unix)
+/// `dirty_tracker` is passed to `run` and `receive` (`--dirty-tracker`).
+pub fn run_minivmm(
+    s: &Scenario,
+    bin: &Path,
+    downtime_ms: u64,
+    dirty_tracker: Option<&str>,
+) -> Result<Measure, String> {
+    run_minivmm_over(s, bin, downtime_ms, &Link::Unix, dirty_tracker)
 }
 
 /// Migrate the test guest from one minivmm process to another over `link`.
@@ -150,7 +156,11 @@ pub fn run_minivmm_over(
     bin: &Path,
     downtime_ms: u64,
     link: &Link,
+    dirty_tracker: Option<&str>,
 ) -> Result<Measure, String> {
+    let tracker: Vec<&str> = dirty_tracker
+        .map(|t| vec!["--dirty-tracker", t])
+        .unwrap_or_default();
     let dir = TempDir::new(&format!("bench-ours-{}", s.name));
     let (src_api, dst_api) = (dir.join("src.sock"), dir.join("dst.sock"));
     let uri = match link {
@@ -177,6 +187,7 @@ pub fn run_minivmm_over(
         "--api-socket",
         p(&src_api),
     ]);
+    run.extend(strings(&tracker));
     if s.local {
         run.push("--mem-shared".into());
     }
@@ -199,6 +210,7 @@ pub fn run_minivmm_over(
                 "--api-socket",
                 p(&dst_api),
             ]),
+            strings(&tracker),
             receive_tls,
         ]
         .concat(),

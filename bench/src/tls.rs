@@ -44,7 +44,7 @@ pub fn run(
         let (mut plain, mut secure, mut failed) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..reps {
             for (link, out) in [(&Link::Tcp, &mut plain), (&tls, &mut secure)] {
-                match run_minivmm_over(s, bin, downtime_ms, link) {
+                match run_minivmm_over(s, bin, downtime_ms, link, None) {
                     Ok(m) => out.push(m),
                     Err(e) => {
                         eprintln!(

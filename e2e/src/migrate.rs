@@ -35,7 +35,8 @@ impl Vm {
         Vm::run_with(dir, name, mem, cpus, cmdline, &[], env)
     }
 
-    /// [`Vm::run`] with extra flags (`--mem-shared`) and environment variables.
+    /// [`Vm::run`] with extra flags (`--mem-shared`, `--dirty-tracker`) and environment
+    /// variables.
     pub fn run_with(
         dir: &TempDir,
         name: &str,

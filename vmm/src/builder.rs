@@ -19,13 +19,13 @@ use crate::arch::x86_64::regs::{
     configure_boot_vcpu as set_boot_regs, configure_fpu_and_lint, EntryPoint, RegsError,
 };
 use crate::boot::{self, BootError, BootSources};
-use crate::config::VmConfig;
+use crate::config::{DirtyTracker, VmConfig};
 use crate::devices::serial::SerialOut;
 use crate::devices::{DeviceError, Devices};
 use crate::exit::ExitSignal;
 use crate::kvm::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
 use crate::kvm::vcpu::{Vcpu, VcpuError};
-use crate::kvm::vm::{Vm, VmError};
+use crate::kvm::vm::{DirtyLogMode, Vm, VmError};
 use crate::persist::restorable_msrs;
 
 /// Leaf of the physical address width.
@@ -107,7 +107,12 @@ pub fn create_vm(kvm: &Kvm, config: &VmConfig) -> Result<Vm, BuildError> {
             bits,
         });
     }
-    Vm::new(kvm).map_err(BuildError::Vm)
+    match config.dirty_tracker {
+        DirtyTracker::Bitmap => Vm::with_dirty_log_mode(kvm, DirtyLogMode::ManualInitiallySet),
+        DirtyTracker::BitmapProtect => Vm::with_dirty_log_mode(kvm, DirtyLogMode::ProtectOnFetch),
+        DirtyTracker::Ring { entries } => Vm::with_dirty_ring(kvm, entries),
+    }
+    .map_err(BuildError::Vm)
 }
 
 /// Map guest memory and register every region as a KVM slot.
@@ -215,13 +220,20 @@ pub fn create_vcpus(
                 return Err(BuildError::PartialMsrs(id, n, msrs.as_slice().len()));
             }
             configure_fpu_and_lint(&fd).map_err(|e| BuildError::Regs(id, e))?;
-            Ok(Vcpu::new(
-                id,
-                fd,
-                devices.bus.clone(),
-                exit.clone(),
-                mem.clone(),
-            ))
+            let ring = match vm.dirty_rings() {
+                Some(rings) => Some((
+                    rings.clone(),
+                    rings
+                        .add_vcpu(&fd)
+                        .map_err(|e| BuildError::Vm(VmError::DirtyRing(e)))?,
+                )),
+                None => None,
+            };
+            let mut vcpu = Vcpu::new(id, fd, devices.bus.clone(), exit.clone(), mem.clone());
+            if let Some((rings, index)) = ring {
+                vcpu.set_dirty_ring(rings, index);
+            }
+            Ok(vcpu)
         })
         .collect()
 }

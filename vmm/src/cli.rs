@@ -107,6 +107,12 @@ pub struct RunArgs {
     /// in /proc/sys/vm/nr_hugepages). Shared like --mem-shared.
     #[arg(long)]
     pub mem_hugepages: bool,
+    /// How the VM tracks its guest's writes for migration: bitmap (default: KVM's dirty
+    /// bitmaps, initially set where KVM offers it), bitmap-protect (every page
+    /// write-protected when a migration starts), ring or ring:ENTRIES (KVM's per-vCPU dirty
+    /// rings, 65536 entries each by default).
+    #[arg(long, value_name = "KIND")]
+    pub dirty_tracker: Option<String>,
 }
 
 impl From<RunArgs> for RawConfig {
@@ -120,6 +126,7 @@ impl From<RunArgs> for RawConfig {
             api_socket: a.api_socket,
             mem_shared: a.mem_shared,
             mem_hugepages: a.mem_hugepages,
+            dirty_tracker: a.dirty_tracker,
         }
     }
 }
@@ -181,6 +188,9 @@ pub struct ReceiveArgs {
     /// send a VM or read one in flight. Each connection is warned about.
     #[arg(long)]
     pub insecure_plaintext: bool,
+    /// How the received VM tracks its guest's writes when it migrates on (as for `run`).
+    #[arg(long, value_name = "KIND")]
+    pub dirty_tracker: Option<String>,
 }
 
 impl From<ReceiveArgs> for RawReceiveConfig {
@@ -200,6 +210,7 @@ impl From<ReceiveArgs> for RawReceiveConfig {
             tls_dir: a.tls_dir,
             tls_allow: a.tls_allow,
             insecure_plaintext: a.insecure_plaintext,
+            dirty_tracker: a.dirty_tracker,
         }
     }
 }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use migration::{receive, Endpoint};
 
+use crate::kvm::dirty_ring::{DEFAULT_RING_ENTRIES, MIN_RING_ENTRIES};
+
 /// Default guest memory size.
 pub const DEFAULT_MEM_BYTES: u64 = 512 << 20;
 /// Smallest guest memory we boot: room for the boot structures below 1 MiB and a kernel above.
@@ -72,6 +74,48 @@ pub enum ConfigError {
     PlaintextOnNetwork(String),
     #[error("--mem-hugepages needs --mem {0} to be a multiple of 2M (the huge page size)")]
     MemNotHugeAligned(String),
+    #[error(
+        "--dirty-tracker {0:?}: expected bitmap, bitmap-protect, ring or ring:ENTRIES (a power \
+         of two, 256..=65536)"
+    )]
+    DirtyTracker(String),
+}
+
+/// How a VM tracks the pages its guest writes, for migration (`--dirty-tracker`). Chosen when
+/// the VM is created: the ring must exist before the vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyTracker {
+    /// KVM's dirty bitmaps, initially set where KVM offers it: switching logging on
+    /// write-protects nothing, the migration re-protects pages as it reads them. Where KVM
+    /// lacks `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, as `BitmapProtect`.
+    #[default]
+    Bitmap,
+    /// KVM's dirty bitmaps, every page write-protected when logging starts (what KVM does
+    /// without the manual-protect capability; kept to compare).
+    BitmapProtect,
+    /// KVM's per-vCPU dirty rings of `entries` entries each.
+    Ring { entries: u32 },
+}
+
+impl DirtyTracker {
+    /// Parses the command-line value.
+    pub fn parse(s: &str) -> Result<DirtyTracker, ConfigError> {
+        match s {
+            "bitmap" => Ok(DirtyTracker::Bitmap),
+            "bitmap-protect" => Ok(DirtyTracker::BitmapProtect),
+            "ring" => Ok(DirtyTracker::Ring {
+                entries: DEFAULT_RING_ENTRIES,
+            }),
+            _ => s
+                .strip_prefix("ring:")
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|n| {
+                    n.is_power_of_two() && (MIN_RING_ENTRIES..=DEFAULT_RING_ENTRIES).contains(n)
+                })
+                .map(|entries| DirtyTracker::Ring { entries })
+                .ok_or_else(|| ConfigError::DirtyTracker(s.to_string())),
+        }
+    }
 }
 
 /// Most incoming attempts a `receive` accepts.
@@ -210,6 +254,7 @@ pub struct VmConfig {
     pub api_socket: PathBuf,
     /// What backs guest RAM.
     pub memory: MemoryBacking,
+    pub dirty_tracker: DirtyTracker,
 }
 
 /// Unvalidated values as they come from the command line.
@@ -223,6 +268,7 @@ pub struct RawConfig {
     pub api_socket: Option<PathBuf>,
     pub mem_shared: bool,
     pub mem_hugepages: bool,
+    pub dirty_tracker: Option<String>,
 }
 
 impl VmConfig {
@@ -263,6 +309,10 @@ impl VmConfig {
             cmdline,
             api_socket: raw.api_socket.unwrap_or_else(default_api_socket),
             memory,
+            dirty_tracker: raw
+                .dirty_tracker
+                .as_deref()
+                .map_or(Ok(DirtyTracker::default()), DirtyTracker::parse)?,
         })
     }
 }
@@ -289,6 +339,8 @@ pub struct ReceiveConfig {
     /// A non-loopback `tcp:` endpoint without TLS, as asked for (`--insecure-plaintext`):
     /// every connection is warned about.
     pub insecure_plaintext: bool,
+    /// How the received VM tracks its guest's writes when it migrates on.
+    pub dirty_tracker: DirtyTracker,
 }
 
 /// `receive --tls-dir DIR [--tls-allow NAME]...`.
@@ -316,6 +368,7 @@ pub struct RawReceiveConfig {
     pub tls_dir: Option<PathBuf>,
     pub tls_allow: Vec<String>,
     pub insecure_plaintext: bool,
+    pub dirty_tracker: Option<String>,
 }
 
 impl ReceiveConfig {
@@ -401,6 +454,10 @@ impl ReceiveConfig {
             commit_timeout: ms(raw.commit_timeout_ms, receive::DEFAULT_GO_TIMEOUT),
             insecure_plaintext: on_network && tls.is_none(),
             tls,
+            dirty_tracker: raw
+                .dirty_tracker
+                .as_deref()
+                .map_or(Ok(DirtyTracker::default()), DirtyTracker::parse)?,
         })
     }
 }
@@ -654,6 +711,38 @@ mod tests {
             Err(ConfigError::MemNotHugeAligned("65M".into()))
         );
         assert!(!MemoryBacking::Private.is_shared() && MemoryBacking::HugePages.is_shared());
+    }
+
+    #[test]
+    fn dirty_trackers_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            VmConfig::new(raw(None, None)).map(|c| c.dirty_tracker),
+            Ok(DirtyTracker::Bitmap)
+        );
+        for (text, tracker) in [
+            ("bitmap", DirtyTracker::Bitmap),
+            ("bitmap-protect", DirtyTracker::BitmapProtect),
+            ("ring", DirtyTracker::Ring { entries: 65536 }),
+            ("ring:256", DirtyTracker::Ring { entries: 256 }),
+        ] {
+            let mut r = raw(None, None);
+            r.dirty_tracker = Some(text.into());
+            assert_eq!(VmConfig::new(r).map(|c| c.dirty_tracker), Ok(tracker));
+        }
+        for bad in [
+            "rings",
+            "ring:",
+            "ring:300",
+            "ring:128",
+            "ring:131072",
+            "ring:-1",
+        ] {
+            let mut r = raw(None, None);
+            r.dirty_tracker = Some(bad.into());
+            let err = VmConfig::new(r).unwrap_err();
+            assert_eq!(err, ConfigError::DirtyTracker(bad.into()));
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
     }
 
     #[test]

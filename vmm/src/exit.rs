@@ -31,6 +31,8 @@ pub enum GuestFault {
     UnexpectedExit { cpu: u8, exit: String },
     #[error("vCPU {cpu}: KVM_RUN failed with errno {errno}")]
     Run { cpu: u8, errno: i32 },
+    #[error("vCPU {cpu}: its dirty ring was full and harvesting it failed: {error}")]
+    DirtyRing { cpu: u8, error: String },
 }
 
 /// Why the VM ended.

@@ -54,6 +54,7 @@ pub fn host_migration_config(
         cmdline: String::new(),
         api_socket: "/nonexistent".into(),
         memory: Default::default(),
+        dirty_tracker: Default::default(),
     };
     let vmm = crate::Vmm::new_for_restore(config, Box::new(std::io::sink()), kvm.into())?;
     let mut c =

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use migration::{GuestRam, MigrationTarget};
 use vmm::boot::BootSources;
-use vmm::config::{GuestLimits, RawConfig, VmConfig};
+use vmm::config::{DirtyTracker, GuestLimits, RawConfig, VmConfig};
 use vmm::error_chain;
 use vmm::migrate::target_vm::TargetVm;
 use vmm::persist::{MigrationConfig, VmSnapshot};
@@ -126,7 +126,12 @@ fn a_destination_takes_exactly_the_announced_msrs() {
         shape: None,
     };
     let receive = |config: &MigrationConfig, snapshot: &VmSnapshot| {
-        let mut t = TargetVm::new("/nonexistent/unused.sock".into(), limits).expect("target");
+        let mut t = TargetVm::new(
+            "/nonexistent/unused.sock".into(),
+            limits,
+            DirtyTracker::default(),
+        )
+        .expect("target");
         t.validate_config(&serde_json::to_vec(config).expect("json"))
             .map_err(|e| error_chain(&e))?;
         assert!(!t.ram_regions().is_empty());

@@ -26,15 +26,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_SIMUL_EX,
-    KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    KVM_EXIT_DIRTY_RING_FULL, KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_SIMUL_EX, KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{KvmRunWrapper, VcpuExit, VcpuFd};
 use log::{debug, info, warn};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use super::dirty_ring::DirtyRings;
 use super::memory::GuestMemoryMmap;
 use crate::devices::PioBus;
 use crate::exit::{ExitSignal, GuestFault, VmExit};
@@ -127,6 +128,8 @@ pub struct Vcpu {
     exit: Arc<ExitSignal>,
     /// For diagnostics only: the instruction bytes at a failing rip.
     memory: GuestMemoryMmap,
+    /// The VM's dirty rings and this vCPU's index in them (`run --dirty-tracker ring`).
+    ring: Option<(Arc<DirtyRings>, usize)>,
 }
 
 /// The no-op handler of the kick signal: its only job is to interrupt `KVM_RUN`.
@@ -157,7 +160,14 @@ impl Vcpu {
             bus,
             exit,
             memory,
+            ring: None,
         }
+    }
+
+    /// This vCPU pushes the pages it dirties into ring `index` of `rings`, and harvests that
+    /// ring itself when it fills up.
+    pub fn set_dirty_ring(&mut self, rings: Arc<DirtyRings>, index: usize) {
+        self.ring = Some((rings, index));
     }
 
     pub fn id(&self) -> u8 {
@@ -230,6 +240,19 @@ impl Vcpu {
                 Ok(Flow::Continue)
             }
             Handled::Stop(exit) => Ok(Flow::Stop(exit)),
+            Handled::DirtyRingFull => {
+                // KVM refuses to enter the guest again until the ring has room.
+                let harvested = match &self.ring {
+                    Some((rings, index)) => rings.harvest_one(*index).map_err(|e| e.to_string()),
+                    None => Err("no dirty ring is mapped".to_string()),
+                };
+                harvested
+                    .map(|()| Flow::Continue)
+                    .map_err(|error| GuestFault::DirtyRing {
+                        cpu: self.id,
+                        error,
+                    })
+            }
             Handled::TripleFault => Err(GuestFault::TripleFault {
                 cpu: self.id,
                 rip: self.rip(),
@@ -326,6 +349,8 @@ enum Handled {
     /// EINTR/EAGAIN: a kick or `immediate_exit`.
     Interrupted,
     Stop(VmExit),
+    /// `KVM_EXIT_DIRTY_RING_FULL`: harvest this vCPU's ring before entering again.
+    DirtyRingFull,
     TripleFault,
     InternalError,
     Fault(GuestFault),
@@ -349,6 +374,7 @@ fn handle_exit(cpu: u8, bus: &PioBus, result: Result<VcpuExit<'_>, kvm_ioctls::E
         Ok(VcpuExit::Hlt) => debug!("vCPU {cpu}: HLT exit"),
         Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {}
         Ok(VcpuExit::Shutdown) => return Handled::TripleFault,
+        Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => return Handled::DirtyRingFull,
         Ok(VcpuExit::InternalError) => return Handled::InternalError,
         Ok(VcpuExit::FailEntry(reason, _)) => {
             return Handled::Fault(GuestFault::FailEntry { cpu, reason })

@@ -6,9 +6,11 @@
 //! bit starts set, `KVM_GET_DIRTY_LOG` only reads the bitmap, and the migration write-protects
 //! pages in chunks with `KVM_CLEAR_DIRTY_LOG` just before it reads them. Without it, switching
 //! logging on write-protects every page of the slot up front and each `KVM_GET_DIRTY_LOG`
-//! clears and re-protects what it returns.
+//! clears and re-protects what it returns. The third mode replaces the bitmaps with KVM's
+//! per-vCPU dirty rings (`dirty_ring.rs`).
 
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log,
@@ -21,6 +23,7 @@ use log::debug;
 use migration::PAGE_SIZE;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use super::dirty_ring::{DirtyRingError, DirtyRings, DEFAULT_RING_ENTRIES};
 use super::memory::GuestMemoryMmap;
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 
@@ -67,6 +70,8 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("dirty ring")]
+    DirtyRing(#[from] DirtyRingError),
     #[error(
         "cannot clear the dirty log from page {first_page} of slot {slot} ({pages} pages): {why}"
     )]
@@ -88,6 +93,9 @@ pub enum DirtyLogMode {
     /// Switching logging on write-protects every page; `KVM_GET_DIRTY_LOG` returns the bits,
     /// clears them and write-protects their pages again. [`Vm::clear_dirty_log`] does nothing.
     ProtectOnFetch,
+    /// KVM's dirty rings: switching logging on write-protects every page; a fetch harvests
+    /// the rings and re-protects what they held. [`Vm::clear_dirty_log`] does nothing.
+    Ring,
 }
 
 /// One KVM memory slot backed by a guest memory region.
@@ -106,6 +114,8 @@ pub struct Vm {
     slots: Vec<MemorySlot>,
     dirty_logging: bool,
     dirty_log_mode: DirtyLogMode,
+    /// The dirty rings, in [`DirtyLogMode::Ring`].
+    rings: Option<Arc<DirtyRings>>,
 }
 
 impl Vm {
@@ -115,14 +125,30 @@ impl Vm {
         Vm::with_dirty_log_mode(kvm, DirtyLogMode::ManualInitiallySet)
     }
 
-    /// [`Vm::new`] asking for dirty-log mode `wanted`; falls back to
-    /// [`DirtyLogMode::ProtectOnFetch`] where KVM lacks the manual-protect capability.
+    /// [`Vm::new`] asking for dirty-log mode `wanted`; the initially-set mode falls back to
+    /// [`DirtyLogMode::ProtectOnFetch`] where KVM lacks the manual-protect capability; the
+    /// ring (of [`DEFAULT_RING_ENTRIES`] per vCPU) is an error where KVM has none.
     pub fn with_dirty_log_mode(kvm: &Kvm, wanted: DirtyLogMode) -> Result<Vm, VmError> {
+        Vm::create(kvm, wanted, DEFAULT_RING_ENTRIES)
+    }
+
+    /// [`Vm::new`] with dirty rings of `entries` entries per vCPU.
+    pub fn with_dirty_ring(kvm: &Kvm, entries: u32) -> Result<Vm, VmError> {
+        Vm::create(kvm, DirtyLogMode::Ring, entries)
+    }
+
+    fn create(kvm: &Kvm, wanted: DirtyLogMode, ring_entries: u32) -> Result<Vm, VmError> {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        // Before any memory slot exists: the mode applies to slots as logging is switched on.
+        // Before any memory slot or vCPU exists: the mode applies to slots as logging is
+        // switched on, and the ring to vCPUs as they are created.
+        let mut rings = None;
         let dirty_log_mode = match wanted {
             DirtyLogMode::ManualInitiallySet => enable_manual_protect(&fd),
             DirtyLogMode::ProtectOnFetch => DirtyLogMode::ProtectOnFetch,
+            DirtyLogMode::Ring => {
+                rings = Some(Arc::new(DirtyRings::enable(&fd, ring_entries)?));
+                DirtyLogMode::Ring
+            }
         };
         debug!("dirty log mode: {dirty_log_mode:?}");
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
@@ -140,7 +166,13 @@ impl Vm {
             slots: Vec::new(),
             dirty_logging: false,
             dirty_log_mode,
+            rings,
         })
+    }
+
+    /// The dirty rings ([`DirtyLogMode::Ring`]), for the vCPUs to map theirs.
+    pub fn dirty_rings(&self) -> Option<&Arc<DirtyRings>> {
+        self.rings.as_ref()
     }
 
     /// How the dirty log behaves on this VM.
@@ -181,6 +213,20 @@ impl Vm {
             self.set_slot(&slot)?;
             self.slots.push(slot);
         }
+        if let Some(rings) = &self.rings {
+            let mut pages = vec![
+                0;
+                self.slots
+                    .iter()
+                    .map(|s| s.slot as usize + 1)
+                    .max()
+                    .unwrap_or(0)
+            ];
+            for s in &self.slots {
+                pages[s.slot as usize] = (s.size as usize).div_ceil(PAGE_SIZE);
+            }
+            rings.set_slots(&pages);
+        }
         Ok(())
     }
 
@@ -216,6 +262,12 @@ impl Vm {
         if self.dirty_logging == enable {
             return Ok(());
         }
+        if enable {
+            if let Some(rings) = &self.rings {
+                // Logging starts afresh: nothing harvested before counts.
+                rings.forget()?;
+            }
+        }
         let previous = self.dirty_logging;
         self.dirty_logging = enable;
         for s in &self.slots {
@@ -240,6 +292,12 @@ impl Vm {
             .find(|s| s.slot == slot)
             .ok_or(VmError::NoSuchSlot(slot))?;
         let pages = (s.size as usize).div_ceil(PAGE_SIZE);
+        if let Some(rings) = &self.rings {
+            rings.harvest_all()?;
+            rings.take(slot, out);
+            out.resize(pages.div_ceil(64), 0);
+            return Ok(());
+        }
         out.resize(pages.div_ceil(64), 0);
         let log = kvm_dirty_log {
             slot,

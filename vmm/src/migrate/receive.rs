@@ -93,8 +93,12 @@ pub fn receive(
     let control = WaitingControl::new(incoming.clone());
     let interim =
         InterimLoop::start(socket, control, incoming.clone()).map_err(ReceiveError::Incoming)?;
-    let mut target =
-        TargetVm::new(config.api_socket.clone(), config.limits).map_err(ReceiveError::Kvm)?;
+    let mut target = TargetVm::new(
+        config.api_socket.clone(),
+        config.limits,
+        config.dirty_tracker,
+    )
+    .map_err(ReceiveError::Kvm)?;
     if let Some((mem_bytes, cpus)) = config.limits.shape {
         target
             .prepare(mem_bytes, cpus)

@@ -17,7 +17,7 @@ use migration::{
 
 use crate::arch::x86_64::cpuid::guest_cpuid;
 use crate::builder;
-use crate::config::{GuestLimits, KernelSource, VmConfig};
+use crate::config::{DirtyTracker, GuestLimits, KernelSource, VmConfig};
 use crate::control::protocol::DestinationReport;
 use crate::devices::serial::{SerialOut, StdoutOut};
 use crate::persist::{memory_hash, MemoryHash, MigrationConfig, VmSnapshot};
@@ -26,6 +26,8 @@ use crate::Vmm;
 /// A destination VM being received.
 pub struct TargetVm {
     api_socket: PathBuf,
+    /// How the received VM tracks its guest's writes when it migrates on.
+    dirty_tracker: DirtyTracker,
     /// This process's one handle of `/dev/kvm`, shared with the VM it builds.
     kvm: Arc<Kvm>,
     /// What this host's KVM supports, for the configuration check.
@@ -45,7 +47,11 @@ pub struct TargetVm {
 }
 
 impl TargetVm {
-    pub fn new(api_socket: PathBuf, limits: GuestLimits) -> Result<TargetVm, VmOpError> {
+    pub fn new(
+        api_socket: PathBuf,
+        limits: GuestLimits,
+        dirty_tracker: DirtyTracker,
+    ) -> Result<TargetVm, VmOpError> {
         let kvm = builder::open_kvm().map_err(VmOpError::new)?;
         let supported_cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -54,6 +60,7 @@ impl TargetVm {
             .to_vec();
         Ok(TargetVm {
             api_socket,
+            dirty_tracker,
             kvm: Arc::new(kvm),
             supported_cpuid,
             limits,
@@ -84,6 +91,7 @@ impl TargetVm {
             cmdline,
             api_socket: self.api_socket.clone(),
             memory: Default::default(),
+            dirty_tracker: self.dirty_tracker,
         };
         let out: SerialOut = Box::new(StdoutOut);
         let vmm = Vmm::new_for_restore(config, out, self.kvm.clone()).map_err(VmOpError::new)?;

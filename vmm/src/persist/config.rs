@@ -221,6 +221,7 @@ mod tests {
             cmdline: "touch=1M".into(),
             api_socket: "/x".into(),
             memory: Default::default(),
+            dirty_tracker: Default::default(),
         };
         let cpuid = [kvm_cpuid_entry2 {
             function: 1,
