@@ -272,7 +272,7 @@ fn a_start_that_fails_at_vcpu_k_stops_the_ones_before_it() {
 
 #[test]
 fn dirty_logging_sees_guest_writes() {
-    for tracker in [None, Some("bitmap-protect"), Some("ring:256")] {
+    for tracker in [None, Some("bitmap-protect"), Some("ring")] {
         dirty_logging_sees_guest_writes_with(tracker);
     }
 }

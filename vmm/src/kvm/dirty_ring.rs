@@ -12,6 +12,14 @@
 //! A fetch meets the migration's `DirtyLog` promise like a protect-on-fetch bitmap: a page
 //! written after the fetch's reset is pushed again, and one written between the harvest and
 //! the reset was harvested already.
+//!
+//! KVM relies on the vCPU leaving the guest while the ring still has room (64 entries); if it
+//! pushes into a full ring it overwrites the oldest entry and that page's record is gone. On a
+//! host that emulates guest instructions (this project's nested machine: every emulated write
+//! pushes an entry) rings were seen completely full. Both signs of it are caught here: a
+//! harvest that finds every entry waiting, and a reset that re-arms fewer entries than were
+//! harvested (an overwritten entry stops KVM's reset). Either marks the rings *overrun*: every
+//! later fetch fails, so a migration fails rather than lose a write.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
@@ -59,6 +67,12 @@ pub enum DirtyRingError {
     Map(usize, #[source] std::io::Error),
     #[error("KVM_RESET_DIRTY_RINGS failed")]
     Reset(#[source] std::io::Error),
+    #[error(
+        "a dirty ring overflowed ({0}): KVM may have lost dirty pages, so no migration of this VM \
+         can be trusted; its KVM fills rings faster than it leaves the guest (use \
+         --dirty-tracker bitmap)"
+    )]
+    Overrun(&'static str),
 }
 
 /// One vCPU's ring, mapped from its fd.
@@ -85,7 +99,11 @@ impl Drop for Ring {
 pub struct DirtyRings {
     vm: OwnedFd,
     ring_bytes: usize,
+    /// Held across each harvest and the reset that follows it, so the reset re-arms exactly
+    /// the entries that harvest marked.
     rings: Mutex<Vec<Mutex<Ring>>>,
+    /// Why the rings cannot be trusted any more, once they overflowed.
+    overrun: Mutex<Option<&'static str>>,
     /// Per slot (index = slot number): one bit per page harvested and not fetched yet.
     harvested: Mutex<Vec<Vec<AtomicU64>>>,
 }
@@ -125,6 +143,7 @@ impl DirtyRings {
             vm,
             ring_bytes,
             rings: Mutex::new(Vec::new()),
+            overrun: Mutex::new(None),
             harvested: Mutex::new(Vec::new()),
         })
     }
@@ -168,25 +187,27 @@ impl DirtyRings {
     }
 
     /// Harvests vCPU `index`'s ring and re-protects what it held (a full ring's exit).
-    pub fn harvest_one(&self, index: usize) -> Result<(), DirtyRingError> {
-        {
-            let rings = lock(&self.rings);
-            if let Some(ring) = rings.get(index) {
-                self.harvest(&mut lock(ring));
-            }
-        }
-        self.reset()
+    /// Returns the entries harvested.
+    pub fn harvest_one(&self, index: usize) -> Result<u64, DirtyRingError> {
+        let rings = lock(&self.rings);
+        let marked = match rings.get(index) {
+            Some(ring) => self.harvest(&mut lock(ring)),
+            None => 0,
+        };
+        self.reset(marked)?;
+        Ok(marked)
     }
 
-    /// Harvests every ring and re-protects what they held.
+    /// Harvests every ring and re-protects what they held; fails once the rings overran.
     pub fn harvest_all(&self) -> Result<(), DirtyRingError> {
-        {
-            let rings = lock(&self.rings);
-            for ring in rings.iter() {
-                self.harvest(&mut lock(ring));
-            }
+        let rings = lock(&self.rings);
+        let marked = rings.iter().map(|ring| self.harvest(&mut lock(ring))).sum();
+        self.reset(marked)?;
+        drop(rings);
+        match *lock(&self.overrun) {
+            Some(why) => Err(DirtyRingError::Overrun(why)),
+            None => Ok(()),
         }
-        self.reset()
     }
 
     /// Moves the pages harvested for `slot` into `out` (KVM bitmap layout, one word per 64
@@ -209,8 +230,9 @@ impl DirtyRings {
     }
 
     /// Collects the entries KVM pushed since the last harvest into the bitmaps and marks them
-    /// for reset. Entries naming a slot or page we do not know are dropped with a warning.
-    fn harvest(&self, ring: &mut Ring) {
+    /// for reset; returns how many. Entries naming a slot or page we do not know are dropped
+    /// with a warning.
+    fn harvest(&self, ring: &mut Ring) -> u64 {
         let harvested = lock(&self.harvested);
         let start = ring.next;
         loop {
@@ -239,22 +261,31 @@ impl DirtyRings {
             flags.store(GFN_RESET, Ordering::Release);
             ring.next += 1;
         }
-        if ring.next - start >= ring.len as u64 {
-            // Every entry was waiting: KVM had no room left, and overwrites the oldest entry
-            // when it pushes into a full ring (a kernel WARNING), losing that page's record.
-            warn!(
-                "A dirty ring was full when harvested ({} entries): KVM may have lost dirty pages",
-                ring.len
-            );
+        let marked = ring.next - start;
+        if marked >= ring.len as u64 {
+            // Every entry was waiting: KVM had no room left and overwrites the oldest entry
+            // when it pushes into a full ring.
+            self.overran("a harvest found the ring full");
         }
+        marked
     }
 
-    /// `KVM_RESET_DIRTY_RINGS`: re-protects the pages of every harvested entry.
-    fn reset(&self) -> Result<(), DirtyRingError> {
+    fn overran(&self, why: &'static str) {
+        warn!("A dirty ring overflowed ({why}): migrations of this VM will fail");
+        lock(&self.overrun).get_or_insert(why);
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS`: re-protects the pages of every harvested entry, `marked` of
+    /// them since the last reset (the caller holds the rings' lock across both).
+    fn reset(&self, marked: u64) -> Result<(), DirtyRingError> {
         // SAFETY: a KVM VM ioctl without argument on our duplicate of the VM fd.
         let rc = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_RESET_DIRTY_RINGS) };
         if rc < 0 {
             return Err(DirtyRingError::Reset(std::io::Error::last_os_error()));
+        }
+        if (rc as u64) < marked {
+            // KVM stops at the first entry not marked: one it overwrote after we marked it.
+            self.overran("a reset re-armed fewer entries than were harvested");
         }
         Ok(())
     }

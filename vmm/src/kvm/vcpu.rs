@@ -48,6 +48,8 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on the exits handled while completing pending I/O before a pause.
 const MAX_COMPLETION_EXITS: usize = 64;
+/// Ring-full exits in a row with nothing to harvest after which the ring counts as wedged.
+const MAX_IDLE_RING_EXITS: u32 = 1000;
 
 /// Commands to a vCPU thread.
 #[derive(Debug)]
@@ -130,6 +132,8 @@ pub struct Vcpu {
     memory: GuestMemoryMmap,
     /// The VM's dirty rings and this vCPU's index in them (`run --dirty-tracker ring`).
     ring: Option<(Arc<DirtyRings>, usize)>,
+    /// Ring-full exits in a row that found nothing to harvest.
+    idle_ring_exits: u32,
 }
 
 /// The no-op handler of the kick signal: its only job is to interrupt `KVM_RUN`.
@@ -161,6 +165,7 @@ impl Vcpu {
             exit,
             memory,
             ring: None,
+            idle_ring_exits: 0,
         }
     }
 
@@ -245,6 +250,19 @@ impl Vcpu {
                 let harvested = match &self.ring {
                     Some((rings, index)) => rings.harvest_one(*index).map_err(|e| e.to_string()),
                     None => Err("no dirty ring is mapped".to_string()),
+                };
+                // A ring KVM keeps calling full with nothing to harvest is wedged (it overran:
+                // KVM's reset stops at an entry it overwrote): a fault, not a silent hang.
+                self.idle_ring_exits = match harvested {
+                    Ok(0) => self.idle_ring_exits + 1,
+                    _ => 0,
+                };
+                let harvested = match harvested {
+                    Ok(_) if self.idle_ring_exits >= MAX_IDLE_RING_EXITS => Err(format!(
+                        "KVM called it full {MAX_IDLE_RING_EXITS} times in a row with nothing \
+                         to harvest: it overflowed"
+                    )),
+                    other => other.map(|_| ()),
                 };
                 harvested
                     .map(|()| Flow::Continue)
