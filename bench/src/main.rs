@@ -143,6 +143,9 @@ const METRICS: &[Metric] = &[
     ("source RSS MiB", |m| m.src_rss_mib),
     ("dest RSS MiB", |m| m.dst_rss_mib),
     ("source CPU ms", |m| m.src_cpu_ms),
+    ("dirty-log switch-on ms", |m| m.dirty_log_on_ms),
+    ("bulk pass ms", |m| m.bulk_pass_ms),
+    ("final dirty-log fetch ms", |m| m.final_fetch_ms),
 ];
 
 fn cell(s: Option<Summary>) -> String {

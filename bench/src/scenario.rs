@@ -72,6 +72,20 @@ pub struct Measure {
     /// minivmm: the `stats` of `migrate --json` (passes, phases), for the report's timeline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<serde_json::Value>,
+    /// minivmm's phases (NaN for QEMU): switching dirty logging on before the bulk pass,
+    /// the bulk pass end to end, and the dirty-log fetch inside the downtime.
+    pub dirty_log_on_ms: f64,
+    pub bulk_pass_ms: f64,
+    pub final_fetch_ms: f64,
+}
+
+/// Phase `name` of a `[[name, us], ...]` list in migrate's JSON statistics, in ms.
+fn phase_ms(phases: &serde_json::Value, name: &str) -> f64 {
+    phases
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p[0] == name))
+        .and_then(|p| p[1].as_f64())
+        .map_or(f64::NAN, |us| us / 1000.0)
 }
 
 const T: Duration = Duration::from_secs(120);
@@ -258,6 +272,11 @@ pub fn run_minivmm_over(
         src_rss_mib: summary.source_rss_kib as f64 / 1024.0,
         dst_rss_mib: dst.rss_kib() as f64 / 1024.0,
         src_cpu_ms: src_cpu,
+        dirty_log_on_ms: phase_ms(&summary.stats["setup_phases_us"], "start dirty log"),
+        bulk_pass_ms: summary.stats["passes"][0]["duration_us"]
+            .as_f64()
+            .map_or(f64::NAN, |us| us / 1000.0),
+        final_fetch_ms: phase_ms(&summary.stats["downtime_phases_us"], "dirty log"),
         stats: Some(summary.stats),
     })
 }
@@ -321,6 +340,9 @@ pub fn run_qemu(
         dst_rss_mib: dst.rss_kib() as f64 / 1024.0,
         src_cpu_ms: src_cpu,
         stats: None,
+        dirty_log_on_ms: f64::NAN,
+        bulk_pass_ms: f64::NAN,
+        final_fetch_ms: f64::NAN,
     })
 }
 

@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use migration::fake::FakeVm;
 use migration::pagemap::Pagemap;
 use migration::zero::{is_zero_raw, is_zero_words};
-use migration::{send_migration, AnonMapping, SendOptions, Transport, PAGE_SIZE};
+use migration::{send_migration, AnonMapping, GuestSpan, SendOptions, Transport, PAGE_SIZE};
 
 /// Large enough to stream from DRAM, not from cache.
 const TOUCHED: usize = 256 << 20;
@@ -102,6 +102,11 @@ struct Null(u64);
 impl Transport for Null {
     fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
         self.0 += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+        Ok(())
+    }
+    fn send_guest(&mut self, parts: &[&[u8]], guest: &[GuestSpan]) -> io::Result<()> {
+        self.send(parts)?;
+        self.0 += guest.iter().map(|g| g.len() as u64).sum::<u64>();
         Ok(())
     }
     fn recv(&mut self, _: &mut [u8]) -> io::Result<usize> {

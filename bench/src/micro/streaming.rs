@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use migration::error_chain;
 use migration::fake::{fake_target, FakeVm};
 use migration::transport::widen_send_buffer;
+use migration::GuestSpan;
 use migration::{
     receive_migration, send_migration, AnonMapping, Connection, MigrationSource, MigrationStats,
     ReceiveOptions, ReceiveStats, SendOptions, Transport, PAGE_SIZE,
@@ -314,6 +315,15 @@ impl Transport for Sink {
     fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
         if let Some(k) = self.keep.as_mut() {
             parts.iter().for_each(|p| k.extend_from_slice(p));
+        }
+        Ok(())
+    }
+    /// Guest pages are dropped where they are (a socket would hand them to the kernel), or
+    /// copied when kept.
+    fn send_guest(&mut self, parts: &[&[u8]], guest: &[GuestSpan]) -> io::Result<()> {
+        self.send(parts)?;
+        if let Some(k) = self.keep.as_mut() {
+            guest.iter().for_each(|g| g.copy_into(k));
         }
         Ok(())
     }
