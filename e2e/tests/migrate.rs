@@ -669,3 +669,39 @@ fn a_destination_ended_mid_migration_tells_the_source() {
     src.rounds(0, 1);
     assert_no_failure(&src.proc);
 }
+
+/// A source that sends just fast enough for the per-operation timeouts (8 MB/s here: the bulk
+/// pass alone would take 8 s) meets the destination's overall `--deadline-ms`: the destination
+/// drops it, tells it why and runs nothing; the source's guest runs on.
+#[test]
+fn a_slow_source_meets_the_destinations_overall_deadline() {
+    require_kvm!();
+    let SlowMigration {
+        mut src,
+        mut dst,
+        mig,
+        _dir,
+        ..
+    } = SlowMigration::start("mig-ddead", 37, &["--deadline-ms", "2500"]);
+    let m = mig.join().expect("migrate thread");
+    assert!(!m.ok, "the migration failed");
+    assert!(
+        m.stderr.contains("the migration deadline passed"),
+        "the source is told why: {}",
+        m.stderr
+    );
+    let st = dst
+        .proc
+        .wait_exit(T)
+        .expect("the destination ends its one attempt");
+    assert!(!st.success(), "a failed attempt is a failure: {st:?}");
+    assert!(
+        dst.proc.stderr().contains("the migration deadline passed"),
+        "{}",
+        dst.proc.stderr()
+    );
+    assert_no_guest_ran(&dst.proc);
+    assert!(src.proc.alive(), "the source survives");
+    src.rounds(0, 1);
+    assert_no_failure(&src.proc);
+}

@@ -57,6 +57,10 @@ pub struct ReceiveOptions {
     pub handshake_timeout: Duration,
     /// How long the restored guest waits for the source's `Go` before it is discarded.
     pub go_timeout: Duration,
+    /// Longest from the connection to the stream's `End` (sockets; `None`: no limit): a
+    /// source that sends one valid record just inside each read timeout holds the
+    /// destination no longer. The commit window after `Restored` is `go_timeout`'s.
+    pub deadline: Option<Duration>,
     /// The fault to inject, if any (tests; see `fault.rs`).
     pub faults: Faults,
     /// Set (with the connection's reading side shut down to wake the reader) to give the
@@ -151,6 +155,7 @@ impl Default for ReceiveOptions {
             io_timeout: Some(DEFAULT_IO_TIMEOUT),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             go_timeout: DEFAULT_GO_TIMEOUT,
+            deadline: None,
             give_up: Cancel::default(),
             progress: Arc::default(),
             faults: Faults::none(),
@@ -269,6 +274,27 @@ impl std::fmt::Debug for Handshake {
     }
 }
 
+/// The handshake's deadline: `handshake_timeout` from the connection, or the overall
+/// deadline if that comes first.
+fn handshake_deadline(started: Instant, options: &ReceiveOptions) -> Deadline {
+    let handshake = Deadline {
+        at: started + options.handshake_timeout,
+        what: "handshake",
+    };
+    match overall_deadline(started, options) {
+        Some(overall) if overall.at < handshake.at => overall,
+        _ => handshake,
+    }
+}
+
+/// [`ReceiveOptions::deadline`] from the connection, if any.
+fn overall_deadline(started: Instant, options: &ReceiveOptions) -> Option<Deadline> {
+    options.deadline.map(|d| Deadline {
+        at: started + d,
+        what: "migration",
+    })
+}
+
 /// Reads the stream header and the `Config` record, within the handshake deadline (sockets).
 /// On failure the peer, if it sent anything, is told why; one that sent nothing (a probe)
 /// is not (see [`DestinationError::is_empty_stream`]). Logging is the caller's: it knows who
@@ -285,10 +311,7 @@ pub fn read_handshake(
             .set_read_timeout(options.io_timeout)
             .and_then(|()| transport.set_write_timeout(options.io_timeout))
             .map_err(DestinationError::Reply)?;
-        transport.set_deadline(Some(Deadline {
-            at: started + options.handshake_timeout,
-            what: "handshake",
-        }));
+        transport.set_deadline(Some(handshake_deadline(started, options)));
     }
     let mut reader = RecordReader::new(&mut transport);
     let read = (|| {
@@ -381,10 +404,9 @@ fn receive<T: MigrationTarget + ?Sized>(
     let faults = &options.faults;
     let peer = reader.transport().has_peer();
     if peer {
-        reader.transport().set_deadline(Some(Deadline {
-            at: started + options.handshake_timeout,
-            what: "handshake",
-        }));
+        reader
+            .transport()
+            .set_deadline(Some(handshake_deadline(started, options)));
     }
     target
         .validate_config(&config)
@@ -457,10 +479,16 @@ fn receive<T: MigrationTarget + ?Sized>(
         };
         send_reply(reader.transport(), RecordKind::Ready, &ready.encode())
             .map_err(DestinationError::Reply)?;
-        reader.transport().set_deadline(None);
+        reader
+            .transport()
+            .set_deadline(overall_deadline(started, options));
     }
 
     let states = load_body(target, reader, rx.as_mut(), options)?;
+    if peer {
+        // The whole stream is in: restoring it is this side's work, not the source's to hold.
+        reader.transport().set_deadline(None);
+    }
     let mut stats = rx.as_ref().map(|rx| rx.stats().clone()).unwrap_or_default();
     stats.local = local;
     stats.adopt_us = adopt_us;

@@ -720,6 +720,31 @@ fn the_bandwidth_limit_does_not_lengthen_the_downtime() {
     );
 }
 
+/// A source that sends valid records just fast enough for the per-operation timeouts (here:
+/// throttled to 256 KiB/s, seconds for this guest) holds the destination no longer than
+/// its overall deadline: the destination refuses, names the deadline, and the source keeps
+/// its guest.
+#[test]
+fn a_trickling_source_meets_the_destinations_overall_deadline() {
+    let mut src = source();
+    let opts = SendOptions {
+        max_bandwidth: Some(256 << 10),
+        ..SendOptions::default()
+    };
+    let ropts = ReceiveOptions {
+        deadline: Some(Duration::from_millis(400)),
+        ..ReceiveOptions::default()
+    };
+    let (s, r, dst) = migrate(&mut src, fake_target(LAYOUT), opts, ropts);
+    let err = r.expect_err("the destination's deadline passed mid-stream");
+    let chain = migration::error_chain(&err);
+    assert!(chain.contains("migration deadline passed"), "{chain}");
+    let s = s.expect_err("the destination refused");
+    assert!(!s.is_outcome_unknown(), "{s}");
+    assert!(!dst.running, "the destination never ran the guest");
+    assert_source_recovered(&src);
+}
+
 #[test]
 fn config_rejected_before_the_guest_is_touched() {
     let mut src = source();

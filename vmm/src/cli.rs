@@ -176,6 +176,11 @@ pub struct ReceiveArgs {
     /// (default 10000).
     #[arg(long, value_name = "MS")]
     pub commit_timeout_ms: Option<u64>,
+    /// Longest from a connection to the end of its stream, all passes and device state
+    /// included: a source that sends just fast enough for --io-timeout-ms is dropped then
+    /// and keeps its guest (default: no limit).
+    #[arg(long, value_name = "MS")]
+    pub deadline_ms: Option<u64>,
     /// Take only mutual-TLS connections (tcp: only), with ca.pem, cert.pem and key.pem from
     /// DIR: the source's certificate must be signed by the CA.
     #[arg(long, value_name = "DIR", conflicts_with = "insecure_plaintext")]
@@ -207,6 +212,7 @@ impl From<ReceiveArgs> for RawReceiveConfig {
             io_timeout_ms: a.io_timeout_ms,
             handshake_timeout_ms: a.handshake_timeout_ms,
             commit_timeout_ms: a.commit_timeout_ms,
+            deadline_ms: a.deadline_ms,
             tls_dir: a.tls_dir,
             tls_allow: a.tls_allow,
             insecure_plaintext: a.insecure_plaintext,

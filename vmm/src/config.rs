@@ -64,6 +64,8 @@ pub enum ConfigError {
     NoSource,
     #[error("--attempts must be 1..={MAX_ATTEMPTS}, not {0}")]
     Attempts(u32),
+    #[error("{0} must be at least 1 (milliseconds)")]
+    ZeroWait(&'static str),
     #[error("--tls-dir takes a tcp: endpoint, not {0}")]
     TlsNeedsTcp(String),
     #[error(
@@ -334,6 +336,8 @@ pub struct ReceiveConfig {
     pub handshake_timeout: Duration,
     /// Longest the restored guest waits for the source's `Go`.
     pub commit_timeout: Duration,
+    /// Longest from a connection to the end of its stream (`--deadline-ms`; none by default).
+    pub deadline: Option<Duration>,
     /// Mutual TLS on `tcp:`: the directory to load, and the certificate names allowed.
     pub tls: Option<TlsSettings>,
     /// A non-loopback `tcp:` endpoint without TLS, as asked for (`--insecure-plaintext`):
@@ -365,6 +369,7 @@ pub struct RawReceiveConfig {
     pub io_timeout_ms: Option<u64>,
     pub handshake_timeout_ms: Option<u64>,
     pub commit_timeout_ms: Option<u64>,
+    pub deadline_ms: Option<u64>,
     pub tls_dir: Option<PathBuf>,
     pub tls_allow: Vec<String>,
     pub insecure_plaintext: bool,
@@ -390,6 +395,16 @@ impl ReceiveConfig {
         };
         if !(1..=MAX_ATTEMPTS).contains(&raw.attempts) {
             return Err(ConfigError::Attempts(raw.attempts));
+        }
+        for (flag, ms) in [
+            ("--io-timeout-ms", raw.io_timeout_ms),
+            ("--handshake-timeout-ms", raw.handshake_timeout_ms),
+            ("--commit-timeout-ms", raw.commit_timeout_ms),
+            ("--deadline-ms", raw.deadline_ms),
+        ] {
+            if ms == Some(0) {
+                return Err(ConfigError::ZeroWait(flag));
+            }
         }
         let tls = match (raw.tls_dir, &source) {
             (None, _) => None,
@@ -452,6 +467,7 @@ impl ReceiveConfig {
             io_timeout: ms(raw.io_timeout_ms, receive::DEFAULT_IO_TIMEOUT),
             handshake_timeout: ms(raw.handshake_timeout_ms, receive::DEFAULT_HANDSHAKE_TIMEOUT),
             commit_timeout: ms(raw.commit_timeout_ms, receive::DEFAULT_GO_TIMEOUT),
+            deadline: raw.deadline_ms.map(Duration::from_millis),
             insecure_plaintext: on_network && tls.is_none(),
             tls,
             dirty_tracker: raw
@@ -771,6 +787,33 @@ mod tests {
         };
         extra(&mut r);
         ReceiveConfig::new(r)
+    }
+
+    #[test]
+    fn receive_waits_are_at_least_a_millisecond() {
+        let c = receive_raw(|_| {}).expect("defaults");
+        assert_eq!(c.deadline, None, "no overall deadline unless asked for");
+        let c = receive_raw(|r| r.deadline_ms = Some(2500)).expect("a deadline");
+        assert_eq!(c.deadline, Some(Duration::from_millis(2500)));
+        for flag in [
+            "--io-timeout-ms",
+            "--handshake-timeout-ms",
+            "--commit-timeout-ms",
+            "--deadline-ms",
+        ] {
+            let err = receive_raw(|r| match flag {
+                "--io-timeout-ms" => r.io_timeout_ms = Some(0),
+                "--handshake-timeout-ms" => r.handshake_timeout_ms = Some(0),
+                "--commit-timeout-ms" => r.commit_timeout_ms = Some(0),
+                _ => r.deadline_ms = Some(0),
+            })
+            .unwrap_err();
+            assert_eq!(err, ConfigError::ZeroWait(flag));
+            assert_eq!(
+                err.to_string(),
+                format!("{flag} must be at least 1 (milliseconds)")
+            );
+        }
     }
 
     #[test]

@@ -108,6 +108,7 @@ pub fn receive(
         io_timeout: Some(config.io_timeout),
         handshake_timeout: config.handshake_timeout,
         go_timeout: config.commit_timeout,
+        deadline: config.deadline,
         give_up: incoming.give_up_flag(),
         ..ReceiveOptions::default()
     };
