@@ -9,6 +9,7 @@
 //! The policy is `vmm::test_utils`, re-exported here so that the unit tests of `vmm` and these
 //! end-to-end tests share one implementation.
 
+pub mod events;
 pub mod guest;
 pub mod linux;
 pub mod migrate;

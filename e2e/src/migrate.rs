@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmm::control::protocol::{MigrateSummary, Reply};
+use vmm::control::protocol::{ListeningLine, MigrateSummary, Reply};
 
 use crate::guest::{assert_no_failure, wait_rounds, VerifyOk};
 use crate::linux::{self, Boot};
@@ -183,4 +183,15 @@ pub fn assert_no_guest_ran(p: &Proc) {
         !p.lines().iter().any(|l| l.contains("VERIFY")),
         "no guest ran at the destination"
     );
+}
+
+/// The endpoint a `receive --listen` announced on stdout (with the port it picked for
+/// `tcp:HOST:0`).
+pub fn listening(dst: &mut Vm) -> String {
+    let line = dst
+        .proc
+        .wait_line("the listening line", T, |l| l.starts_with("{\"listening\""));
+    let parsed: ListeningLine =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("listening line {line:?}: {e}"));
+    parsed.listening
 }

@@ -77,6 +77,7 @@ pub mod fd_passing;
 pub mod holes;
 pub mod local;
 pub mod memory;
+pub mod observe;
 pub mod pagemap;
 mod populator;
 pub mod precopy;
@@ -106,6 +107,7 @@ pub use local::{LocalError, SharedRegion};
 pub use memory::{
     advise_huge_pages, regions_from_guest_memory, AnonMapping, Backing, MemoryError, RamRegion,
 };
+pub use observe::{Milestone, Observer};
 pub use precopy::{Decision, Limits};
 pub use receive::{
     read_handshake, receive_handshaken, receive_migration, DestinationError, Handshake,

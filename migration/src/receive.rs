@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use crate::cancel::Cancel;
 use crate::fault::{FaultPoint, Faults, FaultyTransport};
 use crate::memory::layout_of;
+use crate::observe::{Milestone, Observer};
 use crate::ram_recv::{RamLoadError, RamReceiver};
 use crate::records::{
     decode_layout, decode_local_memory, encode_message, EndRecord, PassBegin, PassDone, PassMark,
@@ -68,6 +69,8 @@ pub struct ReceiveOptions {
     pub give_up: Cancel,
     /// Updated as records arrive, for whoever reports on the receive meanwhile.
     pub progress: Arc<ReceiveProgress>,
+    /// Told when every state is restored, when `Go` arrived and when the guest runs.
+    pub observer: Observer,
 }
 
 /// How far a receive has come, readable from other threads while it runs, and the one
@@ -159,6 +162,7 @@ impl Default for ReceiveOptions {
             give_up: Cancel::default(),
             progress: Arc::default(),
             faults: Faults::none(),
+            observer: Observer::default(),
         }
     }
 }
@@ -506,11 +510,14 @@ fn receive<T: MigrationTarget + ?Sized>(
         .map_err(DestinationError::Restore)?;
     stats.restore_us = t.elapsed().as_micros() as u64;
     if peer {
+        options.observer.tell(Milestone::Restored);
         commit(reader, options)?;
+        options.observer.tell(Milestone::Committed);
     }
     let t = Instant::now();
     target.resume().map_err(DestinationError::Resume)?;
     stats.resume_us = t.elapsed().as_micros() as u64;
+    options.observer.tell(Milestone::Running);
     if peer {
         // The guest runs here now, whatever happens to the reply.
         let t = Instant::now();

@@ -23,19 +23,20 @@ use std::time::{Duration, Instant};
 use crate::cancel::{deadline_of, is_cancellation, Cancel};
 use crate::fault::{FaultPoint, Faults, FaultyTransport, InjectedFault};
 use crate::memory::{layout_of, RamRegion};
+use crate::observe::{Milestone, Observer};
 use crate::precopy::{self, Decision, Limits};
 use crate::ram_send::{PassError, RamSendConfig, RamSender};
 use crate::records::{
     encode_layout, encode_local_memory, encode_message, PassDone, PassMark, Ready, Restored,
     StateBlob,
 };
-use crate::stats::{MigrationStats, PassStats, StopReason};
+use crate::stats::{MigrationStats, PassStats, StopReason, Totals};
 use crate::stream::{read_reply, RecordWriter};
 use crate::transport::{Deadline, Transport};
 use crate::vm::{MigrationSource, VmOpError};
 use crate::wire::{self, RecordKind, WireError, MAX_REGIONS};
 
-/// Progress after each pass.
+/// Progress after each live pass.
 #[derive(Clone, Debug)]
 pub struct Progress {
     pub pass: u32,
@@ -45,6 +46,12 @@ pub struct Progress {
     pub expected_downtime: Duration,
     /// The guest dirties memory at least as fast as it is sent.
     pub diverging: bool,
+    /// Every pass so far, this one included.
+    pub totals: Totals,
+    /// Guest memory, bytes.
+    pub ram_bytes: u64,
+    /// From the start to the bulk pass (handshake, dirty logging on), microseconds.
+    pub setup_us: u64,
 }
 
 /// Progress callback.
@@ -105,6 +112,8 @@ pub struct SendOptions {
     /// Local migration (unix sockets): guest memory goes across by descriptor, no RAM pass
     /// (`local.rs`).
     pub local: bool,
+    /// Told when the guest is paused, when `Go` went out and when `Running` came back.
+    pub observer: Observer,
     /// Test hook run after each page's zero check, before the page is queued.
     #[cfg(test)]
     pub(crate) scan_hook: Option<Box<dyn FnMut(usize, usize) + Send>>,
@@ -133,6 +142,7 @@ impl Default for SendOptions {
             cancel: Cancel::default(),
             faults: Faults::none(),
             local: false,
+            observer: Observer::default(),
             #[cfg(test)]
             scan_hook: None,
         }
@@ -290,6 +300,8 @@ struct Outbound<'a, S: ?Sized> {
     /// When the whole migration's deadline passes, and what it does then.
     deadline: Option<(Instant, MigrationDeadline)>,
     stats: MigrationStats,
+    /// Guest memory, bytes (for progress reports).
+    ram_bytes: u64,
 }
 
 fn run<S: MigrationSource + ?Sized>(
@@ -329,6 +341,7 @@ fn run<S: MigrationSource + ?Sized>(
         peer,
         deadline,
         stats: MigrationStats::default(),
+        ram_bytes: regions.iter().map(|r| r.len() as u64).sum(),
     };
     let elide = handshake(&mut m, &regions, started)?;
     let mut ram = RamSender::new(
@@ -469,7 +482,7 @@ fn precopy<S: MigrationSource + ?Sized>(
             .collect_dirty(&mut *m.source)
             .map_err(|e| pass_error(&mut m.w, e))?;
         pass.close(ram.pass_elapsed(), dirty);
-        report(m.options, &pass);
+        report(m, &pass);
         throttle = precopy::throttle_pct(throttle, &pass, &limits);
         m.source
             .between_passes(&pass, throttle)
@@ -544,6 +557,7 @@ fn stop_and_copy<S: MigrationSource + ?Sized>(
     // A pause that fails half-way may have stopped some vCPUs: resume on error either way.
     m.undo.paused = true;
     m.source.pause().map_err(SourceError::Pause)?;
+    m.options.observer.tell(Milestone::Paused);
     phase.end("pause");
     // A local migration has no RAM to send: the destination maps the same memory.
     if !m.options.local {
@@ -619,6 +633,7 @@ fn complete<S: MigrationSource + ?Sized>(
             return Err(SourceError::Send(e));
         }
         log::info!("Committed: Go sent; the guest is the destination's now");
+        m.options.observer.tell(Milestone::Committed);
         m.w.transport().set_deadline(None);
         phase.end("commit");
         let running = faults
@@ -637,6 +652,7 @@ fn complete<S: MigrationSource + ?Sized>(
             }
             Err(e) => return Err(SourceError::OutcomeUnknown(Box::new(e))),
         }
+        m.options.observer.tell(Milestone::Running);
         phase.end("destination running");
         if let Err(e) = faults.hit(FaultPoint::AfterRunning) {
             log::warn!("{e}: ignored, the migration has completed");
@@ -717,18 +733,24 @@ fn expected_downtime(p: &PassStats) -> Duration {
     precopy::expected_time(p.remaining_bytes(), p.bandwidth_bps).min(Duration::from_secs(86_400))
 }
 
-fn report(options: &mut SendOptions, p: &PassStats) {
+fn report<S: ?Sized>(m: &mut Outbound<'_, S>, p: &PassStats) {
     log::debug!("{p}");
-    if let Some(cb) = options.progress.as_mut() {
-        cb(&Progress {
-            pass: p.pass,
-            remaining_bytes: p.remaining_bytes(),
-            bandwidth_bps: p.bandwidth_bps,
-            dirty_rate_bps: p.dirty_rate_bps,
-            expected_downtime: expected_downtime(p),
-            diverging: precopy::diverging(p),
-        });
-    }
+    let Some(cb) = m.options.progress.as_mut() else {
+        return;
+    };
+    let mut totals = m.stats.totals.clone();
+    totals.add(p);
+    cb(&Progress {
+        pass: p.pass,
+        remaining_bytes: p.remaining_bytes(),
+        bandwidth_bps: p.bandwidth_bps,
+        dirty_rate_bps: p.dirty_rate_bps,
+        expected_downtime: expected_downtime(p),
+        diverging: precopy::diverging(p),
+        totals,
+        ram_bytes: m.ram_bytes,
+        setup_us: m.stats.setup_phases_us.iter().map(|(_, us)| us).sum(),
+    });
 }
 
 /// Reads one reply and insists on `kind`; an `Error` reply becomes the destination's message.

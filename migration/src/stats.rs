@@ -143,17 +143,23 @@ pub struct MigrationStats {
     pub stream_bytes: u64,
 }
 
+impl Totals {
+    /// Adds a pass.
+    pub fn add(&mut self, p: &PassStats) {
+        self.pages_scanned += p.pages_scanned;
+        self.pages_sent += p.pages_sent;
+        self.zero_elided += p.zero_elided;
+        self.zero_sent += p.zero_sent;
+        self.untouched_skipped += p.untouched_skipped;
+        self.bytes += p.bytes;
+        self.torn_pages += p.torn_pages;
+    }
+}
+
 impl MigrationStats {
     /// Adds a finished pass to the list and the totals.
     pub fn push(&mut self, p: PassStats) {
-        let t = &mut self.totals;
-        t.pages_scanned += p.pages_scanned;
-        t.pages_sent += p.pages_sent;
-        t.zero_elided += p.zero_elided;
-        t.zero_sent += p.zero_sent;
-        t.untouched_skipped += p.untouched_skipped;
-        t.bytes += p.bytes;
-        t.torn_pages += p.torn_pages;
+        self.totals.add(&p);
         self.passes.push(p);
     }
 

@@ -34,6 +34,10 @@ pub enum Command {
     /// Draw one migration's timeline (passes, bandwidth, dirty rate, setup and downtime
     /// phases) as an SVG file, from what `migrate --json` printed.
     Plot(PlotArgs),
+    /// Print the status of a VM (or of a `receive` waiting for one) as one JSON line.
+    Status(SocketArgs),
+    /// Follow the migration events of a VM or a `receive`: one JSON line each, until it ends.
+    Events(SocketArgs),
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +70,13 @@ pub struct PlotArgs {
     /// Title (default: the input's name).
     #[arg(long, value_name = "TEXT")]
     pub title: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SocketArgs {
+    /// Control socket of the VM (default as for `run`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -233,6 +244,7 @@ pub struct MigrateArgs {
         "verify_memory", "no_auto_converge", "json", "connect_timeout_ms", "io_timeout_ms",
         "handshake_timeout_ms", "switchover_timeout_ms", "deadline_ms", "on_deadline",
         "tls_dir", "tls_name",
+        "detach",
     ])]
     pub cancel: bool,
     /// Control socket of the VM to migrate (default as for `run`).
@@ -268,6 +280,9 @@ pub struct MigrateArgs {
     /// Print the result as one JSON document.
     #[arg(long)]
     pub json: bool,
+    /// Return as soon as the migration runs; follow it with `minivmm events` or `status`.
+    #[arg(long)]
+    pub detach: bool,
     /// Longest wait to connect to the destination (default 10000).
     #[arg(long, value_name = "MS")]
     pub connect_timeout_ms: Option<u64>,

@@ -10,7 +10,7 @@ use migration::Endpoint;
 use vmm::cli::{Cli, Command};
 use vmm::config::{ReceiveConfig, VmConfig};
 use vmm::control::client;
-use vmm::control::protocol::{Done, Reply, Request, ResumeRequest};
+use vmm::control::protocol::{Done, MigrationStarted, Reply, Request, ResumeRequest};
 use vmm::exit::VmExit;
 use vmm::migrate::receive::receive;
 use vmm::{error_chain, runner};
@@ -67,6 +67,8 @@ fn main() -> ExitCode {
             }
         },
         Command::TlsInit(args) => tls_init(&args),
+        Command::Status(args) => status(&api_socket(&args)),
+        Command::Events(args) => events(&api_socket(&args)),
     }
 }
 
@@ -88,6 +90,48 @@ fn tls_init(args: &vmm::cli::TlsInitArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn api_socket(args: &vmm::cli::SocketArgs) -> std::path::PathBuf {
+    args.api_socket
+        .clone()
+        .unwrap_or_else(vmm::config::default_api_socket)
+}
+
+/// `minivmm status`: the reply as one JSON line; exits 1 on an error reply.
+fn status(api: &std::path::Path) -> ExitCode {
+    match client::request::<serde_json::Value>(api, &Request::Status) {
+        Ok(reply) => {
+            println!("{}", client::to_json(&reply));
+            if reply.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `minivmm events`: every event line as it comes, until the process closes the stream.
+fn events(api: &std::path::Path) -> ExitCode {
+    use std::io::Write;
+    let printed = client::events(api, |event| {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_string(event)
+            .ok()
+            .is_some_and(|l| writeln!(out, "{l}").and_then(|()| out.flush()).is_ok())
+    });
+    match printed {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
             ExitCode::from(1)
@@ -148,6 +192,29 @@ fn migrate(args: &vmm::cli::MigrateArgs) -> ExitCode {
             eprintln!("error: --to {:?}: {e}", req.to);
             return ExitCode::from(2);
         }
+    }
+    if req.detach {
+        return match client::request::<MigrationStarted>(&api, &Request::Migrate(req)) {
+            Ok(Reply::Ok(started)) => {
+                if args.json {
+                    println!("{}", client::to_json(&Reply::Ok(started)));
+                } else {
+                    eprintln!(
+                        "minivmm: migrating to {}; follow it with `minivmm events`",
+                        started.to
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Ok(Reply::Error(e)) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("error: {}", error_chain(&e));
+                ExitCode::from(1)
+            }
+        };
     }
     match client::migrate(&api, &req, args.json) {
         Ok(summary) => {

@@ -14,6 +14,7 @@ use log::{info, warn};
 use crate::boot::{BootError, BootSources};
 use crate::config::VmConfig;
 use crate::control::dispatch::VmmControl;
+use crate::control::events::EventBus;
 use crate::control::{self, ControlError, ControlServer, ControlSocket};
 use crate::devices::serial::{SerialInput, StdoutOut};
 use crate::event_loop::{run_until, ExitWatcher, Subscriber};
@@ -58,18 +59,19 @@ pub fn run(config: VmConfig, on_socket: impl FnOnce(&Path)) -> Result<VmExit, Ru
     let socket = control::bind(&config.api_socket).map_err(RunError::Control)?;
     on_socket(socket.path());
     let vmm = Vmm::new(config, &mut sources, Box::new(StdoutOut)).map_err(RunError::Vmm)?;
-    serve(vmm, socket)
+    serve(vmm, socket, EventBus::new())
 }
 
-/// Serve a built VM (started unless already running) until it ends.
-pub fn serve(vmm: Vmm, socket: ControlSocket) -> Result<VmExit, RunError> {
+/// Serve a built VM (started unless already running) until it ends; `events` is the
+/// process's event bus (a `receive` had it before its guest ran).
+pub fn serve(vmm: Vmm, socket: ControlSocket, events: Arc<EventBus>) -> Result<VmExit, RunError> {
     let exit = vmm.exit_signal();
     let mut vmm = vmm;
     let serial = vmm.devices().serial.clone();
     let space = vmm.devices_mut().serial_input_space.take();
     let vmm = Arc::new(Mutex::new(vmm));
 
-    let control = VmmControl::new(vmm.clone());
+    let control = VmmControl::new(vmm.clone(), events);
     let outgoing = control.outgoing();
     let mut em = EventManager::<Subscriber>::new().map_err(RunError::EventManager)?;
     em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));

@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::protocol::{
-    MigrateLine, MigrateRequest, MigrateSummary, OnDeadline, PassProgress, Reply, Request,
-    MAX_REQUEST_LEN,
+    Done, EventLine, MigrateLine, MigrateRequest, MigrateSummary, OnDeadline, PassProgress, Reply,
+    Request, MAX_REQUEST_LEN,
 };
 use crate::cli::{DeadlineArg, MigrateArgs};
 
@@ -65,6 +65,49 @@ pub fn request_line<T: DeserializeOwned>(path: &Path, req: &str) -> Result<Reply
         return Err(ClientError::NoReply(path.to_path_buf()));
     }
     serde_json::from_str(&reply).map_err(|e| ClientError::BadReply(path.to_path_buf(), e))
+}
+
+/// Subscribes to the events of the process behind `socket` and hands each [`EventLine`] to
+/// `on_event` until the process closes the stream (it ended) or `on_event` returns false.
+pub fn events(
+    socket: &Path,
+    mut on_event: impl FnMut(&EventLine) -> bool,
+) -> Result<(), ClientError> {
+    let io = |e| ClientError::Io(socket.to_path_buf(), e);
+    let mut s =
+        UnixStream::connect(socket).map_err(|e| ClientError::Connect(socket.to_path_buf(), e))?;
+    let mut line = serde_json::to_string(&Request::Events).map_err(ClientError::Encode)?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(io)?;
+    let mut reader = BufReader::new(s);
+    let mut first = true;
+    loop {
+        let mut l = String::new();
+        // Bounded: a line longer than a reply may be is not an event.
+        let n = (&mut reader)
+            .take(MAX_REQUEST_LEN as u64 * 4)
+            .read_line(&mut l)
+            .map_err(io)?;
+        if n == 0 {
+            return if first {
+                Err(ClientError::NoReply(socket.to_path_buf()))
+            } else {
+                Ok(())
+            };
+        }
+        if first {
+            first = false;
+            let reply: Reply<Done> = serde_json::from_str(&l)
+                .map_err(|e| ClientError::BadReply(socket.to_path_buf(), e))?;
+            reply.into_result().map_err(ClientError::Failed)?;
+            continue;
+        }
+        let event: EventLine =
+            serde_json::from_str(&l).map_err(|e| ClientError::BadReply(socket.to_path_buf(), e))?;
+        if !on_event(&event) {
+            return Ok(());
+        }
+    }
 }
 
 /// A reply as one line of JSON, as `--json` prints it.
@@ -194,5 +237,6 @@ pub fn migrate_request(a: &MigrateArgs, max_bandwidth: Option<u64>) -> Option<Mi
         tls_dir,
         tls_name: a.tls_name.clone(),
         local: a.local,
+        detach: a.detach,
     })
 }

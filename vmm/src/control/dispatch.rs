@@ -7,30 +7,34 @@ use std::sync::{Arc, Mutex};
 
 use log::warn;
 
+use super::events::EventBus;
 use super::protocol::{
-    Done, IncomingProgress, IncomingState, IncomingStatus, OutgoingStatus, Reply, Request,
-    Response, ShuttingDown, VmStatus,
+    Done, EndedMigration, IncomingProgress, IncomingState, IncomingStatus, MigrationStarted,
+    OutgoingStatus, Reply, Request, Response, ShuttingDown, VmStatus,
 };
 use super::server::RequestHandler;
 use crate::exit::VmExit;
 use crate::migrate::incoming::Incoming;
 use crate::migrate::outgoing::{unknown_outcome_message, Outgoing};
-use crate::migrate::worker;
+use crate::migrate::worker::{self, Reporting};
 use crate::sync::lock;
 use crate::{error_chain, Vmm, VmmError};
 
 /// The control-socket handler of a running VM: basic requests go to the [`Vmm`], `migrate`
-/// starts a [`worker`] that owns the connection until it replies.
+/// starts a [`worker`] that owns the connection until it replies (or answers at once when
+/// detached), `events` hands the connection to the [`EventBus`].
 pub struct VmmControl {
     vmm: Arc<Mutex<Vmm>>,
     outgoing: Arc<Outgoing>,
+    events: Arc<EventBus>,
 }
 
 impl VmmControl {
-    pub fn new(vmm: Arc<Mutex<Vmm>>) -> VmmControl {
+    pub fn new(vmm: Arc<Mutex<Vmm>>, events: Arc<EventBus>) -> VmmControl {
         VmmControl {
             vmm,
             outgoing: Arc::default(),
+            events,
         }
     }
 
@@ -49,10 +53,21 @@ impl RequestHandler for VmmControl {
                     Ok(c) => c,
                     Err(why) => return Some(Reply::Error(why)),
                 };
+                let report = Reporting {
+                    outgoing: self.outgoing.clone(),
+                    events: self.events.clone(),
+                };
+                if args.detach {
+                    let started = MigrationStarted {
+                        to: args.to.clone(),
+                        detached: true,
+                    };
+                    worker::spawn(self.vmm.clone(), args, None, report, cancel);
+                    return Some(Reply::Ok(started.into()));
+                }
                 match conn.try_clone() {
                     Ok(c) => {
-                        let (vmm, outgoing) = (self.vmm.clone(), self.outgoing.clone());
-                        worker::spawn(vmm, args, c, outgoing, cancel);
+                        worker::spawn(self.vmm.clone(), args, Some(c), report, cancel);
                         None
                     }
                     Err(e) => {
@@ -63,6 +78,7 @@ impl RequestHandler for VmmControl {
                     }
                 }
             }
+            Request::Events => subscribe(&self.events, conn),
             Request::Cancel if self.outgoing.cancel() => Some(Reply::Ok(Done {}.into())),
             Request::Cancel => Some(Reply::error("no migration is running")),
             // After a handover without confirmation only the operator may run it here.
@@ -87,56 +103,86 @@ impl RequestHandler for VmmControl {
             )),
             other => {
                 let mut vmm = lock(&self.vmm);
-                Some(handle_basic(&mut vmm, other, self.outgoing.status()))
+                let last = self.outgoing.last();
+                Some(handle_basic(&mut vmm, other, self.outgoing.status(), last))
             }
         }
     }
 }
 
+/// Hands `conn` to the event bus (`None`: the bus replies), or says why not.
+fn subscribe(events: &EventBus, conn: &UnixStream) -> Option<Reply<Response>> {
+    match conn
+        .try_clone()
+        .map_err(super::events::EventsError::Setup)
+        .and_then(|c| events.subscribe(c))
+    {
+        Ok(()) => None,
+        Err(e) => Some(Reply::Error(error_chain(&e))),
+    }
+}
+
 /// Answer the requests that need nothing but the VM (not `migrate`); `migration` is what
-/// `status` and `shutdown` show of the outgoing migration.
-fn handle_basic(vmm: &mut Vmm, req: Request, migration: Option<OutgoingStatus>) -> Reply<Response> {
+/// `status` and `shutdown` show of the outgoing migration, `last` how the last one that left
+/// the guest here ended.
+fn handle_basic(
+    vmm: &mut Vmm,
+    req: Request,
+    migration: Option<OutgoingStatus>,
+    last: Option<EndedMigration>,
+) -> Reply<Response> {
     let done = |r: Result<(), VmmError>| match r {
         Ok(()) => Reply::Ok(Done {}.into()),
         Err(e) => Reply::Error(error_chain(&e)),
     };
     match req {
-        Request::Status => Reply::Ok(status(vmm, migration).into()),
+        Request::Status => Reply::Ok(status(vmm, migration, last).into()),
         Request::Pause => done(vmm.pause()),
         Request::Resume(_) => done(vmm.resume()),
         Request::Shutdown => {
             vmm.exit_signal().trigger(VmExit::ShutdownRequest);
             Reply::Ok(ShuttingDown { migration }.into())
         }
-        Request::Migrate(_) | Request::Cancel => {
-            Reply::error("migrate and cancel are handled by the migration worker")
+        Request::Migrate(_) | Request::Cancel | Request::Events => {
+            Reply::error("migrate, cancel and events are handled by the VM's control handler")
         }
     }
 }
 
-fn status(vmm: &Vmm, migration: Option<OutgoingStatus>) -> VmStatus {
+fn status(
+    vmm: &Vmm,
+    migration: Option<OutgoingStatus>,
+    last_migration: Option<EndedMigration>,
+) -> VmStatus {
     VmStatus {
         state: vmm.state(),
         mem_bytes: vmm.config().mem_bytes,
         cpus: vmm.config().cpus,
         uptime_ms: vmm.uptime().as_millis() as u64,
         migration,
+        last_migration,
     }
 }
 
 /// Answers control requests while there is no guest.
-pub struct WaitingControl(Arc<Incoming>);
+pub struct WaitingControl {
+    incoming: Arc<Incoming>,
+    events: Arc<EventBus>,
+}
 
 impl WaitingControl {
-    pub fn new(incoming: Arc<Incoming>) -> WaitingControl {
-        WaitingControl(incoming)
+    pub fn new(incoming: Arc<Incoming>, events: Arc<EventBus>) -> WaitingControl {
+        WaitingControl { incoming, events }
     }
 }
 
 impl RequestHandler for WaitingControl {
-    fn handle(&mut self, req: Request, _conn: &UnixStream) -> Option<Reply<Response>> {
-        let (state, progress) = self.0.phase();
-        let listen = self.0.listen();
+    fn handle(&mut self, req: Request, conn: &UnixStream) -> Option<Reply<Response>> {
+        if let Request::Events = req {
+            return subscribe(&self.events, conn);
+        }
+        let (state, progress) = self.incoming.phase();
+        let listen = self.incoming.listen();
         Some(match req {
             Request::Status => Reply::Ok(
                 IncomingStatus {
@@ -149,7 +195,7 @@ impl RequestHandler for WaitingControl {
                 }
                 .into(),
             ),
-            Request::Shutdown if self.0.end(VmExit::ShutdownRequest) => {
+            Request::Shutdown if self.incoming.end(VmExit::ShutdownRequest) => {
                 Reply::Ok(ShuttingDown::default().into())
             }
             Request::Shutdown => Reply::error(
@@ -185,14 +231,14 @@ mod tests {
 
     #[test]
     fn waiting_control_reports_the_phase_and_refuses_what_needs_a_vm() {
-        let incoming = Incoming::new("unix:/tmp/m.sock".into());
-        let mut control = WaitingControl::new(incoming.clone());
+        let incoming = Incoming::new("unix:/tmp/m.sock".into(), EventBus::new());
+        let mut control = WaitingControl::new(incoming.clone(), EventBus::new());
         let (conn, _peer) = UnixStream::pair().expect("pair");
         assert_eq!(
             wire(control.handle(Request::Status, &conn)),
             json!({"ok": true, "state": "waiting", "listen": "unix:/tmp/m.sock"})
         );
-        incoming.receiving(None, std::sync::Arc::default());
+        incoming.receiving(None, std::sync::Arc::default(), None);
         assert_eq!(
             wire(control.handle(Request::Status, &conn)),
             json!({"ok": true, "state": "receiving", "listen": "unix:/tmp/m.sock",

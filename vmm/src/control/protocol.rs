@@ -14,8 +14,13 @@
 //! → {"cmd":"migrate","to":"unix:/tmp/m.sock",...}               MigrateRequest
 //!                      ← {"progress":{"pass":0,...}}           ProgressLine, after each live pass
 //!                      ← {"ok":true,"to":"unix:/tmp/m.sock",...} MigrateSummary, at the end
+//! → {"cmd":"migrate",...,"detach":true}
+//!                      ← {"ok":true,"to":"unix:/tmp/m.sock","detached":true}  MigrationStarted
+//! → {"cmd":"events"}   ← {"ok":true}, then one EventLine per line  ([`events`])
 //! → not json           ← {"ok":false,"error":"invalid JSON: ..."}   (the connection stays usable)
 //! ```
+//!
+//! `receive --listen` prints a [`ListeningLine`] on stdout once it listens.
 
 use std::path::PathBuf;
 
@@ -24,6 +29,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
 use crate::RunState;
+
+pub mod events;
+
+pub use events::{Event, EventLine, ListeningLine, MigrationFigures, Side, EVENT_HISTORY};
 
 /// Longest request line accepted (and longest reply line a client reads).
 pub const MAX_REQUEST_LEN: usize = 64 * 1024;
@@ -71,6 +80,9 @@ requests! {
     /// pass): [`Done`]; the migration's own reply then says whether it was cancelled or
     /// completed.
     "cancel" => Cancel,
+    /// Follow the migrations of this process: [`Done`], then [`EventLine`]s until the client
+    /// closes the connection.
+    "events" => Events,
 }
 
 /// Arguments of `migrate`.
@@ -130,6 +142,10 @@ pub struct MigrateRequest {
     /// state copied.
     #[serde(default)]
     pub local: bool,
+    /// Reply at once ([`MigrationStarted`]) instead of at the end; progress and result go to
+    /// `status` and the `events` stream.
+    #[serde(default)]
+    pub detach: bool,
 }
 
 /// What a migration's deadline does when it passes.
@@ -174,6 +190,7 @@ impl MigrateRequest {
             tls_dir: None,
             tls_name: None,
             local: false,
+            detach: false,
         }
     }
 }
@@ -306,6 +323,30 @@ pub struct VmStatus {
     /// The VM's outgoing migration, while one runs or once it succeeded; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<OutgoingStatus>,
+    /// How the last outgoing migration that gave the guest back here ended (failed or
+    /// cancelled); absent when none did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_migration: Option<EndedMigration>,
+}
+
+/// An outgoing migration that ended with the guest still here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndedMigration {
+    /// The destination endpoint.
+    pub to: String,
+    /// Whether it was given up (`cancel`, deadline) rather than failed.
+    pub cancelled: bool,
+    /// Why it ended.
+    pub error: String,
+}
+
+/// The reply to a `migrate` with `detach`: the migration runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationStarted {
+    /// The destination endpoint.
+    pub to: String,
+    /// Always true: the result comes through `status` and `events`.
+    pub detached: bool,
 }
 
 /// What `status` shows of a VM's outgoing migration.
@@ -326,6 +367,10 @@ pub struct OutgoingStatus {
     pub outcome_unknown: bool,
     /// The last pass's progress, `null` during the bulk pass.
     pub last_pass: Option<PassProgress>,
+    /// The figures as QEMU's `query-migrate` gives them, as of the last pass (and
+    /// `total_time_ms` as of now); `null` during the bulk pass.
+    #[serde(default)]
+    pub stats: Option<Box<MigrationFigures>>,
 }
 
 /// What the migration worker reports after each live pass.
@@ -431,6 +476,13 @@ pub enum Response {
     Status(Status),
     ShuttingDown(ShuttingDown),
     Done(Done),
+    MigrationStarted(MigrationStarted),
+}
+
+impl From<MigrationStarted> for Response {
+    fn from(s: MigrationStarted) -> Response {
+        Response::MigrationStarted(s)
+    }
 }
 
 impl From<VmStatus> for Response {
@@ -497,6 +549,8 @@ pub struct MigrateSummary {
     pub dest_rss_kib: Option<u64>,
     /// What the destination reported with its acknowledgement (`null` for a snapshot file).
     pub destination: Option<DestinationReport>,
+    /// The figures as QEMU's `query-migrate` gives them.
+    pub figures: MigrationFigures,
     /// The whole `migration::MigrationStats` (passes, totals, downtime phases, …). It stays a
     /// JSON value: `MigrationStats` serialises but cannot be read back (its phase names are
     /// `&'static str`).
@@ -542,6 +596,50 @@ mod tests {
             parse_request(r#"{"cmd":"shutdown"}"#),
             Ok(Request::Shutdown)
         );
+        assert_eq!(parse_request(r#"{"cmd":"events"}"#), Ok(Request::Events));
+        let detached = MigrateRequest {
+            detach: true,
+            ..MigrateRequest::new("tcp:10.0.0.2:4000")
+        };
+        assert_eq!(
+            parse_request(r#"{"cmd":"migrate","to":"tcp:10.0.0.2:4000","detach":true}"#),
+            Ok(Request::Migrate(detached))
+        );
+    }
+
+    #[test]
+    fn a_detached_migration_is_answered_at_once() {
+        use serde_json::json;
+        round_trip(
+            Reply::Ok(MigrationStarted {
+                to: "tcp:h:1".into(),
+                detached: true,
+            }),
+            json!({"ok": true, "to": "tcp:h:1", "detached": true}),
+        );
+        let wire = serde_json::to_value(Reply::Ok(Response::from(MigrationStarted {
+            to: "tcp:h:1".into(),
+            detached: true,
+        })))
+        .expect("serialise");
+        assert_eq!(wire["detached"], true);
+        round_trip(
+            Reply::Ok(VmStatus {
+                state: RunState::Running,
+                mem_bytes: 4096,
+                cpus: 1,
+                uptime_ms: 1,
+                migration: None,
+                last_migration: Some(EndedMigration {
+                    to: "tcp:h:1".into(),
+                    cancelled: false,
+                    error: "refused".into(),
+                }),
+            }),
+            json!({"ok": true, "state": "running", "mem_bytes": 4096, "cpus": 1,
+                   "uptime_ms": 1, "last_migration": {"to": "tcp:h:1", "cancelled": false,
+                   "error": "refused"}}),
+        );
     }
 
     #[test]
@@ -554,6 +652,7 @@ mod tests {
             Request::Shutdown,
             Request::Migrate(migrate),
             Request::Cancel,
+            Request::Events,
         ];
         let names: Vec<&str> = all.iter().map(Request::name).collect();
         assert_eq!(names, COMMANDS);
@@ -576,7 +675,7 @@ mod tests {
         assert!(e.to_string().contains("explode"));
         assert!(
             e.to_string()
-                .ends_with("(known: status, pause, resume, shutdown, migrate, cancel)"),
+                .ends_with("(known: status, pause, resume, shutdown, migrate, cancel, events)"),
             "{e}"
         );
     }
@@ -620,6 +719,7 @@ mod tests {
             cpus: 2,
             uptime_ms: 1234,
             migration: None,
+            last_migration: None,
         };
         round_trip(
             Reply::Ok(Status::Vm(vm.clone())),
@@ -633,6 +733,7 @@ mod tests {
             moved: false,
             outcome_unknown: false,
             last_pass: Some(progress),
+            stats: None,
         });
         let wire = serde_json::to_value(Reply::Ok(vm.clone())).expect("serialise");
         assert_eq!(wire["migration"]["last_pass"]["pass"], 1, "{wire}");
@@ -691,6 +792,21 @@ mod tests {
             source_rss_kib: 72000,
             dest_rss_kib: Some(70000),
             destination: Some(report),
+            figures: MigrationFigures {
+                total_time_ms: 76,
+                setup_time_ms: 2.0,
+                transferred_bytes: 67_310_496,
+                remaining_bytes: 0,
+                total_bytes: 4 << 30,
+                duplicate_pages: 5 + 6,
+                normal_pages: 16_433,
+                normal_bytes: 16_433 * 4096,
+                mbps: 7000.0,
+                dirty_pages_rate: 0,
+                dirty_sync_count: 2,
+                expected_downtime_ms: None,
+                downtime_ms: Some(1.0),
+            },
             stats: json!({"stop_reason": "converged"}),
         };
         let wire = serde_json::to_value(Reply::Ok(summary.clone())).expect("serialise");

@@ -25,7 +25,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use migration::{Cancel, ReceiveProgress};
 
-use crate::control::protocol::IncomingState;
+use crate::control::events::EventBus;
+use crate::control::protocol::{Event, IncomingState, Side};
 use crate::control::{ControlServer, ControlSocket, RequestHandler};
 use crate::event_loop::{run_until, EventLoop};
 use crate::exit::VmExit;
@@ -62,12 +63,22 @@ pub struct Incoming {
     state: Mutex<State>,
     /// For `ReceiveOptions::give_up`: set by [`Incoming::end`].
     give_up: Cancel,
+    /// Where the phases go (`waiting`, `receiving`).
+    events: Arc<EventBus>,
 }
 
 impl Incoming {
-    /// `listen` names the endpoint, for replies.
-    pub fn new(listen: String) -> Arc<Incoming> {
+    /// `listen` names the endpoint, for replies; the phases go to `events`, starting with
+    /// `waiting`.
+    pub fn new(listen: String, events: Arc<EventBus>) -> Arc<Incoming> {
+        events.publish(
+            Side::Destination,
+            Event::Waiting {
+                listen: listen.clone(),
+            },
+        );
         Arc::new(Incoming {
+            events,
             listen,
             state: Mutex::new(State {
                 phase: IncomingState::Waiting,
@@ -98,9 +109,17 @@ impl Incoming {
         s.shut_down_if_ended();
     }
 
-    /// A source's stream began: `connection` (from `Connection::wake_handle`) is shut down by
-    /// [`end`](Incoming::end), and `progress` is the receive's, which `end` gives up.
-    pub fn receiving(&self, connection: Option<OwnedFd>, progress: Arc<ReceiveProgress>) {
+    /// A source's stream began (from `peer`, when known): `connection` (from
+    /// `Connection::wake_handle`) is shut down by [`end`](Incoming::end), and `progress` is the
+    /// receive's, which `end` gives up.
+    pub fn receiving(
+        &self,
+        connection: Option<OwnedFd>,
+        progress: Arc<ReceiveProgress>,
+        peer: Option<String>,
+    ) {
+        self.events
+            .publish(Side::Destination, Event::Receiving { peer });
         let mut s = self.lock();
         s.phase = IncomingState::Receiving;
         s.connection = connection;
@@ -111,8 +130,20 @@ impl Incoming {
         s.shut_down_if_ended();
     }
 
+    /// An attempt failed with `reason` (another may follow).
+    pub fn attempt_failed(&self, reason: String) {
+        self.events
+            .publish(Side::Destination, Event::Failed { reason });
+    }
+
     /// The attempt failed; back to waiting for the next source.
     pub fn waiting(&self) {
+        self.events.publish(
+            Side::Destination,
+            Event::Waiting {
+                listen: self.listen.clone(),
+            },
+        );
         let mut s = self.lock();
         s.phase = IncomingState::Waiting;
         s.progress = None;
@@ -298,7 +329,7 @@ mod tests {
 
     #[test]
     fn end_wakes_the_guarded_sockets_even_those_guarded_after_it() {
-        let incoming = Incoming::new("unix:/x".into());
+        let incoming = Incoming::new("unix:/x".into(), EventBus::new());
         let (mut listener, _peer, handle) = guarded_pair();
         incoming.waiting_on(handle);
         assert_eq!(incoming.ended(), None);
@@ -308,7 +339,7 @@ mod tests {
         let mut buf = [0u8; 1];
         assert_eq!(listener.read(&mut buf).expect("read"), 0, "shut down");
         let (mut conn, _peer2, handle) = guarded_pair();
-        incoming.receiving(handle, Arc::default());
+        incoming.receiving(handle, Arc::default(), None);
         assert_eq!(conn.read(&mut buf).expect("read"), 0, "shut down at once");
     }
 }

@@ -9,12 +9,16 @@ use std::time::{Duration, Instant};
 
 use migration::Cancel;
 
-use crate::control::protocol::{OutgoingStatus, PassProgress};
+use crate::control::protocol::{EndedMigration, MigrationFigures, OutgoingStatus, PassProgress};
 use crate::sync::lock;
 
 /// The VM's outgoing migration, shared by the control handler and the worker.
 #[derive(Default)]
-pub struct Outgoing(Mutex<Option<Current>>);
+pub struct Outgoing {
+    current: Mutex<Option<Current>>,
+    /// The last migration that ended with the guest still here.
+    last: Mutex<Option<EndedMigration>>,
+}
 
 struct Current {
     to: String,
@@ -23,6 +27,8 @@ struct Current {
     cancel: Cancel,
     /// The last pass's progress, `None` during the bulk pass.
     progress: Option<PassProgress>,
+    /// The figures as of the last pass.
+    figures: Option<MigrationFigures>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +50,7 @@ pub fn unknown_outcome_message(to: &str) -> String {
 
 impl Outgoing {
     fn lock(&self) -> MutexGuard<'_, Option<Current>> {
-        lock(&self.0)
+        lock(&self.current)
     }
 
     /// Claims the slot for a migration to `to`: its cancellation flag, or why not.
@@ -63,20 +69,41 @@ impl Outgoing {
             state: State::Migrating,
             cancel: cancel.clone(),
             progress: None,
+            figures: None,
         });
         Ok(cancel)
     }
 
-    /// Records the progress of the pass that just ended.
-    pub fn progress(&self, progress: PassProgress) {
+    /// Records the progress and figures of the pass that just ended.
+    pub fn progress(&self, progress: PassProgress, figures: MigrationFigures) {
         if let Some(c) = self.lock().as_mut() {
             c.progress = Some(progress);
+            c.figures = Some(figures);
         }
     }
 
-    /// The migration failed or was cancelled: the slot is free.
+    /// The migration ended and the guest runs here (a snapshot kept running): the slot is
+    /// free.
     pub fn end(&self) {
         *self.lock() = None;
+    }
+
+    /// The migration failed or was given up (`cancelled`) and the guest runs here: the slot
+    /// is free and `status` shows why until the next one ends.
+    pub fn failed(&self, cancelled: bool, error: String) {
+        let ended = self.lock().take();
+        if let Some(c) = ended {
+            *lock(&self.last) = Some(EndedMigration {
+                to: c.to,
+                cancelled,
+                error,
+            });
+        }
+    }
+
+    /// How the last migration that left the guest here ended.
+    pub(crate) fn last(&self) -> Option<EndedMigration> {
+        lock(&self.last).clone()
     }
 
     /// The migration succeeded: the slot stays taken until the process ends.
@@ -147,14 +174,35 @@ impl Outgoing {
 
     /// What `status` shows of the running migration.
     pub(crate) fn status(&self) -> Option<OutgoingStatus> {
-        self.lock().as_ref().map(|c| OutgoingStatus {
-            to: c.to.clone(),
-            elapsed_ms: c.started.elapsed().as_millis() as u64,
-            cancelling: c.cancel.is_cancelled(),
-            moved: c.state == State::Moved,
-            outcome_unknown: c.state == State::Unknown,
-            last_pass: c.progress.clone(),
+        self.lock().as_ref().map(|c| {
+            let elapsed_ms = c.started.elapsed().as_millis() as u64;
+            let stats = c.figures.clone().map(|f| {
+                Box::new(MigrationFigures {
+                    total_time_ms: if c.state == State::Migrating {
+                        elapsed_ms
+                    } else {
+                        f.total_time_ms
+                    },
+                    ..f
+                })
+            });
+            OutgoingStatus {
+                to: c.to.clone(),
+                elapsed_ms,
+                cancelling: c.cancel.is_cancelled(),
+                moved: c.state == State::Moved,
+                outcome_unknown: c.state == State::Unknown,
+                last_pass: c.progress.clone(),
+                stats,
+            }
         })
+    }
+
+    /// Records the figures of the migration that completed.
+    pub fn completed(&self, figures: MigrationFigures) {
+        if let Some(c) = self.lock().as_mut() {
+            c.figures = Some(figures);
+        }
     }
 }
 
@@ -179,12 +227,39 @@ mod tests {
             expected_downtime_ms: 0.5,
             diverging: false,
         };
-        o.progress(progress.clone());
-        assert_eq!(o.status().expect("running").last_pass, Some(progress));
+        let figures = MigrationFigures {
+            total_time_ms: 0,
+            setup_time_ms: 1.0,
+            transferred_bytes: 4096,
+            remaining_bytes: 4096,
+            total_bytes: 1 << 20,
+            duplicate_pages: 0,
+            normal_pages: 1,
+            normal_bytes: 4096,
+            mbps: 1.0,
+            dirty_pages_rate: 1,
+            dirty_sync_count: 1,
+            expected_downtime_ms: Some(0.5),
+            downtime_ms: None,
+        };
+        o.progress(progress.clone(), figures);
+        let s = o.status().expect("running");
+        assert_eq!(s.last_pass, Some(progress));
+        assert_eq!(s.stats.map(|f| f.transferred_bytes), Some(4096));
         assert!(o.cancel() && cancel.is_cancelled());
         assert!(o.status().expect("running").cancelling);
-        o.end();
+        assert_eq!(o.last(), None);
+        o.failed(true, "cancelled".into());
         assert!(!o.running() && o.status().is_none());
+        assert_eq!(
+            o.last(),
+            Some(EndedMigration {
+                to: "unix:/m".into(),
+                cancelled: true,
+                error: "cancelled".into()
+            }),
+            "status shows how the last one ended"
+        );
         let next = o.begin("unix:/m").expect("free again");
         assert!(!next.is_cancelled(), "a new migration starts uncancelled");
         o.moved();

@@ -22,7 +22,7 @@ use log::{info, warn};
 use migration::tls::{AllowList, TlsError, TlsServer};
 use migration::{
     receive_handshaken, receive_migration, AcceptError, AcceptOptions, Acceptor, DestinationError,
-    FaultSupplier, Listener, Offer, ReceiveOptions,
+    FaultSupplier, Listener, Milestone, Observer, Offer, ReceiveOptions,
 };
 
 use super::incoming::{Incoming, IncomingError, InterimLoop};
@@ -30,6 +30,8 @@ use super::target_vm::TargetVm;
 use super::worker::armed_faults;
 use crate::config::ReceiveConfig;
 use crate::control::dispatch::WaitingControl;
+use crate::control::events::EventBus;
+use crate::control::protocol::{Event, ListeningLine, Side};
 use crate::control::{self, ControlError};
 use crate::error_chain;
 use crate::exit::VmExit;
@@ -86,11 +88,19 @@ pub fn receive(
     // Listening before the control socket appears: whoever waits for that socket may start
     // the migration at once.
     let listener = config.source.listen().map_err(ReceiveError::Transport)?;
+    // The endpoint as bound: `tcp:HOST:0` gets its port here.
+    let listen = listener
+        .local_endpoint()
+        .map_or_else(|_| config.source.to_string(), |e| e.to_string());
+    if !matches!(listener, Listener::File(..)) {
+        announce(&listen);
+    }
     let socket = control::bind(&config.api_socket).map_err(ReceiveError::Control)?;
     on_socket(socket.path());
-    let incoming = Incoming::new(config.source.to_string());
+    let events = EventBus::new();
+    let incoming = Incoming::new(listen, events.clone());
     incoming.waiting_on(listener.wake_handle());
-    let control = WaitingControl::new(incoming.clone());
+    let control = WaitingControl::new(incoming.clone(), events.clone());
     let interim =
         InterimLoop::start(socket, control, incoming.clone()).map_err(ReceiveError::Incoming)?;
     let mut target = TargetVm::new(
@@ -110,12 +120,21 @@ pub fn receive(
         go_timeout: config.commit_timeout,
         deadline: config.deadline,
         give_up: incoming.give_up_flag(),
+        observer: milestones(events.clone()),
         ..ReceiveOptions::default()
     };
     let given_up = match listener {
-        Listener::File(..) => load_snapshot(listener, &mut target, &incoming, options)?,
-        _ => accept_migration(listener, tls, &mut target, &incoming, &config, options)?,
-    };
+        Listener::File(..) => load_snapshot(listener, &mut target, &incoming, options),
+        _ => accept_migration(listener, tls, &mut target, &incoming, &config, options),
+    }
+    .inspect_err(|e| {
+        events.publish(
+            Side::Destination,
+            Event::Failed {
+                reason: error_chain(e),
+            },
+        )
+    })?;
     if let Some(why) = given_up {
         return Ok(why);
     }
@@ -130,15 +149,41 @@ pub fn receive(
     }
     // Received into small pages (faster to fill fresh); huge pages from now on.
     vmm.advise_huge_pages();
-    serve(vmm, socket).map_err(ReceiveError::Run)
+    serve(vmm, socket, events).map_err(ReceiveError::Run)
 }
 
-/// What a `receive` given up before its guest ran says about it (and returns).
-fn given_up(why: VmExit, e: Option<&ReceiveError>) -> Option<VmExit> {
+/// Prints the endpoint listened on as one [`ListeningLine`] on stdout, for a script to hand
+/// a `tcp:HOST:0` port on to the source (it comes before any of the guest's console output).
+fn announce(listen: &str) {
+    let line = ListeningLine {
+        listening: listen.to_string(),
+    };
+    if let Ok(text) = serde_json::to_string(&line) {
+        println!("{text}");
+    }
+}
+
+/// The destination's milestones as events.
+fn milestones(events: Arc<EventBus>) -> Observer {
+    Observer::new(move |m| {
+        let event = match m {
+            Milestone::Restored => Event::Restored,
+            Milestone::Committed => Event::Committed,
+            Milestone::Running => Event::Running,
+            Milestone::Paused => return,
+        };
+        events.publish(Side::Destination, event);
+    })
+}
+
+/// What a `receive` given up before its guest ran says about it (in the log and as a
+/// `failed` event) and returns.
+fn given_up(why: VmExit, e: Option<&ReceiveError>, incoming: &Incoming) -> Option<VmExit> {
     let what = match why {
         VmExit::Signal(sig) => format!("signal {sig}"),
         _ => "shutdown request".to_string(),
     };
+    incoming.attempt_failed(format!("given up: {what}"));
     match e {
         None | Some(ReceiveError::Accept(_) | ReceiveError::Transport(_)) => {
             warn!("{what} while waiting for a migration")
@@ -163,7 +208,7 @@ fn load_snapshot(
         .accept()
         .map_err(ReceiveError::Transport)
         .and_then(|mut conn| {
-            incoming.receiving(None, options.progress.clone());
+            incoming.receiving(None, options.progress.clone(), None);
             let options = ReceiveOptions {
                 faults: armed_faults().map_err(ReceiveError::Fault)?,
                 ..options
@@ -177,7 +222,7 @@ fn load_snapshot(
         }
         Err(e) if target.started() || target.unusable() => Err(e),
         Err(e) => match incoming.ended() {
-            Some(why) => Ok(given_up(why, Some(&e))),
+            Some(why) => Ok(given_up(why, Some(&e), incoming)),
             None => Err(e),
         },
     }
@@ -218,12 +263,16 @@ fn accept_migration(
             Err(e) => {
                 let e = ReceiveError::Accept(e);
                 return match incoming.ended() {
-                    Some(why) => Ok(given_up(why, Some(&e))),
+                    Some(why) => Ok(given_up(why, Some(&e), incoming)),
                     None => Err(e),
                 };
             }
         };
-        incoming.receiving(connection.wake_handle(), progress.clone());
+        incoming.receiving(
+            connection.wake_handle(),
+            progress.clone(),
+            connection.peer(),
+        );
         target.tls_peer = connection.tls_peer().map(ToString::to_string);
         let options = ReceiveOptions {
             progress: progress.clone(),
@@ -246,25 +295,30 @@ fn accept_migration(
         }
         // Nothing is lost: the source has no acknowledgement and keeps running.
         if let Some(why) = incoming.ended() {
-            return Ok(given_up(why, Some(&e)));
+            return Ok(given_up(why, Some(&e), incoming));
         }
-        incoming.waiting();
         acceptor.idle();
-        if !progress.configured() {
+        if progress.configured() {
+            attempt += 1;
+            if attempt >= attempts {
+                return Err(e);
+            }
+            warn!(
+                "incoming migration attempt {attempt} of {attempts} (from {peer}) failed: {}; \
+                 waiting for the next",
+                error_chain(&e)
+            );
+            incoming.attempt_failed(error_chain(&e));
+        } else {
             warn!(
                 "refused the stream from {peer} ({}); waiting for the next",
                 error_chain(&e)
             );
-            continue;
+            incoming.attempt_failed(format!(
+                "refused the stream from {peer}: {}",
+                error_chain(&e)
+            ));
         }
-        attempt += 1;
-        if attempt >= attempts {
-            return Err(e);
-        }
-        warn!(
-            "incoming migration attempt {attempt} of {attempts} (from {peer}) failed: {}; \
-             waiting for the next",
-            error_chain(&e)
-        );
+        incoming.waiting();
     }
 }

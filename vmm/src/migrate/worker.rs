@@ -1,6 +1,6 @@
 //! The migration worker: a thread that sends the VM while the event loop keeps serving the
 //! console and the control socket, then answers the `migrate` request on the connection it
-//! took over. On success the source VM ends (its guest runs at the destination); on failure
+//! took over (none for a detached migration). Every step goes to the process's event bus. On success the source VM ends (its guest runs at the destination); on failure
 //! the guest is already running again here and only the error is reported; when the outcome
 //! is unknown (handed over, no confirmation) the guest stays paused here, held for the
 //! operator's decision.
@@ -15,57 +15,98 @@ use migration::fault::{FaultSource, FaultSpecError, Faults, FAULT_ENV};
 use migration::send::{DeadlineAction, MigrationDeadline};
 use migration::tls::TlsClient;
 use migration::{
-    send_migration, Cancel, Connection, Deadline, Endpoint, Limits, MigrationStats, Progress,
-    SendOptions, Transport,
+    send_migration, Cancel, Connection, Deadline, Endpoint, Limits, MigrationStats, Milestone,
+    Observer, Progress, SendOptions, SourceError, Transport,
 };
 use serde::Serialize;
 
 use super::outgoing::Outgoing;
 use super::source_vm::SourceVm;
+use crate::control::events::EventBus;
 use crate::control::protocol::{
-    DestinationReport, MigrateRequest, MigrateSummary, OnDeadline, PassProgress, ProgressLine,
-    Reply,
+    DestinationReport, Event, MigrateRequest, MigrateSummary, MigrationFigures, OnDeadline,
+    PassProgress, ProgressLine, Reply, Side,
 };
 use crate::error_chain;
 use crate::exit::VmExit;
 use crate::sync::lock;
 use crate::Vmm;
 
-/// Start the worker; it replies on `conn`, keeps `outgoing` up to date and frees it when done.
-/// Setting `cancel` gives the migration up.
+/// How long a source that handed its guest over waits for its event subscribers to get the
+/// last events before it ends.
+const FLUSH_EVENTS: Duration = Duration::from_secs(2);
+
+/// What a migration worker reports to: the VM's outgoing slot and the process's event bus.
+#[derive(Clone)]
+pub struct Reporting {
+    pub outgoing: Arc<Outgoing>,
+    pub events: Arc<EventBus>,
+}
+
+/// Start the worker; it replies on `conn` (none when detached), keeps `outgoing` up to date
+/// and frees it when done, and publishes every step. Setting `cancel` gives the migration up.
 pub fn spawn(
     vmm: Arc<Mutex<Vmm>>,
     args: MigrateRequest,
-    conn: UnixStream,
-    outgoing: Arc<Outgoing>,
+    conn: Option<UnixStream>,
+    report: Reporting,
     cancel: Cancel,
 ) {
     let body = move || {
+        let Reporting { outgoing, events } = &report;
         let exit = lock(&vmm).exit_signal();
-        let (reply, ended) = match migrate(&vmm, &args, &conn, &outgoing, cancel) {
+        events.publish(
+            Side::Source,
+            Event::Setup {
+                to: args.to.clone(),
+            },
+        );
+        let (reply, ended) = match migrate(&vmm, &args, conn.as_ref(), &report, cancel) {
             Ok((summary, ended)) => (Reply::Ok(summary), ended),
             Err(e) => {
                 error!("migration to {} failed: {}", args.to, e.message);
                 // Settled before the reply, which its reader may follow with `status` or
                 // `migrate` at once.
-                if e.outcome_unknown {
+                let event = if e.outcome_unknown {
                     outgoing.outcome_unknown();
+                    Event::OutcomeUnknown {
+                        to: args.to.clone(),
+                        reason: e.message.clone(),
+                    }
                 } else {
-                    outgoing.end();
-                }
+                    outgoing.failed(e.cancelled, e.message.clone());
+                    let reason = e.message.clone();
+                    if e.cancelled {
+                        Event::Cancelled { reason }
+                    } else {
+                        Event::Failed { reason }
+                    }
+                };
+                events.publish(Side::Source, event);
                 (Reply::Error(e.message), false)
             }
         };
         // A VM that left stays claimed: it must never be migrated a second time.
-        if ended {
-            outgoing.moved();
-        } else if matches!(reply, Reply::Ok(_)) {
-            outgoing.end();
+        if let Reply::Ok(summary) = &reply {
+            if ended {
+                outgoing.moved();
+            } else {
+                outgoing.end();
+            }
+            events.publish(
+                Side::Source,
+                Event::Completed {
+                    summary: Box::new(summary.clone()),
+                },
+            );
         }
-        if let Err(e) = write_line(&conn, &reply) {
-            info!("migrate client went away before the reply: {e}");
+        if let Some(conn) = &conn {
+            if let Err(e) = write_line(conn, &reply) {
+                info!("migrate client went away before the reply: {e}");
+            }
         }
         if ended {
+            events.flush(FLUSH_EVENTS);
             exit.trigger(VmExit::Migrated(args.to.clone()));
         }
     };
@@ -85,10 +126,12 @@ fn write_line(mut conn: &UnixStream, v: &impl Serialize) -> io::Result<()> {
     conn.write_all(line.as_bytes())
 }
 
-/// Why a migration failed, and whether its outcome is unknown (the guest stays paused here).
+/// Why a migration failed, whether its outcome is unknown (the guest stays paused here) and
+/// whether it was given up rather than failed.
 struct Failed {
     message: String,
     outcome_unknown: bool,
+    cancelled: bool,
 }
 
 impl From<String> for Failed {
@@ -96,6 +139,17 @@ impl From<String> for Failed {
         Failed {
             message,
             outcome_unknown: false,
+            cancelled: false,
+        }
+    }
+}
+
+impl From<SourceError> for Failed {
+    fn from(e: SourceError) -> Failed {
+        Failed {
+            outcome_unknown: e.is_outcome_unknown(),
+            cancelled: matches!(e, SourceError::Cancelled | SourceError::DeadlinePassed(_)),
+            message: error_chain(&e),
         }
     }
 }
@@ -104,8 +158,8 @@ impl From<String> for Failed {
 fn migrate(
     vmm: &Arc<Mutex<Vmm>>,
     args: &MigrateRequest,
-    conn: &UnixStream,
-    outgoing: &Arc<Outgoing>,
+    conn: Option<&UnixStream>,
+    report: &Reporting,
     cancel: Cancel,
 ) -> Result<(MigrateSummary, bool), Failed> {
     let endpoint = Endpoint::parse(&args.to).map_err(|e| error_chain(&e))?;
@@ -125,12 +179,16 @@ fn migrate(
     let connection = endpoint
         .connect(connect_timeout)
         .map_err(|e| error_chain(&e))?;
+    let progress_conn = match conn {
+        Some(c) => Some(c.try_clone().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let started = std::time::Instant::now();
     let default = SendOptions::default();
     let mut connection = match tls {
         Some((tls, name)) => secure(connection, &tls, &name, args, &default)?,
         None => connection,
     };
-    let progress_conn = conn.try_clone().map_err(|e| e.to_string())?;
     let options = SendOptions {
         limits: limits(args),
         max_bandwidth: args.max_bandwidth,
@@ -149,28 +207,45 @@ fn migrate(
         faults,
         local: args.local,
         progress: Some(Box::new({
-            let outgoing = outgoing.clone();
+            let Reporting { outgoing, events } = report.clone();
             move |p: &Progress| {
                 let line = ProgressLine {
                     progress: PassProgress::from(p),
                 };
-                let _ = write_line(&progress_conn, &line);
-                outgoing.progress(line.progress);
+                if let Some(conn) = &progress_conn {
+                    let _ = write_line(conn, &line);
+                }
+                let figures = MigrationFigures::after_pass(p, started.elapsed().as_millis() as u64);
+                outgoing.progress(line.progress.clone(), figures.clone());
+                events.publish(
+                    Side::Source,
+                    Event::Pass {
+                        progress: line.progress,
+                        stats: figures,
+                    },
+                );
             }
         })),
+        observer: Observer::new({
+            let events = report.events.clone();
+            move |m| match m {
+                Milestone::Paused => events.publish(Side::Source, Event::Paused),
+                Milestone::Committed => events.publish(Side::Source, Event::Committed),
+                Milestone::Restored | Milestone::Running => {}
+            }
+        }),
         ..default
     };
     info!("migrating to {}", args.to);
-    let stats = send_migration(&mut source, &mut connection, options).map_err(|e| Failed {
-        outcome_unknown: e.is_outcome_unknown(),
-        message: error_chain(&e),
-    })?;
+    let stats = send_migration(&mut source, &mut connection, options)?;
     let stays = is_file && args.keep_running;
     if stays {
         lock(vmm).resume().map_err(|e| error_chain(&e))?;
     }
     info!("migration to {} complete: {stats}", args.to);
-    Ok((summary(&stats, &source, args), !stays))
+    let summary = summary(&stats, &source, args, lock(vmm).config().mem_bytes);
+    report.outgoing.completed(summary.figures.clone());
+    Ok((summary, !stays))
 }
 
 /// The TLS configuration of a migration with `tls_dir`, loaded by this process, and the name
@@ -282,7 +357,12 @@ fn limits(args: &MigrateRequest) -> Limits {
 }
 
 /// The reply: headline figures at the top level, everything in `stats`.
-fn summary(stats: &MigrationStats, source: &SourceVm, args: &MigrateRequest) -> MigrateSummary {
+fn summary(
+    stats: &MigrationStats,
+    source: &SourceVm,
+    args: &MigrateRequest,
+    ram_bytes: u64,
+) -> MigrateSummary {
     let t = &stats.totals;
     let dest: Option<DestinationReport> = stats
         .destination_report
@@ -314,6 +394,7 @@ fn summary(stats: &MigrationStats, source: &SourceVm, args: &MigrateRequest) -> 
         source_rss_kib: super::rss_kib(),
         dest_rss_kib: dest.as_ref().map(|d| d.rss_kib),
         destination: dest,
+        figures: MigrationFigures::completed(stats, ram_bytes),
         stats: serde_json::to_value(stats).unwrap_or(serde_json::Value::Null),
     }
 }
