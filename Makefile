@@ -8,7 +8,7 @@ export MINIVMM_KERNEL := $(LINUX)/vmlinuz
 export MINIVMM_VMLINUX := $(LINUX)/vmlinux
 export MINIVMM_INITRAMFS := $(LINUX)/initramfs.cpio.gz
 
-.PHONY: all deps build kernel initramfs guest-linux fmt-check clippy doc import-cycles test-unit test-e2e test soak bench demo clean fuzz-deps fuzz-build fuzz fuzz-short
+.PHONY: all deps build rig-check kernel initramfs guest-linux fmt-check clippy doc import-cycles test-unit test-e2e test soak bench demo clean fuzz-deps fuzz-build fuzz fuzz-short
 
 all: build
 
@@ -47,7 +47,12 @@ doc:
 test-unit:
 	$(CARGO) test --workspace --exclude e2e
 
-test-e2e: build guest-linux
+## The two-host rig (scripts/rig.sh) needs root, iproute2's tc and either sch_netem or the
+## NFQUEUE delay line (`netdelay`, built with the workspace, and iptables): said once here.
+rig-check: deps
+	@if [ "$$(id -u)" -eq 0 ]; then scripts/rig.sh check; else echo "rig: not root, the rig tests will skip"; fi
+
+test-e2e: build guest-linux rig-check
 	$(CARGO) test --release -p e2e -- --test-threads=2
 
 test: fmt-check clippy doc import-cycles test-unit test-e2e fuzz-short

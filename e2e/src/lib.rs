@@ -15,6 +15,7 @@ pub mod linux;
 pub mod migrate;
 pub mod peer;
 pub mod qemu;
+pub mod rig;
 
 pub use vmm::require_kvm;
 pub use vmm::test_utils::{kvm_available, kvm_policy};
