@@ -2,17 +2,22 @@
 //! command line, side by side, plus microbenchmarks of the pieces that bound migration speed.
 //!
 //! Usage: `bench [--reps N] [--only NAME[,NAME]] [--downtime-ms N] [--dirty-tracker KIND]
-//! [--json] [--no-qemu] [--no-micro] [--report PATH]` (`--dirty-tracker` is passed to
+//! [--json] [--no-qemu] [--no-micro] [--no-rig] [--report PATH]` (`--dirty-tracker` is passed to
 //! minivmm's `run` and `receive`), or `bench --tls [--reps N] [--only NAME[,NAME]]`: plaintext
 //! TCP vs mutual TLS (default scenario `idle-4G`), and raw TLS throughput (see `tls.rs`).
 //!
 //! Besides the tables it writes `bench/report.html` (or `--report PATH`): the same figures as
 //! charts, and each scenario's median minivmm migration as a timeline (`report.rs`).
 //!
+//! Across hosts (as root): the rig's scenarios (`idle-4G@10GbE`, `writer-20k@1GbE`, …), each
+//! migrated by minivmm plain and with TLS and by QEMU plain and with TLS, over TCP between two
+//! network namespaces shaped like the link named ([`across`]).
+//!
 //! The `minivmm` measured is `$MINIVMM_BIN` (`make bench` sets it), else the one beside this
 //! executable (`target/release/minivmm` for `cargo run --release -p bench`, which does not
 //! build it).
 
+mod across;
 mod micro;
 mod qmp;
 mod report;
@@ -35,6 +40,7 @@ struct Args {
     micro: bool,
     tls: bool,
     report: PathBuf,
+    rig: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -48,6 +54,7 @@ fn parse_args() -> Result<Args, String> {
         micro: true,
         tls: false,
         report: Path::new(env!("CARGO_MANIFEST_DIR")).join("report.html"),
+        rig: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -66,6 +73,7 @@ fn parse_args() -> Result<Args, String> {
             "--no-micro" => a.micro = false,
             "--tls" => a.tls = true,
             "--report" => a.report = PathBuf::from(val("--report")?),
+            "--no-rig" => a.rig = false,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -172,6 +180,136 @@ fn run_reps(
         }
     }
     (ok, failed)
+}
+
+/// The rig's scenarios, each migrated the four ways, the ways interleaved in every repetition
+/// (so that drift of the host hits them alike). Returns the JSON report and whether a minivmm
+/// run failed.
+fn run_across(
+    args: &Args,
+    bin: &Path,
+    image: &Path,
+    qemu: Option<&Path>,
+) -> (Vec<serde_json::Value>, bool) {
+    use across::Way;
+    let scenarios: Vec<_> = across::all()
+        .into_iter()
+        .filter(|(s, link)| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| o.iter().any(|n| *n == across::name(s, *link)))
+        })
+        .collect();
+    if scenarios.is_empty() {
+        return (Vec::new(), false);
+    }
+    // SAFETY: geteuid(2) reads the process's credentials and has no failure mode.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("bench: across hosts: skipped, the rig needs root");
+        return (Vec::new(), false);
+    }
+    let caps = across::Caps::of(bin);
+    let rig = e2e::rig::Rig::up();
+    let certs = match across::Certs::make(&rig) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("bench: across hosts: no certificates, so no TLS runs: {e}");
+            None
+        }
+    };
+    let ways: Vec<Way> = Way::ALL
+        .into_iter()
+        .filter(|w| match w {
+            Way::Minivmm => true,
+            Way::MinivmmTls => caps.tls && certs.is_some(),
+            Way::Qemu => qemu.is_some(),
+            Way::QemuTls => qemu.is_some() && certs.is_some(),
+        })
+        .collect();
+    if !caps.tls {
+        eprintln!("bench: across hosts: this minivmm has no --tls-dir; minivmm TLS not measured");
+    }
+    let mut report = Vec::new();
+    let mut any_failed = false;
+    for (s, link) in &scenarios {
+        let name = across::name(s, *link);
+        rig.shape(*link);
+        eprintln!("bench: {name} (mem {}, cmdline {:?})", s.mem, s.cmdline);
+        let mut measured: Vec<(Vec<scenario::Measure>, Vec<String>)> =
+            ways.iter().map(|_| (Vec::new(), Vec::new())).collect();
+        for rep in 0..args.reps {
+            for (i, way) in ways.iter().enumerate() {
+                let tls = matches!(way, Way::MinivmmTls | Way::QemuTls)
+                    .then_some(certs.as_ref())
+                    .flatten();
+                let r = match (way, qemu) {
+                    (Way::Minivmm | Way::MinivmmTls, _) => {
+                        across::run_minivmm(&rig, s, bin, args.downtime_ms, caps, tls)
+                    }
+                    (Way::Qemu | Way::QemuTls, Some(q)) => {
+                        across::run_qemu(&rig, s, q, image, args.downtime_ms, tls)
+                    }
+                    (_, None) => continue,
+                };
+                match r {
+                    Ok(m) => measured[i].0.push(m),
+                    Err(e) => {
+                        eprintln!("bench: {name} {} run {}: FAILED: {e}", way.label(), rep + 1);
+                        any_failed |= matches!(way, Way::Minivmm | Way::MinivmmTls);
+                        measured[i].1.push(e);
+                    }
+                }
+            }
+        }
+        if !args.json {
+            println!(
+                "\n== {name} (mem {}, {} vCPU, \"{}\", TCP over the rig, downtime limit {} ms, {} reps)",
+                s.mem, s.cpus, s.cmdline, args.downtime_ms, args.reps
+            );
+            let mut header = format!("{:<22}", "metric");
+            for (w, (ok, _)) in ways.iter().zip(&measured) {
+                header.push_str(&format!(
+                    " {:>26}",
+                    format!("{} ({} ok)", w.label(), ok.len())
+                ));
+            }
+            println!("{header}");
+            for (label, f) in METRICS {
+                let mut row = format!("{label:<22}");
+                for (ok, _) in &measured {
+                    row.push_str(&format!(
+                        " {:>26}",
+                        cell(summarize(&ok.iter().map(f).collect::<Vec<_>>()))
+                    ));
+                }
+                println!("{row}");
+            }
+            let total = |w: Way| {
+                ways.iter().position(|x| *x == w).and_then(|i| {
+                    summarize(&measured[i].0.iter().map(|m| m.total_ms).collect::<Vec<_>>())
+                })
+            };
+            for (plain, tls, who) in [
+                (Way::Minivmm, Way::MinivmmTls, "minivmm"),
+                (Way::Qemu, Way::QemuTls, "QEMU"),
+            ] {
+                if let (Some(p), Some(t)) = (total(plain), total(tls)) {
+                    println!(
+                        "TLS cost, {who}: total time {:+.0} % (median {:.1} vs {:.1} ms)",
+                        (t.median / p.median - 1.0) * 100.0,
+                        t.median,
+                        p.median
+                    );
+                }
+            }
+        }
+        let mut entry = json!({"scenario": s, "link": link.label(), "name": name});
+        for (w, (ok, failed)) in ways.iter().zip(&measured) {
+            entry[w.label()] = json!({"runs": ok, "failures": failed});
+        }
+        report.push(entry);
+    }
+    (report, any_failed)
 }
 
 fn main() {
@@ -298,13 +436,23 @@ fn main() {
         Ok(()) => eprintln!("bench: report written to {}", args.report.display()),
         Err(e) => eprintln!("bench: writing {}: {e}", args.report.display()),
     }
+    let across = if args.rig {
+        let (r, failed) = run_across(&args, &bin, &image, qemu.as_deref());
+        any_failed |= failed;
+        r
+    } else {
+        Vec::new()
+    };
     let micro = if args.micro {
         micro::run(!args.json)
     } else {
         json!(null)
     };
     if args.json {
-        println!("{}", json!({"scenarios": report, "micro": micro}));
+        println!(
+            "{}",
+            json!({"scenarios": report, "across_hosts": across, "micro": micro})
+        );
     }
     if any_failed {
         eprintln!("bench: some minivmm runs failed (see above)");

@@ -80,7 +80,7 @@ pub struct Measure {
 }
 
 /// Phase `name` of a `[[name, us], ...]` list in migrate's JSON statistics, in ms.
-fn phase_ms(phases: &serde_json::Value, name: &str) -> f64 {
+pub(crate) fn phase_ms(phases: &serde_json::Value, name: &str) -> f64 {
     phases
         .as_array()
         .and_then(|a| a.iter().find(|p| p[0] == name))
@@ -88,9 +88,9 @@ fn phase_ms(phases: &serde_json::Value, name: &str) -> f64 {
         .map_or(f64::NAN, |us| us / 1000.0)
 }
 
-const T: Duration = Duration::from_secs(120);
+pub(crate) const T: Duration = Duration::from_secs(120);
 
-fn cpu_ms(pid: u32) -> f64 {
+pub(crate) fn cpu_ms(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -102,14 +102,14 @@ fn cpu_ms(pid: u32) -> f64 {
     ticks * 1000.0 / hz
 }
 
-fn first_verify(p: &mut Proc, started: Instant) -> Result<f64, String> {
+pub(crate) fn first_verify(p: &mut Proc, started: Instant) -> Result<f64, String> {
     p.try_wait_line_from(0, T, &|l| VerifyOk::parse(l).is_some())
         .map_err(|e| format!("{}: no VERIFY-OK: {e}", p.name))?;
     Ok(started.elapsed().as_secs_f64() * 1000.0)
 }
 
 /// After the migration the destination's guest must verify again, with nothing failed.
-fn verified_after(dst: &mut Proc, from: usize) -> Result<(), String> {
+pub(crate) fn verified_after(dst: &mut Proc, from: usize) -> Result<(), String> {
     for _ in 0..2 {
         let n = dst.line_count();
         dst.try_wait_line_from(from.max(n), T, &|l| VerifyOk::parse(l).is_some())
@@ -128,7 +128,7 @@ fn verified_after(dst: &mut Proc, from: usize) -> Result<(), String> {
     Ok(())
 }
 
-fn settle(p: &mut Proc, s: &Scenario) -> Result<(), String> {
+pub(crate) fn settle(p: &mut Proc, s: &Scenario) -> Result<(), String> {
     if s.cmdline.contains("rate=0") {
         // Idle guests: wait until every CPU has filled its slice and verified once.
         p.try_wait_line_from(0, T, &|l| l.starts_with("FILL-DONE"))?;
@@ -346,11 +346,11 @@ pub fn run_qemu(
     })
 }
 
-fn p(path: &Path) -> &str {
+pub(crate) fn p(path: &Path) -> &str {
     path.to_str().unwrap_or_default()
 }
 
-fn strings(a: &[&str]) -> Vec<String> {
+pub(crate) fn strings(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
 
