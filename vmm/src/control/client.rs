@@ -39,7 +39,7 @@ pub enum ClientError {
 }
 
 /// Send `req` to the control socket at `path` and read its reply, whose body is a `T`
-/// (for example [`Done`](super::protocol::Done) or [`VmStatus`](super::protocol::VmStatus)).
+/// (for example [`Done`] or [`VmStatus`](super::protocol::VmStatus)).
 pub fn request<T: DeserializeOwned>(path: &Path, req: &Request) -> Result<Reply<T>, ClientError> {
     request_line(
         path,
