@@ -76,6 +76,31 @@ fn a_detached_migration_is_followed_through_events_and_status_on_both_sides() {
         (&true.into(), &true.into(), &to.clone().into())
     );
 
+    // While the bulk pass runs (a second at 16 MB/s) both sides' status say what they do.
+    src_events.wait(Side::Source, T, |e| matches!(e, Event::Setup { .. }));
+    dst_events.wait(Side::Destination, T, |e| {
+        matches!(e, Event::Receiving { .. })
+    });
+    let running: VmStatus = control(&src.api, &Request::Status)
+        .and_then(Reply::into_result)
+        .expect("source status");
+    let migration = running
+        .migration
+        .expect("the source's status shows the migration");
+    assert_eq!(
+        (migration.to.as_str(), migration.moved),
+        (to.as_str(), false)
+    );
+    let receiving: IncomingStatus = control(&dst.api, &Request::Status)
+        .and_then(Reply::into_result)
+        .expect("destination status");
+    assert_eq!(
+        (receiving.state, receiving.listen.as_str()),
+        (
+            vmm::control::protocol::IncomingState::Receiving,
+            to.as_str()
+        )
+    );
     let completed = src_events.wait(Side::Source, T, |e| {
         matches!(e, Event::Completed { .. } | Event::Failed { .. })
     });
