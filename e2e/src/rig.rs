@@ -65,12 +65,56 @@ pub struct Guest<'a> {
     pub cmdline: &'a str,
 }
 
-/// Extra flags of each side for the migration's transport (TLS, once it exists): the
-/// source's `migrate` and the destination's `receive`.
+/// Extra flags of each side for the migration's transport: the source's `migrate` and the
+/// destination's `receive`.
 #[derive(Clone, Debug, Default)]
 pub struct TransportFlags {
     pub source: Vec<String>,
     pub destination: Vec<String>,
+}
+
+impl TransportFlags {
+    /// Plaintext TCP: the destination listens on a non-loopback address, which it must be
+    /// told is meant.
+    pub fn plaintext() -> TransportFlags {
+        TransportFlags {
+            source: Vec::new(),
+            destination: vec!["--insecure-plaintext".into()],
+        }
+    }
+
+    /// Mutual TLS: `minivmm tls-init` makes a CA and the source's certificate (named by its
+    /// address), then the destination's with the same CA; the destination allows only the
+    /// source's name.
+    pub fn tls(rig: &Rig, dir: &TempDir) -> TransportFlags {
+        let (src, dst) = (dir.join("src-tls"), dir.join("dst-tls"));
+        let src_name = rig.addr(Host::Src);
+        tls_init(&src, &src_name, None);
+        tls_init(&dst, &rig.addr(Host::Dst), Some(&src));
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        TransportFlags {
+            source: vec!["--tls-dir".into(), path(&src)],
+            destination: vec![
+                "--tls-dir".into(),
+                path(&dst),
+                "--tls-allow".into(),
+                src_name,
+            ],
+        }
+    }
+}
+
+/// `minivmm tls-init DIR --name NAME [--ca CA]`, which must succeed.
+fn tls_init(dir: &Path, name: &str, ca: Option<&Path>) {
+    let dir_s = dir.to_string_lossy().into_owned();
+    let mut args = vec!["tls-init", &dir_s, "--name", name];
+    let ca_s = ca.map(|c| c.to_string_lossy().into_owned());
+    if let Some(c) = &ca_s {
+        args.extend(["--ca", c]);
+    }
+    let mut p = Proc::minivmm("tls-init", &args);
+    let st = p.wait_exit(T).expect("tls-init finished");
+    assert!(st.success(), "tls-init failed: {}", p.stderr());
 }
 
 /// Whether the rig can run here: root (namespaces, tc). Otherwise a skip, or a failure

@@ -1,6 +1,7 @@
 //! Migration between two hosts on one machine (issue 13, item 2): the source in one network
 //! namespace, the destination in another, over TCP on a veth pair shaped like 10 GbE or 1 GbE
-//! (`scripts/rig.sh`). Idle and busy guests migrate and verify over both links; a link cut in
+//! (`scripts/rig.sh`), with mutual TLS (and plaintext on one way back). Idle and busy guests
+//! migrate and verify over both links; a link cut in
 //! the bulk pass, and one at the commit point, end with the guest running in exactly one
 //! place (judged from the guests' `VERIFY-OK` lines, as the fault matrix does); a writer
 //! faster than the 1 GbE link converges, throttled. Each test brings up a rig of its own and
@@ -21,9 +22,9 @@ const BUSY: &str = "touch=16M rate=2000 verify_ms=100";
 /// The idle guest: 64 MiB written once, then only verified.
 const IDLE: &str = "touch=64M rate=0 verify_ms=100";
 
-/// The transport's flags on each side (TLS once it exists; none today).
-fn transport() -> TransportFlags {
-    TransportFlags::default()
+/// The transport the faulted tests use: mutual TLS, as between real hosts.
+fn transport(rig: &Rig, dir: &TempDir) -> TransportFlags {
+    TransportFlags::tls(rig, dir)
 }
 
 fn guest(mem: &'static str, cpus: u32, cmdline: &'static str) -> Guest<'static> {
@@ -36,9 +37,15 @@ fn with<'a>(base: &[&'a str], more: &'a [String]) -> Vec<&'a str> {
     v
 }
 
-/// Migrates `vm` from `from` to the other host over the rig; returns the destination.
-fn hop(rig: &Rig, dir: &TempDir, vm: &mut Vm, to_host: Host, name: &str, cpus: u64) -> Vm {
-    let flags = transport();
+/// Migrates `vm` to `to_host` over the rig with `flags`; returns the destination.
+fn hop(
+    rig: &Rig,
+    dir: &TempDir,
+    flags: &TransportFlags,
+    (vm, to_host): (&mut Vm, Host),
+    name: &str,
+    cpus: u64,
+) -> Vm {
     let (mut dst, to) = rig.receive(dir, to_host, name, &with(&[], &flags.destination), &[]);
     let m = migrate(&vm.api, &to, &with(&["--verify-memory"], &flags.source));
     let summary = match m.reply {
@@ -58,6 +65,7 @@ fn hop(rig: &Rig, dir: &TempDir, vm: &mut Vm, to_host: Host, name: &str, cpus: u
     dst
 }
 
+/// Over 10 GbE with mutual TLS, back over 1 GbE in plaintext.
 #[test]
 fn idle_and_busy_guests_migrate_over_10gbe_and_1gbe() {
     require_kvm!();
@@ -71,11 +79,14 @@ fn idle_and_busy_guests_migrate_over_10gbe_and_1gbe() {
     let mut busy = rig.run_vm(&dir, Host::Src, "busy", guest("256M", 2, BUSY), &[]);
     idle.rounds(0, 1);
     busy.rounds(1, 1);
-    let mut idle = hop(&rig, &dir, &mut idle, Host::Dst, "idle-10g", 1);
-    let mut busy = hop(&rig, &dir, &mut busy, Host::Dst, "busy-10g", 2);
+    // Over TLS there, plaintext back.
+    let tls = transport(&rig, &dir);
+    let plain = TransportFlags::plaintext();
+    let mut idle = hop(&rig, &dir, &tls, (&mut idle, Host::Dst), "idle-10g", 1);
+    let mut busy = hop(&rig, &dir, &tls, (&mut busy, Host::Dst), "busy-10g", 2);
     rig.shape(Link::OneGbE);
-    hop(&rig, &dir, &mut idle, Host::Src, "idle-1g", 1);
-    hop(&rig, &dir, &mut busy, Host::Src, "busy-1g", 2);
+    hop(&rig, &dir, &plain, (&mut idle, Host::Src), "idle-1g", 1);
+    hop(&rig, &dir, &plain, (&mut busy, Host::Src), "busy-1g", 2);
 }
 
 /// Whether `vm`'s guest printed `VERIFY-OK` lines after line `from`.
@@ -134,7 +145,7 @@ fn a_link_cut_in_the_bulk_pass_leaves_the_guest_at_the_source() {
     let rig = Rig::up();
     let dir = TempDir::new("rig-cut-bulk");
     rig.shape(Link::OneGbE);
-    let flags = transport();
+    let flags = transport(&rig, &dir);
     let mut src = rig.run_vm(&dir, Host::Src, "src", guest("256M", 2, BUSY), &[]);
     src.rounds(0, 1);
     let (mut dst, to) = rig.receive(
@@ -168,7 +179,7 @@ fn a_link_cut_in_the_bulk_pass_leaves_the_guest_at_the_source() {
     e2e::migrate::assert_no_guest_ran(&dst.proc);
     // Healed, the next migration goes through.
     drop(dst);
-    hop(&rig, &dir, &mut src, Host::Dst, "after-heal", 2);
+    hop(&rig, &dir, &flags, (&mut src, Host::Dst), "after-heal", 2);
 }
 
 /// The link is cut while the source holds at the commit point (`before-go:stall`): the
@@ -186,7 +197,7 @@ fn a_link_cut_at_the_commit_point_never_runs_the_guest_twice() {
     let rig = Rig::up();
     let dir = TempDir::new("rig-cut-commit");
     rig.shape(Link::TenGbE);
-    let flags = transport();
+    let flags = transport(&rig, &dir);
     let fault = dir.join("src.fault");
     std::fs::write(&fault, "before-go:stall:2500").expect("fault file");
     let env = format!("@{}", fault.display());
@@ -260,7 +271,7 @@ fn a_writer_faster_than_the_1gbe_link_is_throttled_until_it_converges() {
     let rig = Rig::up();
     let dir = TempDir::new("rig-writer");
     rig.shape(Link::OneGbE);
-    let flags = transport();
+    let flags = transport(&rig, &dir);
     let mut src = rig.run_vm(
         &dir,
         Host::Src,
