@@ -5,8 +5,9 @@ one repetition of each per round, so that every candidate sees the same host loa
     scripts/bench-ab.py --rounds 5 --only idle-4G,idle-16G \\
         main=/tmp/minivmm-main ours=target/release/minivmm ring=target/release/minivmm:ring
 
-Each LABEL=BIN[:TRACKER] runs `target/release/bench --only S --reps 1 --no-qemu --no-micro
---json` with MINIVMM_BIN=BIN (and `--dirty-tracker TRACKER`); the label `qemu` (no binary)
+Each LABEL=BIN[:TRACKER][@BENCH] runs `target/release/bench --only S --reps 1 --no-qemu
+--no-micro --json` (or BENCH: an older tree's bench, for an older tree's binary) with
+MINIVMM_BIN=BIN (and `--dirty-tracker TRACKER`); the label `qemu` (no binary)
 takes QEMU's figures from a run with QEMU instead. Prints, per scenario and metric, the median
 and [min-max] of every label, and the load average before and after. Needs
 `cargo build --release -p bench` first.
@@ -44,6 +45,9 @@ def one(bench, scenario, label, spec):
     else:
         key = "minivmm"
         args.append("--no-qemu")
+        spec, _, own_bench = spec.partition("@")
+        if own_bench:
+            args[0] = own_bench
         binary, _, tracker = spec.partition(":")
         env["MINIVMM_BIN"] = binary
         if tracker:
@@ -72,7 +76,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", required=True, help="scenario names, comma-separated")
     ap.add_argument("--bench", default="target/release/bench")
-    ap.add_argument("candidates", nargs="+", help="LABEL=BIN[:TRACKER], or qemu")
+    ap.add_argument("candidates", nargs="+", help="LABEL=BIN[:TRACKER][@BENCH], or qemu")
     a = ap.parse_args()
     cands = []
     for c in a.candidates:
