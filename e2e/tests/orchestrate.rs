@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use e2e::events::Events;
-use e2e::migrate::{assert_keeps_verifying, listening, Vm, T};
+use e2e::migrate::{assert_keeps_verifying, listening, migrate, migrate_ok, Vm, T};
 use e2e::{control, require_kvm, Proc, TempDir};
 use vmm::control::protocol::{Event, IncomingStatus, Reply, Request, Side, VmStatus};
 
@@ -213,4 +213,64 @@ fn a_detached_migration_that_fails_says_why_in_events_and_status() {
     );
     assert!(status.migration.is_none(), "nothing runs any more");
     src.rounds(0, 2);
+}
+
+/// The destination's events when a stream is refused and the next one is taken: `failed`
+/// naming why, `waiting` again (a refused configuration spends no attempt), then the whole
+/// successful sequence; the refused source says `failed` too and its guest runs on.
+#[test]
+fn a_refused_stream_then_a_good_one_in_the_destinations_events() {
+    require_kvm!();
+    let dir = TempDir::new("refused-events");
+    let mut small = Vm::run(&dir, "small", "256M", 1, GUEST);
+    let mut right = Vm::run(&dir, "right", "512M", 1, GUEST);
+    small.rounds(0, 1);
+    right.rounds(0, 1);
+    let mut dst = Vm::receive(
+        &dir,
+        "dst",
+        "tcp:127.0.0.1:0",
+        &["--mem", "512M", "--cpus", "1"],
+    );
+    let to = listening(&mut dst);
+    let dst_events = Events::follow("dst", &dst.api);
+    let small_events = Events::follow("small", &small.api);
+    dst_events.wait(Side::Destination, T, |e| matches!(e, Event::Waiting { .. }));
+
+    let refused = migrate(&small.api, &to, &[]);
+    assert!(!refused.ok, "a 256M guest into --mem 512M is refused");
+    let failed = dst_events.wait(Side::Destination, T, |e| matches!(e, Event::Failed { .. }));
+    let Event::Failed { reason } = &failed.event else {
+        unreachable!()
+    };
+    assert!(
+        reason.contains("256M of memory") && reason.contains("built for 512M"),
+        "{reason}"
+    );
+    let src_failed = small_events.wait(Side::Source, T, |e| matches!(e, Event::Failed { .. }));
+    let Event::Failed { reason: told } = &src_failed.event else {
+        unreachable!()
+    };
+    assert!(
+        told.contains("512") || told.contains("mem"),
+        "the source is told: {told}"
+    );
+    small.rounds(0, 2);
+
+    migrate_ok(&mut right, &to, &[]);
+    dst_events.wait(Side::Destination, T, |e| matches!(e, Event::Running));
+    assert_eq!(
+        dst_events.names(Side::Destination),
+        [
+            "waiting",
+            "receiving",
+            "failed",
+            "waiting",
+            "receiving",
+            "restored",
+            "committed",
+            "running"
+        ]
+    );
+    assert_keeps_verifying(&mut dst, 1);
 }
