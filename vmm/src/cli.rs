@@ -121,7 +121,8 @@ pub struct RunArgs {
     /// How the VM tracks its guest's writes for migration: bitmap (default: KVM's dirty
     /// bitmaps, initially set where KVM offers it), bitmap-protect (every page
     /// write-protected when a migration starts), ring or ring:ENTRIES (KVM's per-vCPU dirty
-    /// rings, 65536 entries each by default).
+    /// rings, 65536 entries each by default; experimental: its migrations always verify guest
+    /// memory, as --verify-memory does).
     #[arg(long, value_name = "KIND")]
     pub dirty_tracker: Option<String>,
 }

@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use super::outgoing::Outgoing;
 use super::source_vm::SourceVm;
+use crate::config::DirtyTracker;
 use crate::control::events::EventBus;
 use crate::control::protocol::{
     DestinationReport, Event, MigrateRequest, MigrateSummary, MigrationFigures, OnDeadline,
@@ -173,7 +174,16 @@ fn migrate(
         .into());
     }
     let tls = tls_client(args, &endpoint)?;
-    let mut source = SourceVm::new(vmm.clone(), args.verify_memory).map_err(|e| error_chain(&e))?;
+    // The dirty ring is experimental: where guest code is emulated KVM has been seen to
+    // overrun it and lose writes (README, "Dirty ring"). A migration that copies memory with
+    // it therefore always verifies that memory end to end, so that a lost write makes the
+    // destination refuse (the source resumes) instead of running a damaged guest.
+    let ring = matches!(lock(vmm).config().dirty_tracker, DirtyTracker::Ring { .. });
+    let verify_memory = args.verify_memory || (ring && !args.local);
+    if verify_memory && !args.verify_memory {
+        info!("the dirty ring is experimental: this migration verifies guest memory end to end");
+    }
+    let mut source = SourceVm::new(vmm.clone(), verify_memory).map_err(|e| error_chain(&e))?;
     let faults = armed_faults().map_err(|e| error_chain(&e))?;
     let connect_timeout = ms(args.connect_timeout_ms).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let connection = endpoint
