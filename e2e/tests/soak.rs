@@ -28,6 +28,17 @@ const FLAGS: &[&str] = &[
     "3000",
 ];
 const ACTIONS: &[&str] = &["fail", "silence", "stall:2500"];
+/// Added for a faulted attempt, so that it reaches every pre-commit point, `mid-dirty`
+/// included: no downtime fits 0 ms while pages are dirty, and at 128 MB/s the bulk pass of
+/// 32 MiB lasts long enough (a quarter of a second) that the guest always writes during it.
+const FAULTED_FLAGS: &[&str] = &[
+    "--downtime-ms",
+    "0",
+    "--max-passes",
+    "3",
+    "--max-bandwidth",
+    "128M",
+];
 
 /// Deterministic pseudo-random numbers, SplitMix64 (the seed is printed, to replay a run).
 struct Rng(u64);
@@ -137,7 +148,7 @@ fn soak_ping_pong_with_faults() {
             let spec = format!("{point}:{action}");
             let armed = if on_source { &here.fault } else { &long.fault };
             std::fs::write(armed, &spec).expect("arm");
-            let m = migrate(&here.vm.api, &l_uri, FLAGS);
+            let m = migrate(&here.vm.api, &l_uri, &[FLAGS, FAULTED_FLAGS].concat());
             std::fs::write(armed, "").expect("disarm");
             eprintln!(
                 "soak {n}: faulted attempt {spec} on the {}: {}",
