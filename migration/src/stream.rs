@@ -53,6 +53,29 @@ impl<'t> RecordWriter<'t> {
         parts: &[&[u8]],
         crc: u32,
     ) -> io::Result<u64> {
+        self.write_parts(kind, parts, crc, &[])
+    }
+
+    /// [`write_record`](Self::write_record) with `fds` attached to the record's first byte
+    /// (`SCM_RIGHTS`; unix sockets only).
+    pub fn write_record_with_fds(
+        &mut self,
+        kind: RecordKind,
+        parts: &[&[u8]],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> io::Result<u64> {
+        let crc = parts.iter().fold(0, |c, p| crc32c::crc32c_append(c, p));
+        self.write_parts(kind, parts, crc, fds)
+    }
+
+    /// One record (header, then `parts`) in one send, `fds` attached if there are any.
+    fn write_parts(
+        &mut self,
+        kind: RecordKind,
+        parts: &[&[u8]],
+        crc: u32,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> io::Result<u64> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         debug_assert!(len <= kind.max_payload(), "{kind} payload of {len} bytes");
         let header = RecordHeader {
@@ -64,37 +87,11 @@ impl<'t> RecordWriter<'t> {
         let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
         all.push(&header);
         all.extend_from_slice(parts);
-        self.t.send(&all)?;
-        self.chain = crc32c::crc32c_append(self.chain, &header);
-        self.records += 1;
-        let written = (RECORD_HEADER_LEN + len) as u64;
-        self.bytes += written;
-        Ok(written)
-    }
-
-    /// [`write_record`](Self::write_record) with `fds` attached to the record's first byte
-    /// (`SCM_RIGHTS`; unix sockets only).
-    pub fn write_record_with_fds(
-        &mut self,
-        kind: RecordKind,
-        parts: &[&[u8]],
-        fds: &[std::os::fd::BorrowedFd<'_>],
-    ) -> io::Result<u64> {
         if fds.is_empty() {
-            return self.write_record(kind, parts);
+            self.t.send(&all)?;
+        } else {
+            self.t.send_with_fds(&all, fds)?;
         }
-        let crc = parts.iter().fold(0, |c, p| crc32c::crc32c_append(c, p));
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        let header = RecordHeader {
-            kind,
-            len: len as u32,
-            payload_crc: crc,
-        }
-        .encode();
-        let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
-        all.push(&header);
-        all.extend_from_slice(parts);
-        self.t.send_with_fds(&all, fds)?;
         self.chain = crc32c::crc32c_append(self.chain, &header);
         self.records += 1;
         let written = (RECORD_HEADER_LEN + len) as u64;
