@@ -88,14 +88,21 @@ impl Default for RamSendConfig {
 pub enum PassError {
     #[error("Writing the migration stream failed")]
     Send(#[from] io::Error),
+    #[error(transparent)]
+    DirtyLog(#[from] DirtyLogError),
+}
+
+/// The VM's dirty log failed a RAM pass (the migration reports it as it is).
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyLogError {
     #[error("Fetching the dirty log of region {region} failed")]
-    FetchDirtyLog {
+    Fetch {
         region: usize,
         #[source]
         source: VmOpError,
     },
     #[error("Clearing the dirty log of region {region} from page {first_page} failed")]
-    ClearDirtyLog {
+    Clear {
         region: usize,
         first_page: usize,
         #[source]
@@ -236,7 +243,7 @@ impl RamSender {
     pub fn collect_dirty<L: DirtyLog + ?Sized>(&mut self, log: &mut L) -> Result<u64, PassError> {
         for region in 0..self.regions.len() {
             log.fetch_dirty_log(region, &mut self.pending[region])
-                .map_err(|source| PassError::FetchDirtyLog { region, source })?;
+                .map_err(|source| DirtyLogError::Fetch { region, source })?;
             self.settle_uncleared(region);
         }
         Ok(self.pending_pages())
@@ -389,7 +396,7 @@ impl RamSender {
                 }
                 if !self.paused {
                     log.clear_dirty_log(r, w0 * 64, window).map_err(|source| {
-                        PassError::ClearDirtyLog {
+                        DirtyLogError::Clear {
                             region: r,
                             first_page: w0 * 64,
                             source,
@@ -474,11 +481,12 @@ impl RamSender {
             set_bits(&mut self.mask, s, len);
         }
         log.clear_dirty_log(r, start, &self.mask)
-            .map_err(|source| PassError::ClearDirtyLog {
+            .map_err(|source| DirtyLogError::Clear {
                 region: r,
                 first_page: start,
                 source,
-            })
+            })?;
+        Ok(())
     }
 
     /// Pages `page..page + n` of region `r`, known zero without reading (never touched):

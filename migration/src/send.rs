@@ -25,7 +25,7 @@ use crate::fault::{FaultPoint, Faults, FaultyTransport, InjectedFault};
 use crate::memory::{layout_of, RamRegion};
 use crate::observe::{Milestone, Observer};
 use crate::precopy::{self, Decision, Limits};
-use crate::ram_send::{PassError, RamSendConfig, RamSender};
+use crate::ram_send::{DirtyLogError, PassError, RamSendConfig, RamSender};
 use crate::records::{
     encode_layout, encode_local_memory, encode_message, PassDone, PassMark, Ready, Restored,
     StateBlob,
@@ -173,19 +173,8 @@ pub enum SourceError {
     DeadlinePassed(Duration),
     #[error("Starting dirty logging failed")]
     StartDirtyLog(#[source] VmOpError),
-    #[error("Fetching the dirty log of region {region} failed")]
-    FetchDirtyLog {
-        region: usize,
-        #[source]
-        source: VmOpError,
-    },
-    #[error("Clearing the dirty log of region {region} from page {first_page} failed")]
-    ClearDirtyLog {
-        region: usize,
-        first_page: usize,
-        #[source]
-        source: VmOpError,
-    },
+    #[error(transparent)]
+    DirtyLog(#[from] DirtyLogError),
     #[error("Invalid PassDone reply: {0}")]
     TornPages(#[source] crate::ram_send::TornOutside),
     #[error("Stopping dirty logging failed")]
@@ -787,18 +776,7 @@ fn wait_until_applied(w: &mut RecordWriter<'_>, pass: u32) -> Result<PassDone, S
 fn pass_error(w: &mut RecordWriter<'_>, e: PassError) -> SourceError {
     match e {
         PassError::Send(e) => send_error(w, e),
-        PassError::FetchDirtyLog { region, source } => {
-            SourceError::FetchDirtyLog { region, source }
-        }
-        PassError::ClearDirtyLog {
-            region,
-            first_page,
-            source,
-        } => SourceError::ClearDirtyLog {
-            region,
-            first_page,
-            source,
-        },
+        PassError::DirtyLog(e) => SourceError::DirtyLog(e),
     }
 }
 
