@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use e2e::rig::{Host, Link, Rig};
 use e2e::{Proc, TempDir};
 use serde_json::{json, Value};
-use vmm::control::protocol::{ListeningLine, MigrateSummary, Reply};
+use vmm::control::protocol::ListeningLine;
 
 use crate::qmp::Qmp;
 use crate::scenario::{
-    cpu_ms, first_verify, p, phase_ms, settle, strings, verified_after, Measure, Scenario, T,
+    cpu_ms, first_verify, migrate_and_measure, p, settle, strings, verified_after, Measure,
+    Scenario, T,
 };
 
 /// The rig's scenarios: idle 4 GiB and the 20,000 pages/s writer, over each link.
@@ -285,36 +286,7 @@ pub fn run_minivmm(
         "--json",
     ]);
     args.extend(src_flags);
-    let mut m = Proc::spawn("minivmm-migrate", bin, &args);
-    let st = m.wait_exit(T).ok_or("migrate did not finish")?;
-    let src_cpu = cpu_ms(src.pid()) - cpu0;
-    let out = m.lines().join("\n");
-    if !st.success() {
-        return Err(format!("migrate failed: {}\n{}", m.stderr(), out));
-    }
-    let summary = match serde_json::from_str::<Reply<MigrateSummary>>(&out) {
-        Ok(Reply::Ok(s)) => s,
-        Ok(Reply::Error(e)) => return Err(format!("migrate failed: {e}")),
-        Err(e) => return Err(format!("migrate --json output: {e}: {out}")),
-    };
-    verified_after(&mut dst, 0)?;
-    Ok(Measure {
-        boot_to_verify_ms: boot,
-        total_ms: summary.total_ms,
-        downtime_ms: summary.downtime_ms,
-        reported_downtime_ms: summary.downtime_ms,
-        bytes: summary.bytes_sent as f64,
-        passes: summary.passes as f64,
-        src_rss_mib: summary.source_rss_kib as f64 / 1024.0,
-        dst_rss_mib: dst.rss_kib() as f64 / 1024.0,
-        src_cpu_ms: src_cpu,
-        dirty_log_on_ms: phase_ms(&summary.stats["setup_phases_us"], "start dirty log"),
-        bulk_pass_ms: summary.stats["passes"][0]["duration_us"]
-            .as_f64()
-            .map_or(f64::NAN, |us| us / 1000.0),
-        final_fetch_ms: phase_ms(&summary.stats["downtime_phases_us"], "dirty log"),
-        stats: Some(summary.stats),
-    })
+    migrate_and_measure(bin, &args, &src, &mut dst, cpu0, boot)
 }
 
 /// The port QEMU's destination listens on (each rig has namespaces of its own).

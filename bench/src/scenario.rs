@@ -248,7 +248,23 @@ pub fn run_minivmm_over(
     if s.local {
         args.push("--local".into());
     }
-    let mut m = Proc::spawn("minivmm-migrate", bin, &args);
+    let m = migrate_and_measure(bin, &args, &src, &mut dst, cpu0, boot)?;
+    assert_no_failure(&dst);
+    Ok(m)
+}
+
+/// Runs `minivmm migrate ARGS` (`--json`) from `src` (its CPU time `cpu0` ms before), waits
+/// for the destination `dst` to verify once more, and returns the run's figures from the
+/// summary (`boot`: the source's boot to its first verification).
+pub(crate) fn migrate_and_measure(
+    bin: &Path,
+    args: &[String],
+    src: &Proc,
+    dst: &mut Proc,
+    cpu0: f64,
+    boot: f64,
+) -> Result<Measure, String> {
+    let mut m = Proc::spawn("minivmm-migrate", bin, args);
     let st = m.wait_exit(T).ok_or("migrate did not finish")?;
     let src_cpu = cpu_ms(src.pid()) - cpu0;
     let out = m.lines().join("\n");
@@ -260,8 +276,7 @@ pub fn run_minivmm_over(
         Ok(Reply::Error(e)) => return Err(format!("migrate failed: {e}")),
         Err(e) => return Err(format!("migrate --json output: {e}: {out}")),
     };
-    verified_after(&mut dst, 0)?;
-    assert_no_failure(&dst);
+    verified_after(dst, 0)?;
     Ok(Measure {
         boot_to_verify_ms: boot,
         total_ms: summary.total_ms,
