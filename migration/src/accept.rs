@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use crate::fault::{FaultSpecError, Faults};
 use crate::receive::{read_handshake, Handshake, ReceiveOptions, ReceiveProgress};
-use crate::records::encode_message;
-use crate::stream::send_reply;
+use crate::records::{encode_message, Join};
+use crate::stream::{send_reply, ReaderState};
 use crate::sync::lock;
 use crate::tls::TlsServer;
 use crate::transport::{Connection, Deadline, Listener, Transport, TransportError};
@@ -372,7 +372,11 @@ fn serve(conn: Connection, peer: String, shared: &Shared) {
     let Some(mut conn) = secure(conn, &peer, shared) else {
         return;
     };
-    let busy = busy_message(&lock(&shared.state));
+    let busy = {
+        let s = lock(&shared.state);
+        // A receive waiting for its data connections reads what a connection sends first.
+        busy_message(&s).filter(|_| joins_of(&s).is_none())
+    };
     match busy {
         Some(message) => {
             log::warn!("Connection from {peer} refused: {message}");
@@ -465,6 +469,10 @@ fn handshake(mut conn: Connection, peer: String, shared: &Shared) {
             return;
         }
     };
+    let handshake = match handshake.into_join() {
+        Ok((join, reader)) => return hand_in(join, conn, reader, peer, shared),
+        Err(handshake) => *handshake,
+    };
     let mut s = lock(&shared.state);
     if s.stopped {
         drop(s);
@@ -478,14 +486,45 @@ fn handshake(mut conn: Connection, peer: String, shared: &Shared) {
         return;
     }
     log::info!("Connection from {peer}: migration stream begins");
+    let progress = Arc::new(ReceiveProgress::default());
+    progress.accept_joins();
     s.receiver = Receiver::Offered(Box::new(Offer {
         connection: conn,
         handshake,
         peer,
-        progress: Arc::default(),
+        progress,
         faults,
     }));
     shared.changed.notify_all();
+}
+
+/// The progress of the receive in progress if it waits for data connections.
+fn joins_of(s: &State) -> Option<Arc<ReceiveProgress>> {
+    match &s.receiver {
+        Receiver::Busy { progress, .. } if progress.joins().waiting() => Some(progress.clone()),
+        _ => None,
+    }
+}
+
+/// A data connection (its first record was `Join`): handed to the receive in progress if
+/// that waits for it, refused (and told why) otherwise.
+fn hand_in(join: Join, conn: Connection, reader: ReaderState, peer: String, shared: &Shared) {
+    let progress = joins_of(&lock(&shared.state));
+    let refused = match progress {
+        Some(p) => p.joins().offer(join, conn, reader, peer.clone()),
+        None => Err(Box::new((
+            conn,
+            "no migration here is waiting for data connections".to_string(),
+        ))),
+    };
+    match refused {
+        Ok(()) => log::debug!("Data connection {} from {peer} handed in", join.index),
+        Err(refused) => {
+            let (mut conn, message) = *refused;
+            log::warn!("Data connection from {peer} refused: {message}");
+            reply_error(&mut conn, &message);
+        }
+    }
 }
 
 /// Tells the peer `message` with an `Error` record and lets it read it before closing.

@@ -346,6 +346,10 @@ impl Transport for FaultyTransport<'_> {
         self.inner.recv(buf)
     }
 
+    fn wake_handle(&self) -> Option<std::os::fd::OwnedFd> {
+        self.inner.wake_handle()
+    }
+
     fn has_peer(&self) -> bool {
         self.inner.has_peer()
     }

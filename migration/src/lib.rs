@@ -69,6 +69,7 @@
 pub mod accept;
 pub mod cancel;
 pub mod checksum;
+pub mod connections;
 pub mod deadline;
 pub mod dirty;
 pub mod fake;

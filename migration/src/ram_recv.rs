@@ -74,6 +74,15 @@ pub enum RamLoadError {
     )]
     PageChecksum { offset: u64, guest_addr: u64 },
     #[error(
+        "Run {run} of the batch at offset {offset}: page {guest_addr:#x} came already in this \
+         pass (on another data connection)"
+    )]
+    TwiceInPass {
+        offset: u64,
+        run: usize,
+        guest_addr: u64,
+    },
+    #[error(
         "{pages} pages torn in live passes never arrived intact again (the first at \
          {guest_addr:#x}): the stream is corrupt"
     )]
@@ -96,6 +105,9 @@ pub struct RamReceiver {
     populator: Populator,
     /// The final pass (few pages, inside the downtime): allocate in this thread, no hand-off.
     final_pass: bool,
+    /// Pages that came in the live pass in progress over data connections: no page may come
+    /// twice in one pass, so the connections' readers never write the same memory.
+    claimed: Vec<DirtyBitmap>,
 }
 
 impl RamReceiver {
@@ -125,6 +137,28 @@ impl RamReceiver {
             stats: ReceiveStats::default(),
             populate: true,
             final_pass: false,
+            claimed: Vec::new(),
+        }
+    }
+
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    /// Starts a live pass whose pages come over data connections (`connections.rs`): none
+    /// claimed yet, and the allocating thread idle (the readers allocate their own runs).
+    pub fn begin_data_pass(&mut self) {
+        self.populator.drain();
+        if self.claimed.is_empty() {
+            self.claimed = self
+                .regions
+                .iter()
+                .map(|r| DirtyBitmap::new(r.pages()))
+                .collect();
+        } else {
+            for (map, r) in self.claimed.iter_mut().zip(&self.regions) {
+                map.clear_range(0, r.pages());
+            }
         }
     }
 
@@ -427,6 +461,109 @@ impl RamReceiver {
         }
         Ok(())
     }
+}
+
+/// [`RamReceiver::load_batch`] for a data connection's reader (`connections.rs`), several at
+/// once: the head is read and checked and the guest memory written without the lock; the
+/// lock is held to place and claim the runs (a page claimed twice in one pass is refused
+/// before any byte of it is written: no two readers ever write the same page) and to record
+/// what landed. Each reader allocates its own fresh runs.
+pub fn load_batch_shared(
+    rx: &std::sync::Mutex<&mut RamReceiver>,
+    regions: &[RamRegion],
+    reader: &mut RecordReader<'_>,
+    h: &RecordHeader,
+    offset: u64,
+) -> Result<(), RamLoadError> {
+    let mut prefix = [0u8; BATCH_PREFIX_LEN];
+    reader.read_exact(&mut prefix, "batch prefix")?;
+    let (run_count, data_pages) = decode_batch_prefix(&prefix, h.len, offset)?;
+    let table_len = run_count * RUN_DESC_LEN;
+    let mut head = vec![0u8; table_len + data_pages * PAGE_CRC_LEN];
+    reader.read_exact(&mut head, "run table")?;
+    if crc32c::crc32c_append(crc32c::crc32c(&prefix), &head) != h.payload_crc {
+        return Err(WireError::PayloadChecksum {
+            offset,
+            kind: RecordKind::RamPages,
+        }
+        .into());
+    }
+    let (table, crcs) = head.split_at(table_len);
+    let runs = decode_run_table(table, offset)?;
+
+    // Under the lock: place, claim, zero runs, mark data runs possibly non-zero.
+    let (data, populate) = {
+        let mut g = crate::sync::lock(rx);
+        let placed = g.place_runs(&runs, data_pages, offset)?;
+        for (i, p) in placed.iter().enumerate() {
+            if g.claimed[p.region].any_in(p.page, p.pages) {
+                return Err(RamLoadError::TwiceInPass {
+                    offset,
+                    run: i,
+                    guest_addr: runs[i].guest_addr,
+                });
+            }
+        }
+        let mut data = Vec::new();
+        for p in placed {
+            g.claimed[p.region].set_range(p.page, p.pages);
+            if p.zero {
+                g.stats.zero_pages += p.pages as u64;
+                g.zero_run(p.region, p.page, p.pages)?;
+                g.torn[p.region].clear_range(p.page, p.pages);
+                continue;
+            }
+            let fresh = !g.maybe_nonzero[p.region].get(p.page);
+            g.maybe_nonzero[p.region].set_range(p.page, p.pages);
+            data.push((p, fresh));
+        }
+        (data, g.populate)
+    };
+
+    // Without the lock: this reader's pages are claimed by it alone in this pass.
+    let mut populate_ok = true;
+    let mut landed = Vec::with_capacity(data_pages);
+    for (p, fresh) in &data {
+        let region = &regions[p.region];
+        if *fresh && populate && populate_ok {
+            populate_ok = region.populate(p.page, p.pages);
+        }
+        let ptr = region.page_ptr(p.page, p.pages);
+        // SAFETY: the run lies inside this region's live mapping (placed against the layout;
+        // page_ptr checks again), which outlives the receive; its pages were claimed by this
+        // reader alone for this pass (claims are checked and set under the lock, a page
+        // claimed twice is refused above), no other thread writes guest memory during a
+        // pass over data connections, and the destination guest does not run: this slice is
+        // the only access to these bytes while it lives.
+        let dst = unsafe { std::slice::from_raw_parts_mut(ptr, p.pages * PAGE_SIZE) };
+        let first = landed.len();
+        landed.resize(first + p.pages, 0);
+        reader.read_exact_with(dst, "page data", |at, piece| {
+            page_crcs_append(&mut landed[first..], at, piece)
+        })?;
+    }
+
+    // Under the lock: what landed torn, and the figures.
+    let mut g = crate::sync::lock(rx);
+    if !populate_ok {
+        g.populate = false;
+    }
+    let mut expected = crcs
+        .chunks_exact(PAGE_CRC_LEN)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    let mut got = landed.iter();
+    for (p, _) in &data {
+        for page in p.page..p.page + p.pages {
+            // One checksum per data page each side (lengths checked).
+            if got.next() == expected.next().as_ref() {
+                g.torn[p.region].clear_range(page, 1);
+            } else {
+                g.tear(p.region, page, offset)?;
+            }
+        }
+        g.stats.pages_written += p.pages as u64;
+    }
+    Ok(())
 }
 
 /// Extends the per-page checksums `crcs` (page `i` = bytes `i * PAGE_SIZE..`) with `piece`,

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use crate::cancel::{Cancel, DeadlineReached};
 use crate::checksum::page_crc_raw;
+use crate::connections::DataWriters;
 use crate::dirty::DirtyBitmap;
 use crate::fault::{FaultPoint, Faults};
 use crate::holes;
@@ -51,7 +52,7 @@ use crate::transport::GuestSpan;
 use crate::vm::{DirtyLog, VmOpError};
 use crate::wire::{
     RecordKind, MAX_BATCH_DATA_PAGES, MAX_BATCH_RUNS, PAGE_SIZE, PAGE_SIZE_U64, PASS_FINAL,
-    PASS_ZERO_ELIDED,
+    PASS_ZERO_ELIDED, RECORD_HEADER_LEN,
 };
 use crate::zero::is_zero_raw;
 
@@ -166,6 +167,8 @@ pub struct RamSender {
     /// the next record fails.
     deadline: Option<(Instant, Duration)>,
     faults: Faults,
+    /// The data connections that carry the live passes' records, if any (`connections.rs`).
+    data: Option<DataWriters>,
     #[cfg(test)]
     pub(crate) scan_hook: Option<Box<dyn FnMut(usize, usize) + Send>>,
 }
@@ -207,8 +210,32 @@ impl RamSender {
             cancel: Cancel::default(),
             deadline: None,
             faults: Faults::none(),
+            data: None,
             #[cfg(test)]
             scan_hook: None,
+        }
+    }
+
+    /// From now on the records go over `data`'s connections, until
+    /// [`finish_data`](Self::finish_data).
+    pub(crate) fn set_data(&mut self, data: DataWriters) {
+        self.data = Some(data);
+    }
+
+    /// Ends live pass `pass` on the data connections (none: nothing to do).
+    pub(crate) fn end_data_pass(&mut self, pass: u32) -> io::Result<()> {
+        match self.data.as_mut() {
+            Some(d) => d.pass_end(pass),
+            None => Ok(()),
+        }
+    }
+
+    /// Seals and closes the data connections: what follows goes over the control
+    /// connection. Returns the bytes they carried.
+    pub(crate) fn finish_data(&mut self) -> io::Result<u64> {
+        match self.data.take() {
+            Some(d) => d.finish(),
+            None => Ok(0),
         }
     }
 
@@ -652,7 +679,14 @@ impl RamSender {
             b.spans
                 .push(unsafe { GuestSpan::new(ptr, run.pages * PAGE_SIZE) });
         }
-        let written = w.write_record_guest(RecordKind::RamPages, &b.head, &b.spans)?;
+        let written = match self.data.as_mut() {
+            Some(data) => {
+                let len = b.head.len() + b.spans.iter().map(GuestSpan::len).sum::<usize>();
+                data.record(std::mem::take(&mut b.head), std::mem::take(&mut b.spans))?;
+                (RECORD_HEADER_LEN + len) as u64
+            }
+            None => w.write_record_guest(RecordKind::RamPages, &b.head, &b.spans)?,
+        };
         b.runs.clear();
         b.crcs.clear();
         b.spans.clear();

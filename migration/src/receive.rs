@@ -24,20 +24,22 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
+use crate::connections::{read_lane, DataPasses, Joins};
 use crate::fault::{FaultPoint, Faults, FaultyTransport};
 use crate::memory::layout_of;
 use crate::observe::{Milestone, Observer};
 use crate::ram_recv::{RamLoadError, RamReceiver};
 use crate::records::{
-    decode_layout, decode_local_memory, encode_message, EndRecord, PassBegin, PassDone, PassMark,
-    Ready, Restored, StateBlob,
+    decode_layout, decode_local_memory, encode_message, Connections, EndRecord, Join, PassBegin,
+    PassDone, PassMark, Ready, Restored, StateBlob,
 };
 use crate::stats::ReceiveStats;
 use crate::stream::{send_reply, ReaderState, RecordReader};
+use crate::sync::lock;
 use crate::transport::{Deadline, Transport};
 use crate::vm::{MigrationTarget, VmOpError};
 use crate::wire::{
@@ -87,6 +89,10 @@ pub struct ReceiveProgress {
     configured: AtomicBool,
     /// The receive failed (set before the peer is told): the receiver is free again.
     failed: AtomicBool,
+    /// Whoever serves the listening socket hands data connections in (`connections.rs`).
+    joinable: AtomicBool,
+    /// The data connections the receive waits for, and those that joined.
+    joins: Joins,
 }
 
 const OPEN: u8 = 0;
@@ -141,6 +147,17 @@ impl ReceiveProgress {
     /// Stream bytes received up to the last record header.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Data connections may join this receive: whoever serves the listening socket hands
+    /// them in through [`joins`](Self::joins).
+    pub fn accept_joins(&self) {
+        self.joinable.store(true, Ordering::Release);
+    }
+
+    /// Where data connections are handed in.
+    pub fn joins(&self) -> &Joins {
+        &self.joins
     }
 }
 
@@ -227,6 +244,31 @@ pub enum DestinationError {
     NoGo(std::time::Duration, #[source] WireError),
     #[error("Injected fault")]
     Fault(#[source] std::io::Error),
+    #[error("Connections record at offset {offset}: {why}")]
+    NoDataConnections { offset: u64, why: &'static str },
+    #[error("{arrived} of {count} data connections joined before the {what} deadline passed")]
+    JoinTimeout {
+        arrived: u32,
+        count: u32,
+        what: &'static str,
+    },
+    #[error("Data connection {index} did not send {what} before the {deadline} deadline passed")]
+    DataWait {
+        index: u32,
+        what: &'static str,
+        deadline: &'static str,
+    },
+    #[error("Data connection {index} failed")]
+    DataConnection {
+        index: u32,
+        #[source]
+        source: Box<DestinationError>,
+    },
+    #[error(
+        "This connection is a data connection (Join) of another migration, not a migration; \
+         none waits for it here"
+    )]
+    JoinWithoutMigration,
 }
 
 impl DestinationError {
@@ -265,6 +307,8 @@ pub fn receive_migration<T: MigrationTarget + ?Sized>(
 /// and a `Config` record (not yet checked by a target), read by [`read_handshake`].
 pub struct Handshake {
     config: Vec<u8>,
+    /// A data connection's `Join` (`connections.rs`) instead of `Config`.
+    join: Option<Join>,
     reader: ReaderState,
     /// When the handshake began: its deadline runs on until `Ready`.
     started: Instant,
@@ -274,7 +318,18 @@ impl std::fmt::Debug for Handshake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Handshake")
             .field("config_len", &self.config.len())
+            .field("join", &self.join)
             .finish_non_exhaustive()
+    }
+}
+
+impl Handshake {
+    /// A data connection of another migration: its `Join` and where its reader stands.
+    pub fn into_join(self) -> Result<(Join, ReaderState), Box<Handshake>> {
+        match self.join {
+            Some(join) => Ok((join, self.reader)),
+            None => Err(Box::new(self)),
+        }
     }
 }
 
@@ -324,11 +379,25 @@ pub fn read_handshake(
             .hit(FaultPoint::Connect)
             .map_err(DestinationError::Fault)?;
         reader.read_stream_header()?;
-        expect(&mut reader, RecordKind::Config, "Config")
+        let (h, offset) = reader.next_header()?;
+        match h.kind {
+            RecordKind::Config => Ok((reader.read_payload(&h, offset)?, None)),
+            RecordKind::Join => {
+                let join = Join::decode(&reader.read_payload(&h, offset)?, offset)?;
+                Ok((Vec::new(), Some(join)))
+            }
+            RecordKind::Abort => Err(aborted(&mut reader, &h, offset)),
+            kind => Err(DestinationError::Unexpected {
+                offset,
+                kind,
+                expected: "Config",
+            }),
+        }
     })();
     match read {
-        Ok(config) => Ok(Handshake {
+        Ok((config, join)) => Ok(Handshake {
             config,
+            join,
             reader: reader.into_state(),
             started,
         }),
@@ -345,6 +414,15 @@ pub fn receive_handshaken<T: MigrationTarget + ?Sized>(
     options: &ReceiveOptions,
 ) -> Result<ReceiveStats, DestinationError> {
     let mut transport = FaultyTransport::new(transport, options.faults.clone());
+    if handshake.join.is_some() {
+        let e = refuse(
+            &mut transport,
+            DestinationError::JoinWithoutMigration,
+            options,
+        );
+        log::error!("Receiving the migration failed: {e}");
+        return Err(e);
+    }
     let mut reader = RecordReader::resume(&mut transport, handshake.reader);
     let mut adopted = false;
     let result = receive(
@@ -488,7 +566,9 @@ fn receive<T: MigrationTarget + ?Sized>(
             .set_deadline(overall_deadline(started, options));
     }
 
-    let states = load_body(target, reader, rx.as_mut(), options)?;
+    let overall = overall_deadline(started, options);
+    let body = load_body(target, reader, rx.as_mut(), options, overall)?;
+    let states = body.states;
     if peer {
         // The whole stream is in: restoring it is this side's work, not the source's to hold.
         reader.transport().set_deadline(None);
@@ -498,7 +578,8 @@ fn receive<T: MigrationTarget + ?Sized>(
     stats.adopt_us = adopt_us;
     stats.pristine = pristine;
     stats.device_states = states.len() as u32;
-    stats.bytes = reader.offset();
+    stats.bytes = reader.offset() + body.data_bytes;
+    stats.data_connections = body.data_connections;
     stats.records = reader.records() + 1;
 
     faults
@@ -593,16 +674,55 @@ fn commit(reader: &mut RecordReader<'_>, options: &ReceiveOptions) -> Result<(),
     Ok(())
 }
 
+/// What [`load_body`] brought in besides guest memory.
+struct Body {
+    states: Vec<StateBlob>,
+    /// Data connections (`connections.rs`) and the bytes they carried.
+    data_connections: u32,
+    data_bytes: u64,
+}
+
 /// RAM passes, device states and `End`; returns the states once `End` checked out. A state
 /// the target does not restore, one too many, or one past the byte limit is refused as it
 /// arrives. Without a RAM receiver (a local migration) no pass may come: device state and
-/// `End` only.
+/// `End` only. With data connections (a `Connections` record before the first pass) the
+/// live passes' pages come over them, read by a thread each (`connections.rs`); none of
+/// those threads outlives this function.
 fn load_body<T: MigrationTarget + ?Sized>(
     target: &T,
     reader: &mut RecordReader<'_>,
-    mut rx: Option<&mut RamReceiver>,
+    rx: Option<&mut RamReceiver>,
     options: &ReceiveOptions,
-) -> Result<Vec<StateBlob>, DestinationError> {
+    overall: Option<Deadline>,
+) -> Result<Body, DestinationError> {
+    let rx = rx.map(Mutex::new);
+    let passes: OnceLock<DataPasses> = OnceLock::new();
+    std::thread::scope(|scope| {
+        let result = load_records(
+            target,
+            reader,
+            rx.as_ref(),
+            options,
+            overall,
+            &passes,
+            scope,
+        );
+        if let Some(p) = passes.get() {
+            p.stop();
+        }
+        result
+    })
+}
+
+fn load_records<'scope, 'env, T: MigrationTarget + ?Sized>(
+    target: &T,
+    reader: &mut RecordReader<'_>,
+    rx: Option<&'env Mutex<&mut RamReceiver>>,
+    options: &ReceiveOptions,
+    overall: Option<Deadline>,
+    passes_cell: &'env OnceLock<DataPasses>,
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+) -> Result<Body, DestinationError> {
     let local = rx.is_none();
     let progress = &options.progress;
     let hit = |point| options.faults.hit(point).map_err(DestinationError::Fault);
@@ -614,8 +734,14 @@ fn load_body<T: MigrationTarget + ?Sized>(
     let mut states: Vec<StateBlob> = Vec::new();
     let mut state_bytes = 0usize;
     let mut ids = HashSet::new();
+    let mut passes: Option<&DataPasses> = None;
+    let mut data_bytes = 0;
     loop {
-        let (h, offset) = reader.next_header()?;
+        let (h, offset) = match reader.next_header() {
+            Ok(next) => next,
+            // A failing data connection stops this read: its failure is the cause.
+            Err(e) => return Err(passes.and_then(DataPasses::failure).unwrap_or(e.into())),
+        };
         progress.bytes.store(offset, Ordering::Relaxed);
         let unexpected = |expected| DestinationError::Unexpected {
             offset,
@@ -623,8 +749,44 @@ fn load_body<T: MigrationTarget + ?Sized>(
             expected,
         };
         match h.kind {
+            RecordKind::Connections => {
+                let c = Connections::decode(&reader.read_payload(&h, offset)?, offset)?;
+                let why = if local {
+                    Some("a local migration has no RAM pass to spread")
+                } else if passes.is_some() || next_pass != 0 {
+                    Some("data connections join only once, before the first pass")
+                } else if !progress.joinable.load(Ordering::Acquire)
+                    || !reader.transport().has_peer()
+                {
+                    Some("this destination takes no data connections (one connection only)")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(DestinationError::NoDataConnections { offset, why });
+                }
+                let Some(rx) = rx else {
+                    return Err(unexpected("device state or End"));
+                };
+                let mut deadline = Deadline::after(options.handshake_timeout, "join");
+                if let Some(overall) = overall.filter(|o| o.at < deadline.at) {
+                    deadline = overall;
+                }
+                let joined = progress
+                    .joins
+                    .wait(c.token, c.count, deadline, &options.give_up)?;
+                let p = passes_cell
+                    .get_or_init(|| DataPasses::new(&joined, reader.transport().wake_handle()));
+                for (lane, j) in joined.into_iter().enumerate() {
+                    log::info!("Data connection {lane} joined from {}", j.peer);
+                    scope.spawn(move || read_lane(lane, j, rx, p, overall));
+                }
+                passes = Some(p);
+                send_reply(reader.transport(), RecordKind::Joined, &[])
+                    .map_err(DestinationError::Reply)?;
+            }
             RecordKind::PassBegin => {
-                let Some(rx) = rx.as_deref_mut().filter(|_| !final_seen) else {
+                let Some(rx) = rx.filter(|_| !final_seen) else {
                     return Err(unexpected(if local {
                         "device state or End: a local migration has no RAM pass"
                     } else {
@@ -650,10 +812,20 @@ fn load_body<T: MigrationTarget + ?Sized>(
                     offset,
                     pass: p.pass,
                 })?;
-                rx.begin_pass(&p, offset)?;
+                let is_final = p.flags & PASS_FINAL != 0;
+                if let (Some(data), true) = (passes, is_final) {
+                    // Every data connection ends before the final pass: nothing of theirs
+                    // lands while it is loaded.
+                    data_bytes = data.wait_ended(overall, &options.give_up)?;
+                }
+                lock(rx).begin_pass(&p, offset)?;
+                if let (Some(data), false) = (passes, is_final) {
+                    lock(rx).begin_data_pass();
+                    data.open(p.pass);
+                }
                 pass_point = match p.pass {
                     // The final pass may carry no page at all: its point is its beginning.
-                    _ if p.flags & PASS_FINAL != 0 => {
+                    _ if is_final => {
                         hit(FaultPoint::FinalPass)?;
                         None
                     }
@@ -663,7 +835,7 @@ fn load_body<T: MigrationTarget + ?Sized>(
                 progress.passes.store(after, Ordering::Relaxed);
                 next_pass = after;
                 in_pass = true;
-                final_seen = p.flags & PASS_FINAL != 0;
+                final_seen = is_final;
             }
             RecordKind::PassEnd if in_pass && !final_seen => {
                 let m = PassMark::decode(&reader.read_payload(&h, offset)?, offset, h.kind)?;
@@ -676,10 +848,17 @@ fn load_body<T: MigrationTarget + ?Sized>(
                         expected: current,
                     });
                 }
-                // Everything read is in guest memory once the allocating thread is idle.
-                let Some(rx) = rx.as_deref_mut() else {
+                let Some(rx) = rx else {
                     return Err(unexpected("device state or End"));
                 };
+                if let Some(data) = passes {
+                    if let Some(point) = pass_point.take() {
+                        hit(point)?;
+                    }
+                    data.wait_delivered(m.pass, overall, &options.give_up)?;
+                }
+                // Everything read is in guest memory once the allocating thread is idle.
+                let mut rx = lock(rx);
                 rx.finish();
                 if reader.transport().has_peer() {
                     // The pages held torn now, for the source to send again.
@@ -695,14 +874,19 @@ fn load_body<T: MigrationTarget + ?Sized>(
                 }
                 in_pass = false;
             }
+            RecordKind::RamPages if passes.is_some() && !final_seen => {
+                return Err(unexpected(
+                    "PassEnd: a live pass's pages come over the data connections",
+                ))
+            }
             RecordKind::RamPages if in_pass && states.is_empty() => {
                 if let Some(point) = pass_point.take() {
                     hit(point)?;
                 }
-                let Some(rx) = rx.as_deref_mut() else {
+                let Some(rx) = rx else {
                     return Err(unexpected("device state or End"));
                 };
-                rx.load_batch(reader, &h, offset)?;
+                lock(rx).load_batch(reader, &h, offset)?;
             }
             RecordKind::RamPages => return Err(unexpected("PassBegin before RAM pages")),
             RecordKind::DeviceState if final_seen => {
@@ -732,13 +916,18 @@ fn load_body<T: MigrationTarget + ?Sized>(
             RecordKind::End if final_seen => {
                 let end = EndRecord::decode(&reader.read_payload(&h, offset)?, offset)?;
                 reader.check_end(&end, offset)?;
-                if let Some(rx) = rx.as_deref_mut() {
+                if let Some(rx) = rx {
+                    let mut rx = lock(rx);
                     rx.finish();
                     // A page torn in a live pass and never sent intact again is corruption.
                     rx.check_none_torn()?;
                 }
                 log::debug!("End at offset {offset} after {} records", reader.records());
-                return Ok(states);
+                return Ok(Body {
+                    states,
+                    data_connections: passes.map_or(0, DataPasses::count),
+                    data_bytes,
+                });
             }
             RecordKind::Abort => return Err(aborted(reader, &h, offset)),
             _ => return Err(unexpected("a RAM pass, device state or End")),
@@ -752,31 +941,4 @@ fn aborted(reader: &mut RecordReader<'_>, h: &RecordHeader, offset: u64) -> Dest
         Ok(reason) => DestinationError::Aborted(String::from_utf8_lossy(&reason).into_owned()),
         Err(e) => e.into(),
     }
-}
-
-fn expect(
-    reader: &mut RecordReader<'_>,
-    kind: RecordKind,
-    what: &'static str,
-) -> Result<Vec<u8>, DestinationError> {
-    Ok(expect_at(reader, kind, what)?.0)
-}
-
-fn expect_at(
-    reader: &mut RecordReader<'_>,
-    kind: RecordKind,
-    what: &'static str,
-) -> Result<(Vec<u8>, u64), DestinationError> {
-    let (h, offset): (RecordHeader, u64) = reader.next_header()?;
-    if h.kind == RecordKind::Abort {
-        return Err(aborted(reader, &h, offset));
-    }
-    if h.kind != kind {
-        return Err(DestinationError::Unexpected {
-            offset,
-            kind: h.kind,
-            expected: what,
-        });
-    }
-    Ok((reader.read_payload(&h, offset)?, offset))
 }

@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use crate::wire::{
-    PayloadReader, RecordKind, WireError, BATCH_PREFIX_LEN, FORMAT_VERSION, LOCAL_REGION_LEN,
-    LOCAL_SHARED, MAX_BATCH_DATA_PAGES, MAX_BATCH_RUNS, MAX_MESSAGE_LEN, MAX_REGIONS,
-    MAX_STATE_ID_LEN, MAX_STATE_LEN, MAX_TORN_RUNS, PAGE_CRC_LEN, PAGE_SIZE, PAGE_SIZE_U64,
-    PASS_FINAL, PASS_ZERO_ELIDED, READY_LOCAL, READY_PRISTINE, RUN_DESC_LEN, RUN_ZERO,
-    TORN_RUN_LEN,
+    PayloadReader, RecordKind, WireError, BATCH_PREFIX_LEN, FORMAT_VERSION, JOIN_TOKEN_LEN,
+    LOCAL_REGION_LEN, LOCAL_SHARED, MAX_BATCH_DATA_PAGES, MAX_BATCH_RUNS, MAX_DATA_CONNECTIONS,
+    MAX_MESSAGE_LEN, MAX_REGIONS, MAX_STATE_ID_LEN, MAX_STATE_LEN, MAX_TORN_RUNS, PAGE_CRC_LEN,
+    PAGE_SIZE, PAGE_SIZE_U64, PASS_FINAL, PASS_ZERO_ELIDED, READY_LOCAL, READY_PRISTINE,
+    RUN_DESC_LEN, RUN_ZERO, TORN_RUN_LEN,
 };
 
 /// One guest-physical RAM region as declared in the stream.
@@ -202,6 +202,83 @@ impl PassMark {
         r.finish()?;
         Ok(PassMark { pass })
     }
+}
+
+/// A `Connections` payload: `count` data connections join this migration, each presenting
+/// `token` in its `Join`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Connections {
+    pub count: u32,
+    pub token: [u8; JOIN_TOKEN_LEN],
+}
+
+impl std::fmt::Debug for Connections {
+    // The token is a credential: never logged.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connections")
+            .field("count", &self.count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connections {
+    pub fn encode(&self) -> [u8; 4 + JOIN_TOKEN_LEN] {
+        encode_token(self.count, &self.token)
+    }
+
+    /// Refuses a count of 0 or above [`MAX_DATA_CONNECTIONS`].
+    pub fn decode(payload: &[u8], offset: u64) -> Result<Self, WireError> {
+        let mut r = PayloadReader::new(payload, offset, RecordKind::Connections);
+        let count = r.u32("data connection count")?;
+        let token = r.bytes(JOIN_TOKEN_LEN, "join token")?;
+        r.finish()?;
+        if count == 0 || count > MAX_DATA_CONNECTIONS {
+            return Err(r.error(format!(
+                "{count} data connections (1 to {MAX_DATA_CONNECTIONS} may join)"
+            )));
+        }
+        let mut t = [0u8; JOIN_TOKEN_LEN];
+        t.copy_from_slice(token);
+        Ok(Connections { count, token: t })
+    }
+}
+
+/// A `Join` payload: data connection `index` (0-based) of the migration whose token it is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Join {
+    pub index: u32,
+    pub token: [u8; JOIN_TOKEN_LEN],
+}
+
+impl std::fmt::Debug for Join {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Join")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Join {
+    pub fn encode(&self) -> [u8; 4 + JOIN_TOKEN_LEN] {
+        encode_token(self.index, &self.token)
+    }
+
+    pub fn decode(payload: &[u8], offset: u64) -> Result<Self, WireError> {
+        let mut r = PayloadReader::new(payload, offset, RecordKind::Join);
+        let index = r.u32("data connection index")?;
+        let token = r.bytes(JOIN_TOKEN_LEN, "join token")?;
+        r.finish()?;
+        let mut t = [0u8; JOIN_TOKEN_LEN];
+        t.copy_from_slice(token);
+        Ok(Join { index, token: t })
+    }
+}
+
+fn encode_token(n: u32, token: &[u8; JOIN_TOKEN_LEN]) -> [u8; 4 + JOIN_TOKEN_LEN] {
+    let mut out = [0u8; 4 + JOIN_TOKEN_LEN];
+    out[..4].copy_from_slice(&n.to_le_bytes());
+    out[4..].copy_from_slice(token);
+    out
 }
 
 /// Pages the destination holds torn: `pages` pages from guest address `guest_addr`.

@@ -21,20 +21,21 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use crate::cancel::{deadline_of, is_cancellation, Cancel};
+use crate::connections::{Connector, DataWriters};
 use crate::fault::{FaultPoint, Faults, FaultyTransport, InjectedFault};
 use crate::memory::{layout_of, RamRegion};
 use crate::observe::{Milestone, Observer};
 use crate::precopy::{self, Decision, Limits};
 use crate::ram_send::{DirtyLogError, PassError, RamSendConfig, RamSender};
 use crate::records::{
-    encode_layout, encode_local_memory, encode_message, PassDone, PassMark, Ready, Restored,
-    StateBlob,
+    encode_layout, encode_local_memory, encode_message, Connections, PassDone, PassMark, Ready,
+    Restored, StateBlob,
 };
 use crate::stats::{MigrationStats, PassStats, StopReason, Totals};
 use crate::stream::{read_reply, RecordWriter};
 use crate::transport::{Deadline, Transport};
 use crate::vm::{MigrationSource, VmOpError};
-use crate::wire::{self, RecordKind, WireError, MAX_REGIONS};
+use crate::wire::{self, RecordKind, WireError, MAX_DATA_CONNECTIONS, MAX_REGIONS};
 
 /// Progress after each live pass.
 #[derive(Clone, Debug)]
@@ -114,6 +115,12 @@ pub struct SendOptions {
     pub local: bool,
     /// Told when the guest is paused, when `Go` went out and when `Running` came back.
     pub observer: Observer,
+    /// Connections to the destination (1 to 16): the one given to [`send_migration`] is the
+    /// control connection, and `connections - 1` data connections opened with `connect`
+    /// carry the live passes' pages (`connections.rs`).
+    pub connections: u32,
+    /// Opens a data connection (needed when `connections` > 1).
+    pub connect: Option<Connector>,
     /// Test hook run after each page's zero check, before the page is queued.
     #[cfg(test)]
     pub(crate) scan_hook: Option<Box<dyn FnMut(usize, usize) + Send>>,
@@ -143,6 +150,8 @@ impl Default for SendOptions {
             faults: Faults::none(),
             local: false,
             observer: Observer::default(),
+            connections: 1,
+            connect: None,
             #[cfg(test)]
             scan_hook: None,
         }
@@ -198,6 +207,10 @@ pub enum SourceError {
     Fault(#[source] io::Error),
     #[error("Local migration needs a unix socket (descriptors pass only there), not {0}")]
     LocalNeedsUnix(&'static str),
+    #[error("{0}")]
+    Connections(String),
+    #[error("Opening the data connections failed")]
+    DataConnections(#[source] io::Error),
     #[error("The destination answered Ready {0} local mode")]
     LocalMismatch(&'static str),
     #[error(
@@ -311,6 +324,25 @@ fn run<S: MigrationSource + ?Sized>(
         };
         return Err(SourceError::LocalNeedsUnix(what));
     }
+    if options.connections > 1 {
+        let why = if !peer {
+            Some("a snapshot file is one stream: --connections needs a socket")
+        } else if options.local {
+            Some("a local migration copies no memory: --connections does not apply")
+        } else if options.connections > MAX_DATA_CONNECTIONS + 1 {
+            Some("at most 16 connections")
+        } else if options.connect.is_none() {
+            Some("no way to open the data connections")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(SourceError::Connections(format!(
+                "{} connections: {why}",
+                options.connections
+            )));
+        }
+    }
     if peer {
         transport
             .set_read_timeout(Some(options.io_timeout))
@@ -333,6 +365,11 @@ fn run<S: MigrationSource + ?Sized>(
         ram_bytes: regions.iter().map(|r| r.len() as u64).sum(),
     };
     let elide = handshake(&mut m, &regions, started)?;
+    let data = if m.options.connections > 1 {
+        Some(join_data_connections(&mut m)?)
+    } else {
+        None
+    };
     let mut ram = RamSender::new(
         regions,
         RamSendConfig {
@@ -352,13 +389,18 @@ fn run<S: MigrationSource + ?Sized>(
     {
         ram.scan_hook = m.options.scan_hook.take();
     }
+    if let Some(data) = data {
+        ram.set_data(data);
+    }
     if !m.options.local {
         precopy(&mut m, &mut ram, elide)?;
     }
+    let data_bytes = ram.finish_data().map_err(|e| send_error(&mut m.w, e))?;
     let paused_at = stop_and_copy(&mut m, &mut ram)?;
     complete(&mut m, paused_at)?;
     m.stats.total_duration_us = started.elapsed().as_micros() as u64;
-    m.stats.stream_bytes = m.w.bytes();
+    m.stats.stream_bytes = m.w.bytes() + data_bytes;
+    m.stats.data_connections = m.options.connections.saturating_sub(1);
     m.stats.local = m.options.local;
     log::info!("Migration complete: {}", m.stats);
     Ok(m.stats)
@@ -443,6 +485,42 @@ fn handshake<S: MigrationSource + ?Sized>(
     Ok(elide)
 }
 
+/// Phase 1b, with several connections: `Connections` out, the data connections opened and
+/// joined (each sends `Join` with the token), the destination's `Joined` back within the
+/// handshake timeout.
+fn join_data_connections<S: MigrationSource + ?Sized>(
+    m: &mut Outbound<'_, S>,
+) -> Result<DataWriters, SourceError> {
+    let t = Instant::now();
+    let count = m.options.connections - 1;
+    let token = crate::connections::new_token().map_err(SourceError::DataConnections)?;
+    m.w.write_record(
+        RecordKind::Connections,
+        &[&Connections { count, token }.encode()],
+    )
+    .map_err(|e| send_error(&mut m.w, e))?;
+    let Some(connect) = m.options.connect.as_mut() else {
+        return Err(SourceError::Connections(
+            "no way to open the data connections".into(),
+        ));
+    };
+    let data = DataWriters::open(count, token, connect, m.options.io_timeout)
+        .map_err(SourceError::DataConnections)?;
+    let tr = m.w.transport();
+    tr.set_deadline(Some(Deadline::after(
+        m.options.handshake_timeout,
+        "data connections joining",
+    )));
+    let joined = expect_reply(tr, RecordKind::Joined);
+    tr.set_deadline(None);
+    joined?;
+    log::info!("{count} data connections joined");
+    m.stats
+        .setup_phases_us
+        .push(("join data connections", t.elapsed().as_micros() as u64));
+    Ok(data)
+}
+
 /// Phase 2: the bulk pass, then dirty passes with the guest running until the policy stops
 /// them. After each pass: the destination applied it, the dirty log is fetched, the policy
 /// decides and sets auto-converge's throttle.
@@ -458,6 +536,8 @@ fn precopy<S: MigrationSource + ?Sized>(
         .map_err(|e| pass_error(&mut m.w, e))?;
     let reason = loop {
         if m.peer {
+            ram.end_data_pass(pass.pass)
+                .map_err(|e| send_error(&mut m.w, e))?;
             let done = wait_until_applied(&mut m.w, pass.pass)?;
             // Torn pages are sent again (they are in the dirty log as well when the guest
             // tore them; the link may have too).

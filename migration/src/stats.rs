@@ -139,8 +139,10 @@ pub struct MigrationStats {
     pub destination_report: Option<String>,
     /// A local migration: memory went across by descriptor, no RAM pass.
     pub local: bool,
-    /// Every byte of the stream, `End` included.
+    /// Every byte of the stream, `End` included (data connections' too).
     pub stream_bytes: u64,
+    /// Data connections that carried the live passes' pages (0: the one connection did).
+    pub data_connections: u32,
 }
 
 impl Totals {
@@ -226,6 +228,8 @@ pub struct ReceiveStats {
     pub local: bool,
     /// Local: checking the descriptors and mapping the memory (µs).
     pub adopt_us: u64,
+    /// Data connections that carried the live passes' pages (0: the one connection did).
+    pub data_connections: u32,
 }
 
 impl ReceiveStats {

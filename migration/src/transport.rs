@@ -128,6 +128,10 @@ pub trait Transport {
     }
     /// Closes both directions at once (sockets), so the peer sees the end now.
     fn shutdown(&mut self) {}
+    /// A duplicate of the socket, to shut it down from another thread (sockets only).
+    fn wake_handle(&self) -> Option<OwnedFd> {
+        None
+    }
     /// Sends `parts` like [`send`](Self::send), with `fds` attached to their first byte
     /// (`SCM_RIGHTS`, local migration). Only unix sockets can; other transports refuse.
     fn send_with_fds(&mut self, parts: &[&[u8]], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
@@ -883,6 +887,10 @@ impl Connection {
 }
 
 impl Transport for Connection {
+    fn wake_handle(&self) -> Option<OwnedFd> {
+        Connection::wake_handle(self)
+    }
+
     fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
         self.send_iov(parts, &[])
     }

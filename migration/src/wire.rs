@@ -64,6 +64,10 @@ pub const READY_LOCAL: u32 = 2;
 pub const LOCAL_SHARED: u32 = 1;
 /// Bytes of one `LocalMemory` region entry.
 pub const LOCAL_REGION_LEN: usize = 32;
+/// Most data connections of one migration (`Connections`), besides the control connection.
+pub const MAX_DATA_CONNECTIONS: u32 = 15;
+/// Bytes of the token data connections present in `Join`.
+pub const JOIN_TOKEN_LEN: usize = 16;
 
 /// Errors found while decoding stream bytes. Offsets count from the first byte of the stream.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +145,11 @@ pub enum RecordKind {
     /// Local migration, in place of `MemoryLayout`: the regions and the files that hold them,
     /// whose descriptors ride on this record (`SCM_RIGHTS`). No RAM pass follows.
     LocalMemory = 0x000a,
+    /// After `Ready`, on the control connection of a migration with several connections:
+    /// how many data connections join it and the token they present (`Join`).
+    Connections = 0x000b,
+    /// First record of a data connection: the token of the migration it joins and its index.
+    Join = 0x000c,
     /// Destination reply after the layout: version and whether its memory is pristine.
     Ready = 0x0101,
     /// Destination reply after `Go`: the guest runs on the destination.
@@ -153,6 +162,8 @@ pub enum RecordKind {
     /// Destination reply after `End`: the whole state is restored, the guest is not running,
     /// and it waits for `Go`.
     Restored = 0x0105,
+    /// Destination reply to `Connections`: every data connection joined.
+    Joined = 0x0106,
 }
 
 impl RecordKind {
@@ -169,11 +180,14 @@ impl RecordKind {
             0x0008 => RecordKind::Abort,
             0x0009 => RecordKind::Go,
             0x000a => RecordKind::LocalMemory,
+            0x000b => RecordKind::Connections,
+            0x000c => RecordKind::Join,
             0x0101 => RecordKind::Ready,
             0x0102 => RecordKind::Running,
             0x0103 => RecordKind::Error,
             0x0104 => RecordKind::PassDone,
             0x0105 => RecordKind::Restored,
+            0x0106 => RecordKind::Joined,
             _ => return None,
         })
     }
@@ -199,6 +213,9 @@ impl RecordKind {
             RecordKind::Go => 0,
             RecordKind::LocalMemory => 8 + MAX_REGIONS * LOCAL_REGION_LEN,
             RecordKind::Restored => 4,
+            RecordKind::Connections => 4 + JOIN_TOKEN_LEN,
+            RecordKind::Join => 4 + JOIN_TOKEN_LEN,
+            RecordKind::Joined => 0,
         }
     }
 }
