@@ -94,6 +94,30 @@ fn malformed_endpoints_are_command_line_errors() {
         &["migrate", "--to", "tcp:127.0.0.1:0", "--api-socket", api],
         &["--to", "port 0 is only for --listen"],
     );
+    // Several connections: a count in range, a destination that can take them.
+    let to = ["migrate", "--to", "unix:/tmp/x.sock", "--api-socket", api];
+    for n in ["0", "17"] {
+        assert_usage_error(
+            &[&to[..], &["--connections", n]].concat(),
+            &["--connections", n, "1..=16"],
+        );
+    }
+    assert_usage_error(
+        &[
+            "migrate",
+            "--to",
+            "file:/tmp/x.snap",
+            "--connections",
+            "2",
+            "--api-socket",
+            api,
+        ],
+        &["--connections 2", "a file: snapshot is one stream"],
+    );
+    assert_usage_error(
+        &[&to[..], &["--local", "--connections", "4"]].concat(),
+        &["--connections with --local", "copies no memory"],
+    );
 }
 
 #[test]

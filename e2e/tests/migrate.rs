@@ -45,6 +45,31 @@ fn tcp_migration_of_a_writing_guest() {
     assert_eq!(vm_status(&dst.api).cpus, 1);
 }
 
+/// `--connections 3` over unix: the live passes' pages over two data connections, each with
+/// a writer and a reader thread, and the guest arrives whole (hashes at the final pause and
+/// before the resume).
+#[test]
+fn three_connections_carry_a_writing_guest() {
+    require_kvm!();
+    let dir = TempDir::new("mig-conns");
+    let mut src = Vm::run(&dir, "src", "512M", 1, WRITER);
+    src.rounds(0, 1);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dst = Vm::receive(&dir, "dst", &uri, &[]);
+    let stats = migrate_ok(
+        &mut src,
+        &uri,
+        &["--verify-memory", "--connections", "3", "--max-passes", "4"],
+    );
+    assert_hashes_match(&stats);
+    assert_eq!(stats.stats["data_connections"], 2, "{:?}", stats.stats);
+    assert!(
+        stats.passes >= 2,
+        "a dirty pass went over them too: {stats:?}"
+    );
+    assert_keeps_verifying(&mut dst, 1);
+}
+
 #[test]
 fn file_snapshot_and_restore() {
     require_kvm!();

@@ -149,7 +149,8 @@ fn tls_migration_after_refusals_names_the_source() {
     );
     assert_waiting(&mut dst);
 
-    // Then the real one, by the certificate's DNS name.
+    // Then the real one, by the certificate's DNS name, with a data connection beside the
+    // control connection (both through the same TLS checks).
     let stats = migrate_ok(
         &mut src,
         &uri,
@@ -159,9 +160,12 @@ fn tls_migration_after_refusals_names_the_source() {
             "--tls-name",
             "dst.example",
             "--verify-memory",
+            "--connections",
+            "2",
         ],
     );
     assert_hashes_match(&stats);
+    assert_eq!(stats.stats["data_connections"], 1, "{:?}", stats.stats);
     let report = stats.destination.as_ref().expect("destination report");
     assert_eq!(
         report.tls_peer.as_deref(),

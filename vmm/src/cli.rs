@@ -245,7 +245,7 @@ pub struct MigrateArgs {
         "verify_memory", "no_auto_converge", "json", "connect_timeout_ms", "io_timeout_ms",
         "handshake_timeout_ms", "switchover_timeout_ms", "deadline_ms", "on_deadline",
         "tls_dir", "tls_name",
-        "detach",
+        "detach", "connections",
     ])]
     pub cancel: bool,
     /// Control socket of the VM to migrate (default as for `run`).
@@ -313,6 +313,11 @@ pub struct MigrateArgs {
     /// connecting by address).
     #[arg(long, value_name = "NAME", requires = "tls_dir")]
     pub tls_name: Option<String>,
+    /// Connections to the destination (unix: or tcp:, 1 to 16, default 1): one carries the
+    /// passes' order, the final pass and the commit, the others the live passes' pages, each
+    /// written and read by a thread of its own.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub connections: Option<u32>,
 }
 
 /// `--on-deadline`.

@@ -187,6 +187,21 @@ fn migrate(args: &vmm::cli::MigrateArgs) -> ExitCode {
             eprintln!("error: --to {:?}: port 0 is only for --listen", req.to);
             return ExitCode::from(2);
         }
+        Ok(Endpoint::File(_)) if req.connections.is_some_and(|n| n > 1) => {
+            eprintln!(
+                "error: --connections {}: a file: snapshot is one stream; several connections \
+                 need unix: or tcp:",
+                req.connections.unwrap_or(1)
+            );
+            return ExitCode::from(2);
+        }
+        Ok(_) if req.local && req.connections.is_some_and(|n| n > 1) => {
+            eprintln!(
+                "error: --connections with --local: a local migration copies no memory, there \
+                 is nothing to spread over connections"
+            );
+            return ExitCode::from(2);
+        }
         Ok(_) => {}
         Err(e) => {
             eprintln!("error: --to {:?}: {e}", req.to);

@@ -238,5 +238,6 @@ pub fn migrate_request(a: &MigrateArgs, max_bandwidth: Option<u64>) -> Option<Mi
         tls_name: a.tls_name.clone(),
         local: a.local,
         detach: a.detach,
+        connections: a.connections,
     })
 }

@@ -146,6 +146,10 @@ pub struct MigrateRequest {
     /// `status` and the `events` stream.
     #[serde(default)]
     pub detach: bool,
+    /// Connections to the destination (1 to 16, default 1): the live passes' pages go over
+    /// all but the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
 }
 
 /// What a migration's deadline does when it passes.
@@ -191,6 +195,7 @@ impl MigrateRequest {
             tls_name: None,
             local: false,
             detach: false,
+            connections: None,
         }
     }
 }

@@ -195,6 +195,8 @@ fn migrate(
     };
     let started = std::time::Instant::now();
     let default = SendOptions::default();
+    let connections = args.connections.unwrap_or(1);
+    let connect = (connections > 1).then(|| data_connector(&endpoint, &tls, args, &default));
     let mut connection = match tls {
         Some((tls, name)) => secure(connection, &tls, &name, args, &default)?,
         None => connection,
@@ -216,6 +218,8 @@ fn migrate(
         cancel,
         faults,
         local: args.local,
+        connections,
+        connect,
         progress: Some(Box::new({
             let Reporting { outgoing, events } = report.clone();
             move |p: &Progress| {
@@ -293,6 +297,35 @@ fn tls_client(
         tls,
         args.tls_name.clone().unwrap_or_else(|| host.clone()),
     )))
+}
+
+/// Opens the data connections of a migration with several: to the same endpoint, within
+/// the connect timeout, over the same TLS as the control connection.
+fn data_connector(
+    endpoint: &Endpoint,
+    tls: &Option<(TlsClient, String)>,
+    args: &MigrateRequest,
+    default: &SendOptions,
+) -> migration::connections::Connector {
+    let endpoint = endpoint.clone();
+    let tls = tls.clone();
+    let args = args.clone();
+    let io_timeout = ms(args.io_timeout_ms).unwrap_or(default.io_timeout);
+    let handshake = ms(args.handshake_timeout_ms).unwrap_or(default.handshake_timeout);
+    let connect_timeout = ms(args.connect_timeout_ms).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    Box::new(move || {
+        let mut c = endpoint
+            .connect(connect_timeout)
+            .map_err(|e| error_chain(&e))?;
+        let Some((tls, name)) = &tls else {
+            return Ok(c);
+        };
+        c.set_read_timeout(Some(io_timeout))
+            .and_then(|()| c.set_write_timeout(Some(io_timeout)))
+            .map_err(|e| e.to_string())?;
+        c.tls_client(tls, name, Deadline::after(handshake, "TLS handshake"))
+            .map_err(|e| error_chain(&e))
+    })
 }
 
 /// The TLS handshake with the destination, bounded by the handshake timeout. It fails before
