@@ -11,10 +11,10 @@
 //!
 //! - **Order only between passes.** A page goes out at most once per live pass, so within a
 //!   pass the data connections carry records in any order: the source deals whole records
-//!   round-robin ([`DataWriters`]). The destination refuses a page that arrives twice in one
+//!   round-robin (`DataWriters`). The destination refuses a page that arrives twice in one
 //!   pass (the writers would race on it), page records on the control connection during a
 //!   live pass, and any record of a pass that is not open. `PassDone(p)` goes out only once
-//!   every data connection delivered its `PassEnd(p)` ([`DataPasses`]): a page's copy from
+//!   every data connection delivered its `PassEnd(p)` (`DataPasses`): a page's copy from
 //!   pass p can never land after its copy from pass p + 1.
 //! - **The paused final pass stays on the control connection**, as does everything after it:
 //!   the data connections end (`End`, their chains checked) before the final pass begins.

@@ -316,8 +316,8 @@ pub struct MigrateArgs {
     /// Connections to the destination (unix: or tcp:, 1 to 16, default 1): one carries the
     /// passes' order, the final pass and the commit, the others the live passes' pages, each
     /// written and read by a thread of its own.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
-    pub connections: Option<u32>,
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub connections: Option<u8>,
 }
 
 /// `--on-deadline`.

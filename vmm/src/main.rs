@@ -209,7 +209,7 @@ fn migrate(args: &vmm::cli::MigrateArgs) -> ExitCode {
         }
     }
     if req.detach {
-        return match client::request::<MigrationStarted>(&api, &Request::Migrate(req)) {
+        return match client::request::<MigrationStarted>(&api, &Request::Migrate(Box::new(req))) {
             Ok(Reply::Ok(started)) => {
                 if args.json {
                     println!("{}", client::to_json(&Reply::Ok(started)));

@@ -429,7 +429,7 @@ fn receive_answers_and_ends_cleanly_before_a_guest_arrives() {
         }
         let r = ask::<Done>(
             &mut conn,
-            &Request::Migrate(MigrateRequest::new("file:/dev/null")),
+            &Request::Migrate(Box::new(MigrateRequest::new("file:/dev/null"))),
         );
         let doing = match state {
             IncomingState::Waiting => "waiting",

@@ -129,8 +129,8 @@ pub fn migrate(
     // A migration of a big, busy guest may take long; the VM side has its own timeouts.
     s.set_read_timeout(Some(Duration::from_secs(3600)))
         .map_err(io)?;
-    let mut line =
-        serde_json::to_string(&Request::Migrate(request.clone())).map_err(ClientError::Encode)?;
+    let mut line = serde_json::to_string(&Request::Migrate(Box::new(request.clone())))
+        .map_err(ClientError::Encode)?;
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(io)?;
     let tty = std::io::stderr().is_terminal() && !json_out;

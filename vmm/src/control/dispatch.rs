@@ -62,12 +62,12 @@ impl RequestHandler for VmmControl {
                         to: args.to.clone(),
                         detached: true,
                     };
-                    worker::spawn(self.vmm.clone(), args, None, report, cancel);
+                    worker::spawn(self.vmm.clone(), *args, None, report, cancel);
                     return Some(Reply::Ok(started.into()));
                 }
                 match conn.try_clone() {
                     Ok(c) => {
-                        worker::spawn(self.vmm.clone(), args, Some(c), report, cancel);
+                        worker::spawn(self.vmm.clone(), *args, Some(c), report, cancel);
                         None
                     }
                     Err(e) => {

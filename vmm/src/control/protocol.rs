@@ -75,7 +75,7 @@ requests! {
     "shutdown" => Shutdown,
     /// Live-migrate (or snapshot) the VM. The reply, [`MigrateSummary`], comes when it is
     /// done; [`ProgressLine`]s may come before it.
-    "migrate" => Migrate(MigrateRequest),
+    "migrate" => Migrate(Box<MigrateRequest>),
     /// Give the running migration up (honoured until the guest is paused for the final
     /// pass): [`Done`]; the migration's own reply then says whether it was cancelled or
     /// completed.
@@ -149,7 +149,7 @@ pub struct MigrateRequest {
     /// Connections to the destination (1 to 16, default 1): the live passes' pages go over
     /// all but the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub connections: Option<u32>,
+    pub connections: Option<u8>,
 }
 
 /// What a migration's deadline does when it passes.
@@ -608,7 +608,7 @@ mod tests {
         };
         assert_eq!(
             parse_request(r#"{"cmd":"migrate","to":"tcp:10.0.0.2:4000","detach":true}"#),
-            Ok(Request::Migrate(detached))
+            Ok(Request::Migrate(Box::new(detached)))
         );
     }
 
@@ -655,7 +655,7 @@ mod tests {
             Request::Pause,
             Request::Resume(ResumeRequest::default()),
             Request::Shutdown,
-            Request::Migrate(migrate),
+            Request::Migrate(Box::new(migrate)),
             Request::Cancel,
             Request::Events,
         ];

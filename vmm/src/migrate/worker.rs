@@ -195,7 +195,7 @@ fn migrate(
     };
     let started = std::time::Instant::now();
     let default = SendOptions::default();
-    let connections = args.connections.unwrap_or(1);
+    let connections = u32::from(args.connections.unwrap_or(1));
     let connect = (connections > 1).then(|| data_connector(&endpoint, &tls, args, &default));
     let mut connection = match tls {
         Some((tls, name)) => secure(connection, &tls, &name, args, &default)?,
