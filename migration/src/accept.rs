@@ -501,7 +501,7 @@ fn handshake(mut conn: Connection, peer: String, shared: &Shared) {
 /// The progress of the receive in progress if it waits for data connections.
 fn joins_of(s: &State) -> Option<Arc<ReceiveProgress>> {
     match &s.receiver {
-        Receiver::Busy { progress, .. } if progress.joins().waiting() => Some(progress.clone()),
+        Receiver::Busy { progress, .. } if progress.joins().may_come() => Some(progress.clone()),
         _ => None,
     }
 }
@@ -511,7 +511,10 @@ fn joins_of(s: &State) -> Option<Arc<ReceiveProgress>> {
 fn hand_in(join: Join, conn: Connection, reader: ReaderState, peer: String, shared: &Shared) {
     let progress = joins_of(&lock(&shared.state));
     let refused = match progress {
-        Some(p) => p.joins().offer(join, conn, reader, peer.clone()),
+        Some(p) => {
+            let deadline = Instant::now() + shared.options.handshake_timeout;
+            p.joins().offer(join, conn, reader, peer.clone(), deadline)
+        }
         None => Err(Box::new((
             conn,
             "no migration here is waiting for data connections".to_string(),

@@ -33,17 +33,57 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
-use crate::ram_recv::{load_batch_shared, RamReceiver};
-use crate::receive::DestinationError;
+use crate::ram_recv::{load_batch_shared, RamLoadError, RamReceiver};
 use crate::records::{EndRecord, Join, PassMark};
 use crate::stream::{ReaderState, RecordReader, RecordWriter};
 use crate::sync::lock;
 use crate::transport::{Connection, Deadline, GuestSpan, Transport};
-use crate::wire::{RecordKind, JOIN_TOKEN_LEN};
+use crate::wire::{RecordKind, WireError, JOIN_TOKEN_LEN};
 
 /// Opens one more connection to the destination (TLS handshaken where the migration uses
 /// TLS), for each data connection.
 pub type Connector = Box<dyn FnMut() -> Result<Connection, String> + Send>;
+
+/// Errors of the destination's data connections.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Ram(#[from] RamLoadError),
+    #[error("Unexpected {kind} record at offset {offset}: expected {expected}")]
+    Unexpected {
+        offset: u64,
+        kind: RecordKind,
+        expected: &'static str,
+    },
+    #[error("PassEnd of pass {found} at offset {offset} out of order: expected pass {expected}")]
+    PassOrder {
+        offset: u64,
+        found: u32,
+        expected: u32,
+    },
+    #[error("{arrived} of {count} data connections joined before the {what} deadline passed")]
+    JoinTimeout {
+        arrived: u32,
+        count: u32,
+        what: &'static str,
+    },
+    #[error("Data connection {index} did not send {what} before the {deadline} deadline passed")]
+    Wait {
+        index: u32,
+        what: &'static str,
+        deadline: &'static str,
+    },
+    #[error("Data connection {index} failed")]
+    Lane {
+        index: u32,
+        #[source]
+        source: Box<DataError>,
+    },
+    #[error("The destination gave the migration up")]
+    GivenUp,
+}
 
 /// Records queued per data connection: enough to keep its writer busy while the next is
 /// scanned, few enough that the memory they pin stays small (each names up to 4 MiB).
@@ -263,6 +303,9 @@ pub struct Joins {
 
 #[derive(Default)]
 struct JoinState {
+    /// Data connections may still come: from the offer of the receive until its first pass
+    /// (a data connection may reach the acceptor before the receiver read `Connections`).
+    window: bool,
     /// The token and count expected, from the `Connections` record until all joined.
     expected: Option<([u8; JOIN_TOKEN_LEN], u32)>,
     arrived: Vec<JoinedConnection>,
@@ -280,21 +323,49 @@ fn same_token(a: &[u8; JOIN_TOKEN_LEN], b: &[u8; JOIN_TOKEN_LEN]) -> bool {
 }
 
 impl Joins {
-    /// Whether the receive waits for data connections now.
-    pub fn waiting(&self) -> bool {
-        lock(&self.state).expected.is_some()
+    /// Whether data connections may join the receive now (or soon: before its first pass).
+    pub fn may_come(&self) -> bool {
+        let s = lock(&self.state);
+        s.window || s.expected.is_some()
     }
 
-    /// A data connection with `join`, from `peer`: taken if the receive waits for it; else
-    /// returned with the reason to tell its peer.
+    /// Opens the window in which data connections may come (the receive was offered).
+    pub(crate) fn open_window(&self) {
+        lock(&self.state).window = true;
+    }
+
+    /// No data connection may come any more (the first pass began, or the receive ended).
+    pub(crate) fn close(&self) {
+        let mut s = lock(&self.state);
+        s.window = false;
+        s.expected = None;
+        s.arrived.clear();
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// A data connection with `join`, from `peer`: taken if the receive waits for it (it may
+    /// wait until `deadline` for the receive to read its `Connections`); else returned with
+    /// the reason to tell its peer.
     pub fn offer(
         &self,
         join: Join,
         connection: Connection,
         reader: ReaderState,
         peer: String,
+        deadline: Instant,
     ) -> Result<(), Box<(Connection, String)>> {
         let mut s = lock(&self.state);
+        while s.expected.is_none() && s.window {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = match self.changed.wait_timeout(s, left) {
+                Ok((s, _)) => s,
+                Err(p) => p.into_inner().0,
+            };
+        }
         let Some((token, count)) = s.expected else {
             return Err(Box::new((
                 connection,
@@ -335,13 +406,14 @@ impl Joins {
         count: u32,
         deadline: Deadline,
         give_up: &Cancel,
-    ) -> Result<Vec<JoinedConnection>, DestinationError> {
+    ) -> Result<Vec<JoinedConnection>, DataError> {
         let mut s = lock(&self.state);
         s.expected = Some((token, count));
-        s.arrived.clear();
+        self.changed.notify_all();
         loop {
             if s.arrived.len() == count as usize {
                 s.expected = None;
+                s.window = false;
                 let mut joined = std::mem::take(&mut s.arrived);
                 joined.sort_by_key(|j| j.index);
                 return Ok(joined);
@@ -350,11 +422,12 @@ impl Joins {
             if left.is_zero() || give_up.is_cancelled() {
                 let arrived = s.arrived.len();
                 s.expected = None;
+                s.window = false;
                 s.arrived.clear();
                 if give_up.is_cancelled() {
-                    return Err(DestinationError::GivenUp);
+                    return Err(DataError::GivenUp);
                 }
-                return Err(DestinationError::JoinTimeout {
+                return Err(DataError::JoinTimeout {
                     arrived: arrived as u32,
                     count,
                     what: deadline.what,
@@ -388,7 +461,7 @@ struct PassState {
     delivered: Vec<Option<u32>>,
     /// Per data connection: its stream bytes once it ended (`End` checked).
     ended: Vec<Option<u64>>,
-    failed: Option<DestinationError>,
+    failed: Option<DataError>,
     stopping: bool,
     /// The final pass began: no live pass opens again.
     live_over: bool,
@@ -434,7 +507,7 @@ impl DataPasses {
         pass: u32,
         deadline: Option<Deadline>,
         give_up: &Cancel,
-    ) -> Result<(), DestinationError> {
+    ) -> Result<(), DataError> {
         self.wait_until(deadline, give_up, "its PassEnd", |s| {
             s.delivered.iter().all(|d| *d == Some(pass))
         })?;
@@ -448,7 +521,7 @@ impl DataPasses {
         &self,
         deadline: Option<Deadline>,
         give_up: &Cancel,
-    ) -> Result<u64, DestinationError> {
+    ) -> Result<u64, DataError> {
         lock(&self.state).live_over = true;
         self.changed.notify_all();
         self.wait_until(deadline, give_up, "its End", |s| {
@@ -463,7 +536,7 @@ impl DataPasses {
         give_up: &Cancel,
         what: &'static str,
         done: impl Fn(&PassState) -> bool,
-    ) -> Result<(), DestinationError> {
+    ) -> Result<(), DataError> {
         let mut s = lock(&self.state);
         loop {
             if let Some(e) = s.failed.take() {
@@ -473,7 +546,7 @@ impl DataPasses {
                 return Ok(());
             }
             if give_up.is_cancelled() {
-                return Err(DestinationError::GivenUp);
+                return Err(DataError::GivenUp);
             }
             let mut wait = POLL;
             if let Some(d) = deadline {
@@ -485,7 +558,7 @@ impl DataPasses {
                         .zip(&s.ended)
                         .position(|(_, e)| e.is_none())
                         .unwrap_or(0);
-                    return Err(DestinationError::DataWait {
+                    return Err(DataError::Wait {
                         index: waiting as u32,
                         what,
                         deadline: d.what,
@@ -501,7 +574,7 @@ impl DataPasses {
     }
 
     /// The failure a data connection ended with, if any (taken).
-    pub(crate) fn failure(&self) -> Option<DestinationError> {
+    pub(crate) fn failure(&self) -> Option<DataError> {
         lock(&self.state).failed.take()
     }
 
@@ -545,13 +618,13 @@ impl DataPasses {
         self.changed.notify_all();
     }
 
-    fn fail(&self, lane: usize, e: DestinationError) {
+    fn fail(&self, lane: usize, e: DataError) {
         let mut s = lock(&self.state);
         if s.stopping {
             return;
         }
         if s.failed.is_none() {
-            s.failed = Some(DestinationError::DataConnection {
+            s.failed = Some(DataError::Lane {
                 index: lane as u32,
                 source: Box::new(e),
             });
@@ -593,13 +666,13 @@ fn read_records(
     reader: &mut RecordReader<'_>,
     rx: &Mutex<&mut RamReceiver>,
     passes: &DataPasses,
-) -> Result<(), DestinationError> {
+) -> Result<(), DataError> {
     let regions = lock(rx).regions().to_vec();
     // The pass this connection's records belong to next.
     let mut pass = 0u32;
     loop {
         let (h, offset) = reader.next_header()?;
-        let unexpected = |expected| DestinationError::Unexpected {
+        let unexpected = |expected| DataError::Unexpected {
             offset,
             kind: h.kind,
             expected,
@@ -613,7 +686,7 @@ fn read_records(
             RecordKind::PassEnd => {
                 let m = PassMark::decode(&reader.read_payload(&h, offset)?, offset, h.kind)?;
                 if m.pass != pass {
-                    return Err(DestinationError::PassOrder {
+                    return Err(DataError::PassOrder {
                         offset,
                         found: m.pass,
                         expected: pass,
@@ -624,9 +697,8 @@ fn read_records(
                     Some(false) => return Err(unexpected("End: the live passes are over")),
                     Some(true) => passes.delivered(lane, pass),
                 }
-                pass = pass
-                    .checked_add(1)
-                    .ok_or(DestinationError::PassNumbers { offset, pass })?;
+                // Pass numbers are checked on the control connection: this one stays below.
+                pass = pass.saturating_add(1);
             }
             RecordKind::End => {
                 let end = EndRecord::decode(&reader.read_payload(&h, offset)?, offset)?;
@@ -643,6 +715,7 @@ fn read_records(
 mod tests {
     use std::time::{Duration, Instant};
 
+    use super::DataError;
     use crate::accept::{AcceptOptions, Acceptor};
     use crate::fake::{fake_target, FakeVm};
     use crate::memory::layout_of;
@@ -844,7 +917,7 @@ mod tests {
         let e = r.expect_err("refused");
         let text = crate::error_chain(&e);
         assert!(
-            matches!(e, DestinationError::DataConnection { .. })
+            matches!(e, DestinationError::Data(DataError::Lane { .. }))
                 && text.contains("already in this pass"),
             "{text}"
         );
@@ -871,11 +944,11 @@ mod tests {
         );
         let (_, r) = rx.join().expect("destination thread");
         match r {
-            Err(DestinationError::JoinTimeout {
+            Err(DestinationError::Data(DataError::JoinTimeout {
                 arrived: 0,
                 count: 1,
                 ..
-            }) => {}
+            })) => {}
             other => panic!("expected a join timeout, got {other:?}"),
         }
         assert!(started.elapsed() < opts.handshake_timeout + Duration::from_secs(3));

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
-use crate::connections::{read_lane, DataPasses, Joins};
+use crate::connections::{read_lane, DataError, DataPasses, Joins};
 use crate::fault::{FaultPoint, Faults, FaultyTransport};
 use crate::memory::layout_of;
 use crate::observe::{Milestone, Observer};
@@ -153,6 +153,7 @@ impl ReceiveProgress {
     /// them in through [`joins`](Self::joins).
     pub fn accept_joins(&self) {
         self.joinable.store(true, Ordering::Release);
+        self.joins.open_window();
     }
 
     /// Where data connections are handed in.
@@ -246,29 +247,22 @@ pub enum DestinationError {
     Fault(#[source] std::io::Error),
     #[error("Connections record at offset {offset}: {why}")]
     NoDataConnections { offset: u64, why: &'static str },
-    #[error("{arrived} of {count} data connections joined before the {what} deadline passed")]
-    JoinTimeout {
-        arrived: u32,
-        count: u32,
-        what: &'static str,
-    },
-    #[error("Data connection {index} did not send {what} before the {deadline} deadline passed")]
-    DataWait {
-        index: u32,
-        what: &'static str,
-        deadline: &'static str,
-    },
-    #[error("Data connection {index} failed")]
-    DataConnection {
-        index: u32,
-        #[source]
-        source: Box<DestinationError>,
-    },
+    #[error(transparent)]
+    Data(DataError),
     #[error(
         "This connection is a data connection (Join) of another migration, not a migration; \
          none waits for it here"
     )]
     JoinWithoutMigration,
+}
+
+impl From<DataError> for DestinationError {
+    fn from(e: DataError) -> Self {
+        match e {
+            DataError::GivenUp => DestinationError::GivenUp,
+            e => DestinationError::Data(e),
+        }
+    }
 }
 
 impl DestinationError {
@@ -435,6 +429,7 @@ pub fn receive_handshaken<T: MigrationTarget + ?Sized>(
     );
     // Descriptors nobody took (a stream that did not expect them) are closed here.
     drop(reader.transport().take_fds());
+    options.progress.joins.close();
     match result {
         Ok(stats) => Ok(stats),
         Err(e) => {
@@ -740,7 +735,11 @@ fn load_records<'scope, 'env, T: MigrationTarget + ?Sized>(
         let (h, offset) = match reader.next_header() {
             Ok(next) => next,
             // A failing data connection stops this read: its failure is the cause.
-            Err(e) => return Err(passes.and_then(DataPasses::failure).unwrap_or(e.into())),
+            Err(e) => {
+                return Err(passes
+                    .and_then(DataPasses::failure)
+                    .map_or(e.into(), DestinationError::from))
+            }
         };
         progress.bytes.store(offset, Ordering::Relaxed);
         let unexpected = |expected| DestinationError::Unexpected {
@@ -813,6 +812,8 @@ fn load_records<'scope, 'env, T: MigrationTarget + ?Sized>(
                     pass: p.pass,
                 })?;
                 let is_final = p.flags & PASS_FINAL != 0;
+                // No data connection joins once the passes began.
+                progress.joins.close();
                 if let (Some(data), true) = (passes, is_final) {
                     // Every data connection ends before the final pass: nothing of theirs
                     // lands while it is loaded.

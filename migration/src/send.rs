@@ -504,8 +504,13 @@ fn join_data_connections<S: MigrationSource + ?Sized>(
             "no way to open the data connections".into(),
         ));
     };
-    let data = DataWriters::open(count, token, connect, m.options.io_timeout)
-        .map_err(SourceError::DataConnections)?;
+    let data = DataWriters::open(count, token, connect, m.options.io_timeout).map_err(|e| {
+        // A destination that refused the `Connections` record says why on this one.
+        match send_error(&mut m.w, e) {
+            SourceError::Send(e) => SourceError::DataConnections(e),
+            other => other,
+        }
+    })?;
     let tr = m.w.transport();
     tr.set_deadline(Some(Deadline::after(
         m.options.handshake_timeout,
