@@ -118,6 +118,17 @@ fn malformed_endpoints_are_command_line_errors() {
         &[&to[..], &["--local", "--connections", "4"]].concat(),
         &["--connections with --local", "copies no memory"],
     );
+    // A wait of 0 ms, as `receive` refuses its own.
+    for flag in [
+        "--io-timeout-ms",
+        "--switchover-timeout-ms",
+        "--deadline-ms",
+    ] {
+        assert_usage_error(
+            &[&to[..], &[flag, "0"]].concat(),
+            &[flag, "must be at least 1 (milliseconds)"],
+        );
+    }
 }
 
 #[test]

@@ -181,6 +181,10 @@ fn migrate(args: &vmm::cli::MigrateArgs) -> ExitCode {
         eprintln!("error: --to is required");
         return ExitCode::from(2);
     };
+    if let Some(flag) = req.zero_wait() {
+        eprintln!("error: {flag} must be at least 1 (milliseconds)");
+        return ExitCode::from(2);
+    }
     // A malformed destination is the command line's fault: say so before asking the VM.
     match Endpoint::parse(&req.to) {
         Ok(Endpoint::Tcp { port: 0, .. }) => {

@@ -174,6 +174,22 @@ pub struct ResumeRequest {
 }
 
 impl MigrateRequest {
+    /// The first wait given as 0 ms, named as its command-line flag: a zero wait would fail
+    /// at the socket (or never bound anything), so it is refused up front, as `receive`
+    /// refuses its own.
+    pub fn zero_wait(&self) -> Option<&'static str> {
+        [
+            ("--connect-timeout-ms", self.connect_timeout_ms),
+            ("--io-timeout-ms", self.io_timeout_ms),
+            ("--handshake-timeout-ms", self.handshake_timeout_ms),
+            ("--switchover-timeout-ms", self.switchover_timeout_ms),
+            ("--deadline-ms", self.deadline_ms),
+        ]
+        .into_iter()
+        .find(|&(_, ms)| ms == Some(0))
+        .map(|(flag, _)| flag)
+    }
+
     /// A migration to `to` with every option at its default.
     pub fn new(to: impl Into<String>) -> MigrateRequest {
         MigrateRequest {
@@ -645,6 +661,22 @@ mod tests {
                    "uptime_ms": 1, "last_migration": {"to": "tcp:h:1", "cancelled": false,
                    "error": "refused"}}),
         );
+    }
+
+    #[test]
+    fn zero_waits_are_named_by_their_flag() {
+        assert_eq!(MigrateRequest::new("unix:/x").zero_wait(), None);
+        let r = MigrateRequest {
+            io_timeout_ms: Some(0),
+            deadline_ms: Some(5),
+            ..MigrateRequest::new("unix:/x")
+        };
+        assert_eq!(r.zero_wait(), Some("--io-timeout-ms"));
+        let r = MigrateRequest {
+            switchover_timeout_ms: Some(0),
+            ..MigrateRequest::new("unix:/x")
+        };
+        assert_eq!(r.zero_wait(), Some("--switchover-timeout-ms"));
     }
 
     #[test]

@@ -163,6 +163,9 @@ fn migrate(
     report: &Reporting,
     cancel: Cancel,
 ) -> Result<(MigrateSummary, bool), Failed> {
+    if let Some(flag) = args.zero_wait() {
+        return Err(format!("{flag} must be at least 1 (milliseconds)").into());
+    }
     let endpoint = Endpoint::parse(&args.to).map_err(|e| error_chain(&e))?;
     let is_file = matches!(endpoint, Endpoint::File(_));
     if args.local && !matches!(endpoint, Endpoint::Unix(_)) {
