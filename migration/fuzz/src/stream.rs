@@ -14,7 +14,8 @@
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use migration::fake::{fake_target, FakeVm};
 use migration::records::{
-    encode_batch_prefix, encode_layout, EndRecord, LayoutRegion, PassBegin, PassMark, RunDesc,
+    encode_batch_prefix, encode_layout, Connections, EndRecord, Join, LayoutRegion, PassBegin,
+    PassMark, RunDesc,
 };
 use migration::stream::{read_reply, RecordWriter};
 use migration::transport::Transport;
@@ -80,6 +81,16 @@ pub enum Rec {
     },
     Abort(Vec<u8>),
     Go,
+    /// `Connections` (several connections; a receive without an acceptor refuses it).
+    Connections {
+        count: u32,
+        token: [u8; 16],
+    },
+    /// `Join` (a data connection's first record, never valid inside a stream).
+    Join {
+        index: u32,
+        token: [u8; 16],
+    },
     /// `End` with the writer's own counts and chain.
     End,
     /// `End` with counts and chain off by these amounts.
@@ -294,6 +305,22 @@ pub fn build(case: &StreamCase) -> Built {
                 }
                 Rec::Abort(m) => put(&mut w, RecordKind::Abort, m),
                 Rec::Go => w.write_record(RecordKind::Go, &[]),
+                Rec::Connections { count, token } => {
+                    unknown(&mut image);
+                    let c = Connections {
+                        count: *count,
+                        token: *token,
+                    };
+                    w.write_record(RecordKind::Connections, &[&c.encode()])
+                }
+                Rec::Join { index, token } => {
+                    unknown(&mut image);
+                    let j = Join {
+                        index: *index,
+                        token: *token,
+                    };
+                    w.write_record(RecordKind::Join, &[&j.encode()])
+                }
                 Rec::End => {
                     ended = true;
                     w.finish().map(|()| 0)
