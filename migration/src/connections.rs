@@ -713,6 +713,8 @@ fn read_records(
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::OwnedFd;
+    use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
     use super::DataError;
@@ -954,6 +956,63 @@ mod tests {
         assert!(started.elapsed() < opts.handshake_timeout + Duration::from_secs(3));
         let (kind, _) = read_reply(&mut s.control).expect("a reply");
         assert_eq!(kind, RecordKind::Error);
+    }
+
+    /// A data connection cut mid-pass (its socket shut down under the source's writer, as a
+    /// link that dies would): the migration fails before `Go`, the source's guest runs on
+    /// with dirty logging off, and the destination names the data connection.
+    #[test]
+    fn a_data_connection_cut_mid_pass_fails_the_migration_and_the_source_runs_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ep, rx) = destination(&dir, options());
+        let mut vm = FakeVm::new(LAYOUT);
+        vm.writer().fill(0, 400 * PAGE_SIZE, 0x3c);
+        // The data connection's socket, to cut once pages flow on it.
+        let cut: Arc<Mutex<Option<OwnedFd>>> = Arc::default();
+        let connect: super::Connector = Box::new({
+            let ep = ep.clone();
+            let cut = cut.clone();
+            move || {
+                let c = ep
+                    .connect(Duration::from_secs(5))
+                    .map_err(|e| e.to_string())?;
+                *crate::sync::lock(&cut) = c.wake_handle();
+                Ok(c)
+            }
+        });
+        let cutter = std::thread::spawn({
+            let cut = cut.clone();
+            move || {
+                // Slowed to 2 MiB/s, the bulk pass lasts about 0.8 s: cut a third into it.
+                std::thread::sleep(Duration::from_millis(300));
+                if let Some(fd) = crate::sync::lock(&cut).as_ref() {
+                    super::shut_down(fd, libc::SHUT_RDWR);
+                }
+            }
+        });
+        let mut c = ep.connect(Duration::from_secs(5)).expect("connect");
+        let e = send_migration(
+            &mut vm,
+            &mut c,
+            SendOptions {
+                connections: 2,
+                connect: Some(connect),
+                batch_pages: 16,
+                max_bandwidth: Some(2 << 20),
+                ..Default::default()
+            },
+        )
+        .expect_err("the migration fails");
+        cutter.join().expect("cutter");
+        let text = crate::error_chain(&e);
+        assert!(!e.is_outcome_unknown(), "{text}");
+        assert!(text.to_lowercase().contains("data connection 0"), "{text}");
+        // The guest runs on here: not paused, dirty logging off.
+        assert!(!vm.logging() && !vm.writer().paused(), "{text}");
+        let (target, r) = rx.join().expect("destination thread");
+        let d = crate::error_chain(&r.expect_err("the destination refused"));
+        assert!(d.contains("Data connection 0 failed"), "{d}");
+        assert!(!target.running);
     }
 
     #[test]
