@@ -134,8 +134,9 @@ const SOURCE_BOUNDS: &[&str] = &[
 ];
 const DEST_BOUNDS: &[&str] = &["--io-timeout-ms", "1500", "--commit-timeout-ms", "1000"];
 
-/// The link is cut while the bulk pass runs: both sides time out, the destination never
-/// starts the guest, the source's runs on; healed, a fresh migration succeeds.
+/// The link is cut while the bulk pass runs (over a control and a data connection): both
+/// sides time out, the destination never starts the guest, the source's runs on; healed, a
+/// fresh migration succeeds.
 #[test]
 fn a_link_cut_in_the_bulk_pass_leaves_the_guest_at_the_source() {
     require_kvm!();
@@ -156,9 +157,10 @@ fn a_link_cut_in_the_bulk_pass_leaves_the_guest_at_the_source() {
         &[],
     );
     let dst_events = Events::follow("dst", &dst.api);
-    // 16 MiB at 4 MB/s: the bulk pass takes 4 s, the cut comes in its first second.
+    // 16 MiB at 4 MB/s: the bulk pass takes 4 s, the cut comes in its first second. Over two
+    // connections: the data connection, which carries the pages, dies with the link too.
     let mut args = with(SOURCE_BOUNDS, &flags.source);
-    args.extend(["--max-bandwidth", "4M"]);
+    args.extend(["--max-bandwidth", "4M", "--connections", "2"]);
     let migration = in_background(&src, &to, &args);
     dst_events.wait(Side::Destination, T, |e| {
         matches!(e, Event::Receiving { .. })
