@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmm::control::protocol::{ListeningLine, MigrateSummary, Reply};
+use vmm::control::protocol::{
+    IncomingProgress, IncomingState, IncomingStatus, ListeningLine, MigrateSummary, Reply, Request,
+};
 
 use crate::guest::{assert_no_failure, wait_rounds, VerifyOk};
 use crate::linux::{self, Boot};
@@ -194,4 +196,33 @@ pub fn listening(dst: &mut Vm) -> String {
     let parsed: ListeningLine =
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("listening line {line:?}: {e}"));
     parsed.listening
+}
+
+/// Waits (up to [`T`]) until the destination behind `api` reports its bulk pass flowing:
+/// receiving, in pass 0, with bytes in.
+pub fn wait_bulk_pass_flows(api: &Path) {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let r =
+            crate::control::<IncomingStatus>(api, &Request::Status).expect("destination status");
+        if let Reply::Ok(IncomingStatus {
+            state: IncomingState::Receiving,
+            progress:
+                Some(IncomingProgress {
+                    pass: Some(0),
+                    received_bytes,
+                }),
+            ..
+        }) = r
+        {
+            if received_bytes > 0 {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bulk pass never started: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -13,7 +13,7 @@ use e2e::migrate::{
 use e2e::peer::{self, Target};
 use e2e::{free_tcp_port, require_kvm, TempDir};
 use migration::wire::RecordKind;
-use vmm::control::protocol::{IncomingProgress, IncomingState, IncomingStatus, Reply, Request};
+use vmm::control::protocol::{IncomingState, IncomingStatus, Reply, Request};
 
 /// With the default `--attempts 1`: a probe, a reset, garbage and an idle peer each end
 /// nothing; meanwhile a second idle peer stays connected, and a real migration still comes in.
@@ -80,29 +80,7 @@ fn a_second_source_is_told_the_destination_is_busy() {
     let (api, to) = (first.api.clone(), uri.clone());
     // 16 MiB at 4 MB/s: the bulk pass lasts about 4 s.
     let mig = std::thread::spawn(move || migrate(&api, &to, &["--max-bandwidth", "4M"]));
-    let deadline = Instant::now() + T;
-    loop {
-        let r = e2e::control::<IncomingStatus>(&dst.api, &Request::Status).expect("status");
-        if let Reply::Ok(IncomingStatus {
-            state: IncomingState::Receiving,
-            progress:
-                Some(IncomingProgress {
-                    pass: Some(0),
-                    received_bytes,
-                }),
-            ..
-        }) = r
-        {
-            if received_bytes > 0 {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the bulk pass never started: {r:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    e2e::migrate::wait_bulk_pass_flows(&dst.api);
     let started = Instant::now();
     let m = migrate(&second.api, &uri, &[]);
     assert!(!m.ok, "the second migration fails: {:?}", m.reply);

@@ -8,7 +8,7 @@ use e2e::migrate::{
     Migration, Vm, T,
 };
 use e2e::{free_tcp_port, require_kvm, vm_status, Proc, TempDir};
-use vmm::control::protocol::{IncomingProgress, IncomingState, IncomingStatus, Reply, Request};
+use vmm::control::protocol::{IncomingState, IncomingStatus, Reply, Request};
 use vmm::RunState;
 
 const WRITER: &str = "touch=64M rate=5000 seed=11";
@@ -636,30 +636,7 @@ impl SlowMigration {
         let (api, to) = (src.api.clone(), uri.clone());
         let mig = std::thread::spawn(move || migrate(&api, &to, &["--max-bandwidth", "8M"]));
         // The destination's status says when the bulk pass flows (it lasts 8 s).
-        let deadline = std::time::Instant::now() + T;
-        loop {
-            let r = e2e::control::<IncomingStatus>(&dst.api, &Request::Status)
-                .expect("destination status");
-            if let Reply::Ok(IncomingStatus {
-                state: IncomingState::Receiving,
-                progress:
-                    Some(IncomingProgress {
-                        pass: Some(0),
-                        received_bytes,
-                    }),
-                ..
-            }) = r
-            {
-                if received_bytes > 0 {
-                    break;
-                }
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the bulk pass never started: {r:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        e2e::migrate::wait_bulk_pass_flows(&dst.api);
         SlowMigration {
             src,
             dst,
