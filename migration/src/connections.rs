@@ -930,6 +930,24 @@ mod tests {
     }
 
     #[test]
+    fn pages_on_the_control_connection_of_a_live_pass_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ep, rx) = destination(&dir, options());
+        let token = [7u8; JOIN_TOKEN_LEN];
+        let mut s = source(&ep, &[(0, token)], 1);
+        let (kind, _) = read_reply(&mut s.control).expect("joined");
+        assert_eq!(kind, RecordKind::Joined);
+        records(&mut s.control, &[pass_begin(0)]);
+        send_pages(&mut s.control, 3, 1);
+        let (_, r) = rx.join().expect("destination thread");
+        let text = crate::error_chain(&r.expect_err("refused"));
+        assert!(
+            text.contains("a live pass's pages come over the data connections"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn a_join_with_another_token_is_refused_and_the_receive_fails_at_its_deadline() {
         let dir = tempfile::tempdir().expect("tempdir");
         let opts = options();
