@@ -265,22 +265,9 @@ impl RamReceiver {
         h: &RecordHeader,
         offset: u64,
     ) -> Result<(), RamLoadError> {
-        let mut prefix = [0u8; BATCH_PREFIX_LEN];
-        reader.read_exact(&mut prefix, "batch prefix")?;
-        let (run_count, data_pages) = decode_batch_prefix(&prefix, h.len, offset)?;
-        let table_len = run_count * RUN_DESC_LEN;
-        let mut head = vec![0u8; table_len + data_pages * PAGE_CRC_LEN];
-        reader.read_exact(&mut head, "run table")?;
-        if crc32c::crc32c_append(crc32c::crc32c(&prefix), &head) != h.payload_crc {
-            return Err(WireError::PayloadChecksum {
-                offset,
-                kind: RecordKind::RamPages,
-            }
-            .into());
-        }
-        let (table, crcs) = head.split_at(table_len);
-        let runs = decode_run_table(table, offset)?;
-        let placed = self.place_runs(&runs, data_pages, offset)?;
+        let head = read_head(reader, h, offset)?;
+        let crcs = &head.crcs;
+        let placed = self.place_runs(&head.runs, head.data_pages, offset)?;
 
         // Queue every fresh data run for allocation before reading the first one, so the
         // allocating thread runs ahead through the whole record. A page never written here
@@ -463,18 +450,21 @@ impl RamReceiver {
     }
 }
 
-/// [`RamReceiver::load_batch`] for a data connection's reader (`connections.rs`), several at
-/// once: the head is read and checked and the guest memory written without the lock; the
-/// lock is held to place and claim the runs (a page claimed twice in one pass is refused
-/// before any byte of it is written: no two readers ever write the same page) and to record
-/// what landed. Each reader allocates its own fresh runs.
-pub fn load_batch_shared(
-    rx: &std::sync::Mutex<&mut RamReceiver>,
-    regions: &[RamRegion],
+/// A `RamPages` record's head: its runs, data page count and the page checksums (the bytes
+/// of the checksum table).
+struct Head {
+    runs: Vec<crate::records::RunDesc>,
+    data_pages: usize,
+    crcs: Vec<u8>,
+}
+
+/// Reads the head of the `RamPages` record `h` (at `offset`): prefix, run table and page
+/// checksums, checked against the header's checksum before anything in it is trusted.
+fn read_head(
     reader: &mut RecordReader<'_>,
     h: &RecordHeader,
     offset: u64,
-) -> Result<(), RamLoadError> {
+) -> Result<Head, RamLoadError> {
     let mut prefix = [0u8; BATCH_PREFIX_LEN];
     reader.read_exact(&mut prefix, "batch prefix")?;
     let (run_count, data_pages) = decode_batch_prefix(&prefix, h.len, offset)?;
@@ -488,13 +478,34 @@ pub fn load_batch_shared(
         }
         .into());
     }
-    let (table, crcs) = head.split_at(table_len);
-    let runs = decode_run_table(table, offset)?;
+    let crcs = head.split_off(table_len);
+    let runs = decode_run_table(&head, offset)?;
+    Ok(Head {
+        runs,
+        data_pages,
+        crcs,
+    })
+}
+
+/// [`RamReceiver::load_batch`] for a data connection's reader (`connections.rs`), several at
+/// once: the head is read and checked and the guest memory written without the lock; the
+/// lock is held to place and claim the runs (a page claimed twice in one pass is refused
+/// before any byte of it is written: no two readers ever write the same page) and to record
+/// what landed. Each reader allocates its own fresh runs.
+pub fn load_batch_shared(
+    rx: &std::sync::Mutex<&mut RamReceiver>,
+    regions: &[RamRegion],
+    reader: &mut RecordReader<'_>,
+    h: &RecordHeader,
+    offset: u64,
+) -> Result<(), RamLoadError> {
+    let head = read_head(reader, h, offset)?;
+    let (runs, data_pages, crcs) = (&head.runs, head.data_pages, &head.crcs);
 
     // Under the lock: place, claim, zero runs, mark data runs possibly non-zero.
     let (data, populate) = {
         let mut g = crate::sync::lock(rx);
-        let placed = g.place_runs(&runs, data_pages, offset)?;
+        let placed = g.place_runs(runs, data_pages, offset)?;
         for (i, p) in placed.iter().enumerate() {
             if g.claimed[p.region].any_in(p.page, p.pages) {
                 return Err(RamLoadError::TwiceInPass {

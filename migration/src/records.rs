@@ -228,18 +228,15 @@ impl Connections {
 
     /// Refuses a count of 0 or above [`MAX_DATA_CONNECTIONS`].
     pub fn decode(payload: &[u8], offset: u64) -> Result<Self, WireError> {
-        let mut r = PayloadReader::new(payload, offset, RecordKind::Connections);
-        let count = r.u32("data connection count")?;
-        let token = r.bytes(JOIN_TOKEN_LEN, "join token")?;
-        r.finish()?;
+        let (count, token) = decode_token(payload, offset, RecordKind::Connections, "count")?;
         if count == 0 || count > MAX_DATA_CONNECTIONS {
-            return Err(r.error(format!(
-                "{count} data connections (1 to {MAX_DATA_CONNECTIONS} may join)"
-            )));
+            return Err(
+                PayloadReader::new(payload, offset, RecordKind::Connections).error(format!(
+                    "{count} data connections (1 to {MAX_DATA_CONNECTIONS} may join)"
+                )),
+            );
         }
-        let mut t = [0u8; JOIN_TOKEN_LEN];
-        t.copy_from_slice(token);
-        Ok(Connections { count, token: t })
+        Ok(Connections { count, token })
     }
 }
 
@@ -264,14 +261,24 @@ impl Join {
     }
 
     pub fn decode(payload: &[u8], offset: u64) -> Result<Self, WireError> {
-        let mut r = PayloadReader::new(payload, offset, RecordKind::Join);
-        let index = r.u32("data connection index")?;
-        let token = r.bytes(JOIN_TOKEN_LEN, "join token")?;
-        r.finish()?;
-        let mut t = [0u8; JOIN_TOKEN_LEN];
-        t.copy_from_slice(token);
-        Ok(Join { index, token: t })
+        let (index, token) = decode_token(payload, offset, RecordKind::Join, "index")?;
+        Ok(Join { index, token })
     }
+}
+
+/// The payload of `Connections` and `Join`: a number (`what`), then the token.
+fn decode_token(
+    payload: &[u8],
+    offset: u64,
+    kind: RecordKind,
+    what: &str,
+) -> Result<(u32, [u8; JOIN_TOKEN_LEN]), WireError> {
+    let mut r = PayloadReader::new(payload, offset, kind);
+    let n = r.u32(&format!("data connection {what}"))?;
+    let mut token = [0u8; JOIN_TOKEN_LEN];
+    token.copy_from_slice(r.bytes(JOIN_TOKEN_LEN, "join token")?);
+    r.finish()?;
+    Ok((n, token))
 }
 
 fn encode_token(n: u32, token: &[u8; JOIN_TOKEN_LEN]) -> [u8; 4 + JOIN_TOKEN_LEN] {
