@@ -501,7 +501,8 @@ impl DataPasses {
         self.changed.notify_all();
     }
 
-    /// Waits until every data connection delivered `PassEnd(pass)`, then closes the pass.
+    /// Waits until every data connection delivered `PassEnd(pass)`, then closes the pass (a
+    /// deadline that passes names the first connection still owing it).
     pub(crate) fn wait_delivered(
         &self,
         pass: u32,
@@ -509,7 +510,7 @@ impl DataPasses {
         give_up: &Cancel,
     ) -> Result<(), DataError> {
         self.wait_until(deadline, give_up, "its PassEnd", |s| {
-            s.delivered.iter().all(|d| *d == Some(pass))
+            s.delivered.iter().position(|d| *d != Some(pass))
         })?;
         lock(&self.state).open = None;
         Ok(())
@@ -525,7 +526,7 @@ impl DataPasses {
         lock(&self.state).live_over = true;
         self.changed.notify_all();
         self.wait_until(deadline, give_up, "its End", |s| {
-            s.ended.iter().all(Option::is_some)
+            s.ended.iter().position(Option::is_none)
         })?;
         Ok(lock(&self.state).ended.iter().flatten().sum())
     }
@@ -535,16 +536,16 @@ impl DataPasses {
         deadline: Option<Deadline>,
         give_up: &Cancel,
         what: &'static str,
-        done: impl Fn(&PassState) -> bool,
+        pending: impl Fn(&PassState) -> Option<usize>,
     ) -> Result<(), DataError> {
         let mut s = lock(&self.state);
         loop {
             if let Some(e) = s.failed.take() {
                 return Err(e);
             }
-            if done(&s) {
+            let Some(waiting) = pending(&s) else {
                 return Ok(());
-            }
+            };
             if give_up.is_cancelled() {
                 return Err(DataError::GivenUp);
             }
@@ -552,12 +553,6 @@ impl DataPasses {
             if let Some(d) = deadline {
                 let left = d.at.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    let waiting = s
-                        .delivered
-                        .iter()
-                        .zip(&s.ended)
-                        .position(|(_, e)| e.is_none())
-                        .unwrap_or(0);
                     return Err(DataError::Wait {
                         index: waiting as u32,
                         what,
