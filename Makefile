@@ -61,7 +61,7 @@ test: fmt-check clippy doc import-cycles test-unit test-e2e fuzz-short
 FUZZ_TARGETS := decode_stream receive_records source_replies config_json state_blobs control_request
 ## Seconds per target: `make fuzz` for a real run, `fuzz-short` (part of `make test`) for a smoke run.
 FUZZ_SECONDS ?= 300
-FUZZ_SHORT_SECONDS ?= 20
+FUZZ_SHORT_SECONDS ?= 15
 export FUZZ_SANITIZER ?= none
 
 fuzz-deps: deps
