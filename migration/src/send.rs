@@ -365,10 +365,12 @@ fn run<S: MigrationSource + ?Sized>(
         ram_bytes: regions.iter().map(|r| r.len() as u64).sum(),
     };
     let elide = handshake(&mut m, &regions, started)?;
-    let data = if m.options.connections > 1 {
-        Some(join_data_connections(&mut m)?)
-    } else {
-        None
+    // Checked above: with more than one connection there is a way to open them.
+    let data = match m.options.connect.take() {
+        Some(mut connect) if m.options.connections > 1 => {
+            Some(join_data_connections(&mut m, &mut connect)?)
+        }
+        _ => None,
     };
     let mut ram = RamSender::new(
         regions,
@@ -490,6 +492,7 @@ fn handshake<S: MigrationSource + ?Sized>(
 /// handshake timeout.
 fn join_data_connections<S: MigrationSource + ?Sized>(
     m: &mut Outbound<'_, S>,
+    connect: &mut Connector,
 ) -> Result<DataWriters, SourceError> {
     let t = Instant::now();
     let count = m.options.connections - 1;
@@ -499,11 +502,6 @@ fn join_data_connections<S: MigrationSource + ?Sized>(
         &[&Connections { count, token }.encode()],
     )
     .map_err(|e| send_error(&mut m.w, e))?;
-    let Some(connect) = m.options.connect.as_mut() else {
-        return Err(SourceError::Connections(
-            "no way to open the data connections".into(),
-        ));
-    };
     let data = DataWriters::open(count, token, connect, m.options.io_timeout).map_err(|e| {
         // A destination that refused the `Connections` record says why on this one.
         match send_error(&mut m.w, e) {
