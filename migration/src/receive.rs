@@ -89,9 +89,8 @@ pub struct ReceiveProgress {
     configured: AtomicBool,
     /// The receive failed (set before the peer is told): the receiver is free again.
     failed: AtomicBool,
-    /// Whoever serves the listening socket hands data connections in (`connections.rs`).
-    joinable: AtomicBool,
-    /// The data connections the receive waits for, and those that joined.
+    /// The data connections the receive waits for, and those that joined (none may come
+    /// unless whoever serves the listening socket hands them in: `accept_joins`).
     joins: Joins,
 }
 
@@ -152,7 +151,6 @@ impl ReceiveProgress {
     /// Data connections may join this receive: whoever serves the listening socket hands
     /// them in through [`joins`](Self::joins).
     pub fn accept_joins(&self) {
-        self.joinable.store(true, Ordering::Release);
         self.joins.open_window();
     }
 
@@ -750,23 +748,21 @@ fn load_records<'scope, 'env, T: MigrationTarget + ?Sized>(
         match h.kind {
             RecordKind::Connections => {
                 let c = Connections::decode(&reader.read_payload(&h, offset)?, offset)?;
-                let why = if local {
-                    Some("a local migration has no RAM pass to spread")
-                } else if passes.is_some() || next_pass != 0 {
-                    Some("data connections join only once, before the first pass")
-                } else if !progress.joinable.load(Ordering::Acquire)
-                    || !reader.transport().has_peer()
-                {
-                    Some("this destination takes no data connections (one connection only)")
-                } else {
-                    None
-                };
-                if let Some(why) = why {
-                    return Err(DestinationError::NoDataConnections { offset, why });
-                }
+                let refuse = |why| DestinationError::NoDataConnections { offset, why };
                 let Some(rx) = rx else {
-                    return Err(unexpected("device state or End"));
+                    return Err(refuse("a local migration has no RAM pass to spread"));
                 };
+                if passes.is_some() || next_pass != 0 {
+                    return Err(refuse(
+                        "data connections join only once, before the first pass",
+                    ));
+                }
+                // The join window is open from the acceptor's offer until the first pass.
+                if !progress.joins.may_come() || !reader.transport().has_peer() {
+                    return Err(refuse(
+                        "this destination takes no data connections (one connection only)",
+                    ));
+                }
                 let mut deadline = Deadline::after(options.handshake_timeout, "join");
                 if let Some(overall) = overall.filter(|o| o.at < deadline.at) {
                     deadline = overall;
