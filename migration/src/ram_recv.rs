@@ -286,15 +286,11 @@ impl RamReceiver {
             })
             .collect();
 
-        let mut expected = crcs
-            .chunks_exact(PAGE_CRC_LEN)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        let mut expected = page_checksums(crcs);
         let mut landed = std::mem::take(&mut self.page_crcs);
         for (p, &(fresh, ticket)) in placed.iter().zip(&tickets) {
             if p.zero {
-                self.stats.zero_pages += p.pages as u64;
-                self.zero_run(p.region, p.page, p.pages)?;
-                self.torn[p.region].clear_range(p.page, p.pages);
+                self.apply_zero_run(p)?;
                 continue;
             }
             if fresh && ticket == Ticket::NONE {
@@ -319,11 +315,7 @@ impl RamReceiver {
                 for (i, &got) in landed.iter().enumerate() {
                     let page = p.page + done + i;
                     // The head holds exactly one checksum per data page (length checked).
-                    if Some(got) == expected.next() {
-                        self.torn[p.region].clear_range(page, 1);
-                    } else {
-                        self.tear(p.region, page, offset)?;
-                    }
+                    self.page_landed(p.region, page, Some(got) == expected.next(), offset)?;
                 }
                 done += n;
             }
@@ -333,9 +325,28 @@ impl RamReceiver {
         Ok(())
     }
 
-    /// Page `page` of region `r` failed its checksum in the record at `offset`: torn in a
-    /// live pass, fatal in the final one.
-    fn tear(&mut self, r: usize, page: usize, offset: u64) -> Result<(), RamLoadError> {
+    /// A zero run: its pages read as zero (written ones given back) and are torn no more.
+    fn apply_zero_run(&mut self, p: &Placed) -> Result<(), RamLoadError> {
+        self.stats.zero_pages += p.pages as u64;
+        self.zero_run(p.region, p.page, p.pages)?;
+        self.torn[p.region].clear_range(p.page, p.pages);
+        Ok(())
+    }
+
+    /// Page `page` of region `r` landed from the record at `offset`, `intact` if it matched
+    /// its checksum: then it is torn no more; otherwise it is torn in a live pass and fatal
+    /// in the final one.
+    fn page_landed(
+        &mut self,
+        r: usize,
+        page: usize,
+        intact: bool,
+        offset: u64,
+    ) -> Result<(), RamLoadError> {
+        if intact {
+            self.torn[r].clear_range(page, 1);
+            return Ok(());
+        }
         let guest_addr = self.regions[r].guest_addr() + page as u64 * PAGE_SIZE_U64;
         if self.final_pass {
             return Err(RamLoadError::PageChecksum { offset, guest_addr });
@@ -519,9 +530,7 @@ pub fn load_batch_shared(
         for p in placed {
             g.claimed[p.region].set_range(p.page, p.pages);
             if p.zero {
-                g.stats.zero_pages += p.pages as u64;
-                g.zero_run(p.region, p.page, p.pages)?;
-                g.torn[p.region].clear_range(p.page, p.pages);
+                g.apply_zero_run(&p)?;
                 continue;
             }
             let fresh = !g.maybe_nonzero[p.region].get(p.page);
@@ -559,22 +568,23 @@ pub fn load_batch_shared(
     if !populate_ok {
         g.populate = false;
     }
-    let mut expected = crcs
-        .chunks_exact(PAGE_CRC_LEN)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    let mut expected = page_checksums(crcs);
     let mut got = landed.iter();
     for (p, _) in &data {
         for page in p.page..p.page + p.pages {
             // One checksum per data page each side (lengths checked).
-            if got.next() == expected.next().as_ref() {
-                g.torn[p.region].clear_range(page, 1);
-            } else {
-                g.tear(p.region, page, offset)?;
-            }
+            let intact = got.next() == expected.next().as_ref();
+            g.page_landed(p.region, page, intact, offset)?;
         }
         g.stats.pages_written += p.pages as u64;
     }
     Ok(())
+}
+
+/// The page checksums of a record's head, in order.
+fn page_checksums(crcs: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    crcs.chunks_exact(PAGE_CRC_LEN)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
 /// Extends the per-page checksums `crcs` (page `i` = bytes `i * PAGE_SIZE..`) with `piece`,
