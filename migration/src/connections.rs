@@ -366,27 +366,24 @@ impl Joins {
                 Err(p) => p.into_inner().0,
             };
         }
-        let Some((token, count)) = s.expected else {
-            return Err(Box::new((
-                connection,
-                "no migration here is waiting for data connections".into(),
-            )));
-        };
-        if !same_token(&token, &join.token) {
-            return Err(Box::new((
-                connection,
-                "the join token is not the migration's in progress".into(),
-            )));
-        }
-        if join.index >= count || s.arrived.iter().any(|j| j.index == join.index) {
-            return Err(Box::new((
-                connection,
-                format!(
+        let refused = match s.expected {
+            None => Some("no migration here is waiting for data connections".to_string()),
+            Some((token, _)) if !same_token(&token, &join.token) => {
+                Some("the join token is not the migration's in progress".to_string())
+            }
+            Some((_, count))
+                if join.index >= count || s.arrived.iter().any(|j| j.index == join.index) =>
+            {
+                Some(format!(
                     "data connection {} is not one the migration waits for ({count} join it, \
                      each once)",
                     join.index
-                ),
-            )));
+                ))
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = refused {
+            return Err(Box::new((connection, why)));
         }
         s.arrived.push(JoinedConnection {
             index: join.index,
