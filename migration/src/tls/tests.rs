@@ -205,7 +205,7 @@ fn missing_or_broken_files_are_named() {
 // --- Connections over loopback TCP ---
 
 use crate::fake::{fake_target, FakeVm};
-use crate::transport::{Connection, Endpoint, Transport};
+use crate::transport::{Connection, Endpoint, Listener, Transport};
 use crate::{receive_migration, send_migration, Deadline, ReceiveOptions, SendOptions};
 use std::time::{Duration, Instant};
 
@@ -240,6 +240,16 @@ fn deadline() -> Deadline {
     Deadline::after(Duration::from_secs(10), "handshake")
 }
 
+/// A TCP listener on a free loopback port, and its endpoint.
+fn loopback() -> (Listener, Endpoint) {
+    let l = Endpoint::parse("tcp:127.0.0.1:0")
+        .unwrap()
+        .listen()
+        .unwrap();
+    let ep = l.local_endpoint().unwrap();
+    (l, ep)
+}
+
 /// The destination on a thread (`server` with its connection), the source's handshake
 /// here.
 fn handshake<T: Send + 'static>(
@@ -247,11 +257,7 @@ fn handshake<T: Send + 'static>(
     name: &str,
     server: impl FnOnce(Connection) -> T + Send + 'static,
 ) -> (Result<Connection, TlsError>, std::thread::JoinHandle<T>) {
-    let mut l = Endpoint::parse("tcp:127.0.0.1:0")
-        .unwrap()
-        .listen()
-        .unwrap();
-    let ep = l.local_endpoint().unwrap();
+    let (mut l, ep) = loopback();
     let t = std::thread::spawn(move || server(l.accept().unwrap()));
     let c = ep.connect(Duration::from_secs(5)).unwrap();
     (c.tls_client(client, name, deadline()), t)
@@ -427,11 +433,7 @@ fn an_expired_certificate_is_refused_and_named() {
 #[test]
 fn a_plaintext_source_at_a_tls_destination_is_told_why() {
     let h = hosts();
-    let mut l = Endpoint::parse("tcp:127.0.0.1:0")
-        .unwrap()
-        .listen()
-        .unwrap();
-    let ep = l.local_endpoint().unwrap();
+    let (mut l, ep) = loopback();
     let dst = h.dst.clone();
     let t = std::thread::spawn(move || accept(dst, &[])(l.accept().unwrap()));
     let mut c = ep.connect(Duration::from_secs(5)).unwrap();
@@ -465,11 +467,7 @@ fn a_tls_source_at_a_plaintext_destination_reports_what_it_said() {
 #[test]
 fn a_silent_peer_fails_the_handshake_at_the_deadline() {
     let h = hosts();
-    let mut l = Endpoint::parse("tcp:127.0.0.1:0")
-        .unwrap()
-        .listen()
-        .unwrap();
-    let ep = l.local_endpoint().unwrap();
+    let (mut l, ep) = loopback();
     let _silent = std::thread::spawn(move || {
         let c = ep.connect(Duration::from_secs(5)).unwrap();
         std::thread::sleep(Duration::from_secs(3));
@@ -496,11 +494,7 @@ fn a_silent_peer_fails_the_handshake_at_the_deadline() {
 #[test]
 fn an_empty_connection_is_a_probe() {
     let h = hosts();
-    let mut l = Endpoint::parse("tcp:127.0.0.1:0")
-        .unwrap()
-        .listen()
-        .unwrap();
-    let ep = l.local_endpoint().unwrap();
+    let (mut l, ep) = loopback();
     drop(ep.connect(Duration::from_secs(5)).unwrap());
     let server = TlsServer::load(&h.dst, AllowList::default()).unwrap();
     let e = l
