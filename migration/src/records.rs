@@ -813,4 +813,27 @@ mod tests {
         assert!(enc.len() <= MAX_MESSAGE_LEN);
         assert!(std::str::from_utf8(&enc).is_ok());
     }
+
+    #[test]
+    fn connections_and_join_round_trip_and_the_count_is_bounded() {
+        let token = [9u8; JOIN_TOKEN_LEN];
+        for count in [1, MAX_DATA_CONNECTIONS] {
+            let c = Connections { count, token };
+            assert_eq!(Connections::decode(&c.encode(), 0).unwrap(), c);
+        }
+        for count in [0, MAX_DATA_CONNECTIONS + 1, u32::MAX] {
+            let bytes = Connections { count, token }.encode();
+            let e = Connections::decode(&bytes, 40).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{count} data connections (1 to 15 may join)"))
+                    && e.contains("offset 40"),
+                "{e}"
+            );
+        }
+        let j = Join { index: 3, token };
+        assert_eq!(Join::decode(&j.encode(), 0).unwrap(), j);
+        // A short or long payload is refused, not read past.
+        assert!(Join::decode(&j.encode()[..19], 0).is_err());
+        assert!(Connections::decode(&[0u8; 21], 0).is_err());
+    }
 }
